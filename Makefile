@@ -1,0 +1,70 @@
+# Two commands for a fresh machine: `make nightly` and `make test`.  Both run `make setup`,
+# which is idempotent and cached (a few seconds when nothing changed).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HARNESS := $(VENV)/bin/harness
+PYTEST := $(VENV)/bin/pytest
+# Host tools the harness runs (apt packages); `harness doctor` says which one is missing.
+HOST_PACKAGES := apt dpkg xz-utils zstd cpio binutils dosfstools mtools e2fsprogs
+DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+JOBS ?= 2
+
+.PHONY: setup host-packages venv provision images test unit integration nightly lint bench soak clean doctor
+
+setup: host-packages venv provision images
+
+host-packages:
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing host packages: $$missing"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(DEPS_STAMP) $(VENV)/.qemu-python
+
+$(DEPS_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip" "setuptools<75" wheel
+	$(PY) -m pip install -q -e ".[avocado,dev]"
+	@rm -f $(VENV)/.deps-*; touch $@
+
+# qemu.machine is not on PyPI: install QEMU's own python/ tree (see README).
+$(VENV)/.qemu-python: $(DEPS_STAMP) harness/data/qemu.toml
+	src=$$($(HARNESS) provision --python-source) && \
+	  $(PY) -m pip install -q --no-build-isolation "$$src/python"
+	@touch $@
+
+provision: venv
+	$(HARNESS) provision
+
+images: provision
+	$(HARNESS) images build
+
+doctor: setup
+	$(HARNESS) doctor
+
+test: setup
+	$(PYTEST) -n $(JOBS) tests
+
+unit: venv
+	$(PYTEST) -n $(JOBS) tests/unit
+
+integration: setup
+	$(PYTEST) -n $(JOBS) tests/integration
+
+nightly: setup
+	$(HARNESS) nightly
+
+lint: venv
+	$(VENV)/bin/ruff check harness tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
