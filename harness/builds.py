@@ -1,0 +1,398 @@
+"""A QEMU build and what it can do.
+
+A :class:`QemuBuild` is one emulator binary plus how to run it (environment, ``-L`` data
+directories).  Its capabilities (version, machine types, migration modes, capabilities,
+parameters, ``file:`` URIs, CPU models) are probed once over QMP from the build itself and
+cached next to the cache root; they are never guessed from the version number.
+
+Builds come from the catalogue (provisioned prefixes) or are registered by the user: an
+emulator binary, a QEMU build directory, or a directory of unpacked Debian packages.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import catalog as catalog_mod
+from harness.catalog import QemuEntry, Version
+from harness.errors import LaunchError, ProvisionError, UnknownVersionError
+from harness.paths import cache_root, ensure_dir
+
+log = logging.getLogger(__name__)
+
+PROBE_FORMAT = 2  # bump when the probe gathers new facts
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """One ``-machine`` type a build offers."""
+
+    name: str
+    alias: str | None = None
+    is_default: bool = False
+    deprecated: bool = False
+
+    def versioned(self) -> tuple[str, Version] | None:
+        """(family, version) for versioned types such as ``pc-q35-7.2`` or ``virt-9.0``."""
+        match = re.match(r"^(pc-q35|pc-i440fx|virt)-(\d+\.\d+)$", self.name)
+        if not match:
+            return None
+        return match.group(1), Version.parse(match.group(2))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a build supports, as probed from its QMP schema and queries."""
+
+    version: str
+    package: str
+    machine_types: tuple[MachineType, ...]
+    migration_modes: tuple[str, ...]
+    migration_capabilities: tuple[str, ...]
+    migration_parameters: tuple[str, ...]
+    file_uri: bool
+    migrate_channels: bool
+    cpu_models: tuple[str, ...]
+    commands: frozenset[str] = field(default_factory=frozenset)
+
+    def has_mode(self, mode: str) -> bool:
+        return mode in self.migration_modes
+
+    def has_capability(self, cap: str) -> bool:
+        return cap in self.migration_capabilities
+
+    def machine_names(self) -> list[str]:
+        return [m.name for m in self.machine_types]
+
+    def resolve_machine(self, name: str) -> str:
+        """An alias such as ``q35`` -> its versioned type (``pc-q35-10.0``)."""
+        for m in self.machine_types:
+            if m.alias == name:
+                return m.name
+        return name
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["commands"] = sorted(self.commands)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Capabilities:
+        return cls(
+            version=data["version"],
+            package=data.get("package", ""),
+            machine_types=tuple(MachineType(**m) for m in data["machine_types"]),
+            migration_modes=tuple(data["migration_modes"]),
+            migration_capabilities=tuple(data["migration_capabilities"]),
+            migration_parameters=tuple(data["migration_parameters"]),
+            file_uri=bool(data["file_uri"]),
+            migrate_channels=bool(data["migrate_channels"]),
+            cpu_models=tuple(data["cpu_models"]),
+            commands=frozenset(data.get("commands", ())),
+        )
+
+
+@dataclass(frozen=True)
+class QemuBuild:
+    """One QEMU emulator and how to run it."""
+
+    label: str
+    arch: str
+    binary: Path
+    datadirs: tuple[Path, ...] = ()
+    libdirs: tuple[Path, ...] = ()
+    source: str = "catalog"
+    prefix: Path | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for running the binary (the prefix's libraries first)."""
+        env = dict(os.environ)
+        if self.libdirs:
+            paths = [str(p) for p in self.libdirs]
+            if env.get("LD_LIBRARY_PATH"):
+                paths.append(env["LD_LIBRARY_PATH"])
+            env["LD_LIBRARY_PATH"] = ":".join(paths)
+        return env
+
+    def data_args(self) -> list[str]:
+        """``-L`` arguments for the build's firmware blobs and option ROMs."""
+        out: list[str] = []
+        for d in self.datadirs:
+            out += ["-L", str(d)]
+        return out
+
+    @property
+    def version(self) -> Version:
+        return Version.parse(self.capabilities.version)
+
+    @functools.cached_property
+    def capabilities(self) -> Capabilities:
+        """The build's probed capabilities (cached on disk per binary)."""
+        return probe(self)
+
+    def describe(self) -> dict[str, Any]:
+        caps = self.capabilities
+        return {
+            "label": self.label,
+            "version": caps.version,
+            "package": caps.package,
+            "arch": self.arch,
+            "path": str(self.binary),
+            "source": self.source,
+            "machine_types": caps.machine_names(),
+            "migration_modes": list(caps.migration_modes),
+            "migration_capabilities": list(caps.migration_capabilities),
+            "file_uri": caps.file_uri,
+        }
+
+    def __str__(self) -> str:
+        return f"QEMU {self.label} ({self.binary})"
+
+
+# --- probing -------------------------------------------------------------------------
+
+
+def _cache_key(build: QemuBuild) -> str:
+    st = build.binary.stat()
+    text = f"{PROBE_FORMAT}:{build.binary}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _schema_enum_values(schema: Sequence[Mapping[str, Any]], command: str, path: Sequence[str]) -> list[str]:
+    """Follow ``command``'s argument type through member names in ``path`` to an enum."""
+    by_name = {e["name"]: e for e in schema}
+    cmd = by_name.get(command)
+    if not cmd or cmd.get("meta-type") != "command":
+        return []
+    typ = by_name.get(cmd.get("arg-type", ""))
+    for member in path:
+        if typ is None:
+            return []
+        if typ.get("meta-type") == "array":
+            typ = by_name.get(typ.get("element-type", ""))
+            if typ is None:
+                return []
+        found = None
+        for m in list(typ.get("members", [])) + [
+            vm for v in typ.get("variants", []) for vm in by_name.get(v["type"], {}).get("members", [])
+        ]:
+            if m.get("name") == member:
+                found = m
+                break
+        if found is None:
+            return []
+        typ = by_name.get(found["type"])
+        if typ is not None and typ.get("meta-type") == "array":
+            typ = by_name.get(typ.get("element-type", ""))
+    if typ is None or typ.get("meta-type") != "enum":
+        return []
+    values = typ.get("values") or [m["name"] for m in typ.get("members", [])]
+    return [str(v) for v in values]
+
+
+def capabilities_from_qmp(
+    version: Mapping[str, Any],
+    machines: Sequence[Mapping[str, Any]],
+    schema: Sequence[Mapping[str, Any]],
+    capabilities: Sequence[Mapping[str, Any]],
+    parameters: Mapping[str, Any],
+    cpus: Sequence[Mapping[str, Any]],
+) -> Capabilities:
+    """Build :class:`Capabilities` from raw QMP answers (pure; unit tested on recordings)."""
+    q = version["qemu"]
+    ver = f"{q['major']}.{q['minor']}.{q['micro']}"
+    mtypes = tuple(
+        sorted(
+            (
+                MachineType(
+                    name=m["name"],
+                    alias=m.get("alias"),
+                    is_default=bool(m.get("is-default", False)),
+                    deprecated=bool(m.get("deprecated", False)),
+                )
+                for m in machines
+            ),
+            key=lambda m: m.name,
+        )
+    )
+    modes = _schema_enum_values(schema, "migrate-set-parameters", ["mode"])
+    if not modes:
+        modes = ["normal"]  # builds before 8.2 have no 'mode' parameter: plain migration only
+    transports = _schema_enum_values(schema, "migrate", ["channels", "addr", "transport"])
+    has_channels = bool(transports)
+    file_uri = "file" in transports
+    if not has_channels:
+        # 8.2 added file: with the channels API; also detect any enum listing a file transport
+        file_uri = any(
+            e.get("meta-type") == "enum"
+            and {"socket", "exec", "file"} <= set(e.get("values", []))
+            for e in schema
+        )
+    commands = frozenset(e["name"] for e in schema if e.get("meta-type") == "command")
+    return Capabilities(
+        version=ver,
+        package=str(version.get("package", "")).strip(),
+        machine_types=mtypes,
+        migration_modes=tuple(modes),
+        migration_capabilities=tuple(sorted(c["capability"] for c in capabilities)),
+        migration_parameters=tuple(sorted(parameters)),
+        file_uri=file_uri,
+        migrate_channels=has_channels,
+        cpu_models=tuple(sorted(c["name"] for c in cpus)),
+        commands=commands,
+    )
+
+
+def probe_raw(build: QemuBuild) -> dict[str, Any]:
+    """Start the build with ``-machine none`` and record the QMP answers the probe needs."""
+    from harness.qemu_process import QemuProcess
+
+    with tempfile.TemporaryDirectory(prefix="harness-probe-") as tmp:
+        proc = QemuProcess(
+            build,
+            ["-machine", "none", "-nodefaults", "-S"],
+            workdir=Path(tmp),
+            name="probe",
+        )
+        with proc:
+            qmp = proc.qmp
+            return {
+                "version": qmp("query-version"),
+                "machines": qmp("query-machines"),
+                "schema": qmp("query-qmp-schema"),
+                "capabilities": qmp("query-migrate-capabilities"),
+                "parameters": qmp("query-migrate-parameters"),
+                "cpus": qmp("query-cpu-definitions"),
+            }
+
+
+def probe(build: QemuBuild) -> Capabilities:
+    """The build's capabilities, from the on-disk cache or a fresh probe."""
+    if not build.binary.is_file():
+        raise LaunchError(f"QEMU binary {build.binary} does not exist")
+    cache = ensure_dir(cache_root() / "probes") / f"{_cache_key(build)}.json"
+    try:
+        return Capabilities.from_json(json.loads(cache.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raw = probe_raw(build)
+    caps = capabilities_from_qmp(**raw)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(caps.to_json()))
+    tmp.replace(cache)
+    return caps
+
+
+# --- finding builds --------------------------------------------------------------------
+
+
+def from_prefix(prefix: Path, label: str, arch: str = "x86_64", source: str = "prefix",
+                binary: str | None = None, datadirs: Iterable[str] = ()) -> QemuBuild:
+    """A build unpacked from Debian packages into ``prefix``."""
+    triplet = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(
+        os.uname().machine, "x86_64-linux-gnu"
+    )
+    rel = binary or f"usr/bin/qemu-system-{arch}"
+    dirs = list(datadirs) or ["usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu"]
+    libdirs = [prefix / "usr/lib" / triplet, prefix / "lib" / triplet]
+    return QemuBuild(
+        label=label,
+        arch=arch,
+        binary=prefix / rel,
+        datadirs=tuple(prefix / d for d in dirs if (prefix / d).is_dir()),
+        libdirs=tuple(d for d in libdirs if d.is_dir()),
+        source=source,
+        prefix=prefix,
+    )
+
+
+def from_catalog(entry: QemuEntry) -> QemuBuild:
+    """The provisioned build of a catalogue entry (provisioning it if needed)."""
+    from harness.provision import Provisioner
+
+    prefix = Provisioner(catalog_mod.default()).ensure_qemu(entry)
+    return from_prefix(
+        prefix, entry.version, entry.arch, f"catalog:{entry.suite}", entry.binary, entry.datadirs
+    )
+
+
+def register(path: Path | str, label: str | None = None, arch: str = "x86_64") -> QemuBuild:
+    """A user's build: an emulator binary, a QEMU build directory, or unpacked packages."""
+    p = Path(path).expanduser().resolve()
+    exe = f"qemu-system-{arch}"
+    if p.is_file():
+        if not os.access(p, os.X_OK):
+            raise ProvisionError(f"{p} is not an executable QEMU binary")
+        build_dir = p.parent
+        datadirs = [d for d in (build_dir / "pc-bios", build_dir.parent / "pc-bios") if d.is_dir()]
+        return QemuBuild(label or f"custom:{p}", arch, p, tuple(datadirs), (), "binary")
+    if (p / exe).is_file():  # a QEMU build directory
+        datadirs = [d for d in (p / "pc-bios", p.parent / "pc-bios") if d.is_dir()]
+        return QemuBuild(label or f"custom:{p}", arch, p / exe, tuple(datadirs), (), "build-dir")
+    if (p / "usr/bin" / exe).is_file():  # unpacked packages
+        return from_prefix(p, label or f"custom:{p}", arch, "unpacked")
+    raise ProvisionError(
+        f"{p} is not a QEMU binary, a QEMU build directory (with {exe}) or a directory of "
+        f"unpacked packages (with usr/bin/{exe})"
+    )
+
+
+_REGISTERED: dict[str, QemuBuild] = {}
+
+
+def add_registered(build: QemuBuild) -> None:
+    """Make a registered build findable by its label for this process."""
+    _REGISTERED[build.label] = build
+
+
+def get_build(version: str, arch: str = "x86_64") -> QemuBuild:
+    """A build by catalogue version (``10.0``, ``10.0.2``), registered label, or path."""
+    if version in _REGISTERED:
+        return _REGISTERED[version]
+    if "/" in version:
+        build = register(version, arch=arch)
+        add_registered(build)
+        return build
+    cat = catalog_mod.default()
+    try:
+        entry = cat.qemu_entry(version, arch)
+    except UnknownVersionError as exc:
+        raise UnknownVersionError(
+            "QEMU", version, list(exc.available) + sorted(_REGISTERED)
+        ) from None
+    return from_catalog(entry)
+
+
+def all_builds(arch: str = "x86_64") -> list[QemuBuild]:
+    """Every catalogue build for ``arch`` plus registered ones, oldest first."""
+    builds = [from_catalog(e) for e in catalog_mod.default().qemu if e.arch == arch]
+    builds += [b for b in _REGISTERED.values() if b.arch == arch]
+    return builds
+
+
+def newest_common_machine(a: Capabilities, b: Capabilities, family: str = "pc-q35") -> str:
+    """The newest versioned machine type of ``family`` that both builds offer."""
+    def versions(c: Capabilities) -> dict[Version, str]:
+        out = {}
+        for m in c.machine_types:
+            v = m.versioned()
+            if v and v[0] == family:
+                out[v[1]] = m.name
+        return out
+
+    va, vb = versions(a), versions(b)
+    common = sorted(set(va) & set(vb))
+    if not common:
+        raise UnknownVersionError(f"common {family} machine type", f"{a.version}/{b.version}", [])
+    return va[common[-1]]

@@ -1,0 +1,351 @@
+"""One QEMU process, owned by exactly one object that always reaps it.
+
+:class:`QemuProcess` wraps ``qemu.machine.QEMUMachine`` (launch = pre-launch, launch,
+post-launch; soft ``quit`` with a bounded wait, then a hard kill) and adds what a nightly
+harness needs on top:
+
+- the build's environment (its libraries) and ``-L`` data directories;
+- a new session (process group) and a parent-death signal, so QEMU dies with the harness
+  even when the harness is SIGKILLed (a killed xdist worker leaves no orphan);
+- a private 0700 work directory for sockets and logs;
+- a QMP transcript (``qmp.log``) and the command line (``cmdline.txt``) kept for artifacts;
+- QMP that may be connected later (a cpr-transfer destination answers QMP only once the
+  source has sent its CPR state);
+- errors from :mod:`harness.errors` that carry the command, the exit code and the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from qemu.machine import QEMUMachine
+from qemu.machine.machine import AbnormalShutdown, VMLaunchFailure
+
+from harness.errors import GuestTimeout, LaunchError, MachineError
+
+if TYPE_CHECKING:
+    from harness.builds import QemuBuild
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: set[QemuProcess] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class QmpError(MachineError):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, error: dict[str, Any]) -> None:
+        self.command = command
+        self.error_class = str(error.get("class", ""))
+        self.desc = str(error.get("desc", ""))
+        super().__init__(f"QMP {command} failed: {self.error_class}: {self.desc}")
+
+
+class _Machine(QEMUMachine):  # type: ignore[misc]
+    """QEMUMachine with our process setup and optionally deferred QMP."""
+
+    def __init__(self, *args: Any, env: dict[str, str], defer_qmp: bool, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._harness_env = env
+        self._defer_qmp = defer_qmp
+
+    def _launch(self) -> None:
+        self._pre_launch()
+        self._popen = subprocess.Popen(
+            self._qemu_full_args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._qemu_log_file,
+            stderr=subprocess.STDOUT,
+            shell=False,
+            close_fds=False,
+            env=self._harness_env,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # noqa: PLW1509 - only prctl, async-signal-safe enough
+        )
+        self._launched = True
+        self._post_launch()
+
+    def _post_launch(self) -> None:
+        if self._defer_qmp:
+            if self._sock_pair:
+                self._sock_pair[0].close()
+            return
+        super()._post_launch()
+
+    def connect_deferred(self) -> None:
+        self._defer_qmp = False
+        if self._qmp_connection:
+            self._qmp.connect()
+
+    @property
+    def log_path(self) -> str | None:
+        return self._qemu_log_path  # type: ignore[no-any-return]
+
+
+class QemuProcess:
+    """A running QEMU: launched on ``__enter__``/``launch()``, reaped on ``__exit__``/``stop()``."""
+
+    def __init__(
+        self,
+        build: QemuBuild,
+        args: Sequence[str],
+        *,
+        workdir: Path,
+        name: str = "qemu",
+        defer_qmp: bool = False,
+        qmp_timeout: float = 120.0,
+    ) -> None:
+        self.build = build
+        self.args = list(args)
+        self.name = name
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(workdir, 0o700)
+        self.qmp_log_path = workdir / f"{name}.qmp.log"
+        self.cmdline_path = workdir / f"{name}.cmdline.txt"
+        self._qmp_timeout = qmp_timeout
+        self._vm = _Machine(
+            str(build.binary),
+            args=[*build.data_args(), *self.args],
+            name=name,
+            base_temp_dir=str(workdir),
+            log_dir=str(workdir),
+            env=build.env,
+            defer_qmp=defer_qmp,
+            qmp_timer=qmp_timeout,
+        )
+        self._launched = False
+        self._exitcode: int | None = None
+        self._final_log: str | None = None
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def launch(self) -> QemuProcess:
+        """Start QEMU; on failure raise :class:`LaunchError` with command and output."""
+        if self._launched:
+            raise MachineError(f"{self.name}: already launched")
+        try:
+            self._vm.launch()
+        except VMLaunchFailure as exc:
+            self._write_cmdline()
+            raise LaunchError(
+                f"QEMU {self.build.label} failed to start",
+                command=self._vm._qemu_full_args,
+                exitcode=exc.exitcode,
+                output=exc.output or "",
+                log=self.log_path,
+            ) from exc
+        self._launched = True
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        self._write_cmdline()
+        if self._vm._qmp_connection is not None and not self._vm._defer_qmp:
+            self._set_qmp_timeout()
+        return self
+
+    def _set_qmp_timeout(self) -> None:
+        try:
+            self._vm._qmp.settimeout(self._qmp_timeout)
+        except Exception:  # noqa: BLE001 - connection may be deferred
+            pass
+
+    def connect_qmp(self) -> None:
+        """Connect a deferred QMP monitor (cpr-transfer destinations)."""
+        self._vm.connect_deferred()
+        self._set_qmp_timeout()
+
+    def _write_cmdline(self) -> None:
+        try:
+            args = [*self._vm._qemu_full_args]
+            self.cmdline_path.write_text(" ".join(_quote(a) for a in args) + "\n")
+        except OSError:
+            pass
+
+    def stop(self, timeout: float = 20.0, hard: bool = False) -> None:
+        """Quit QEMU (QMP ``quit`` with a bounded wait, then SIGKILL) and reap it."""
+        if not self._launched:
+            return
+        try:
+            self._vm.shutdown(hard=hard, timeout=int(max(timeout, 1)))
+        except AbnormalShutdown as exc:
+            log.info("%s: graceful shutdown failed (%s); killed", self.name, exc.__cause__)
+        except Exception as exc:  # noqa: BLE001 - teardown goes on and reaps
+            log.warning("%s: shutdown raised %r; killing", self.name, exc)
+            self._kill_now()
+        finally:
+            self._finish()
+
+    def kill(self) -> None:
+        """SIGKILL QEMU now and reap it."""
+        if not self._launched:
+            return
+        try:
+            self._vm.shutdown(hard=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: hard shutdown raised %r", self.name, exc)
+            self._kill_now()
+        finally:
+            self._finish()
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit by itself (after a migration or guest poweroff)."""
+        popen = self._vm._popen
+        if popen is None:
+            raise MachineError(f"{self.name}: not launched")
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestTimeout(f"{self.name} (pid {popen.pid}) to exit", timeout) from None
+        self._vm._quit_issued = True
+        self.stop(timeout=1)
+        return self._exitcode if self._exitcode is not None else popen.returncode
+
+    def _kill_now(self) -> None:
+        popen = self._vm._popen
+        if popen is not None and popen.poll() is None:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.error("%s: pid %d survived SIGKILL for 30 s", self.name, popen.pid)
+
+    def _finish(self) -> None:
+        popen = self._vm._popen
+        if popen is not None:
+            self._exitcode = popen.poll()
+        self._final_log = self._vm.get_log()
+        self._launched = False
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def __enter__(self) -> QemuProcess:
+        return self.launch()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # after an error, do not wait politely: the guest may be wedged
+        self.stop(timeout=5 if exc_type else 20)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._launched and self._vm.is_running()
+
+    @property
+    def pid(self) -> int:
+        pid = self._vm.get_pid()
+        if pid is None:
+            raise MachineError(f"{self.name}: not running")
+        return int(pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._launched:
+            return self._vm.exitcode()  # type: ignore[no-any-return]
+        return self._exitcode
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def output(self) -> str:
+        """QEMU's stdout/stderr so far (its log file)."""
+        if self._final_log is not None:
+            return self._final_log
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- QMP --------------------------------------------------------------------------
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """Run a QMP command; return its ``return`` value or raise :class:`QmpError`."""
+        resp = self.qmp_raw(cmd, **args)
+        if "error" in resp:
+            raise QmpError(cmd, resp["error"])
+        return resp.get("return")
+
+    def qmp_raw(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Run a QMP command and return the whole response (transcript kept)."""
+        if not self._launched:
+            raise MachineError(f"{self.name}: QMP {cmd} on a QEMU that is not running")
+        t0 = time.monotonic()
+        try:
+            resp: dict[str, Any] = self._vm.qmp(cmd, args_dict=args or None)
+        except Exception as exc:
+            self._transcript(cmd, args, {"exception": repr(exc)}, t0)
+            raise MachineError(
+                f"{self.name}: QMP {cmd} failed: {exc!r}; QEMU log: {self.log_path}"
+            ) from exc
+        self._transcript(cmd, args, resp, t0)
+        return resp
+
+    def events(self, wait: float | bool = False) -> list[dict[str, Any]]:
+        """QMP events received so far (and clear them)."""
+        return list(self._vm.get_qmp_events(wait=wait))
+
+    def event_wait(self, name: str, timeout: float) -> dict[str, Any]:
+        """Wait for one QMP event."""
+        ev = self._vm.event_wait(name, timeout=timeout)
+        if ev is None:
+            raise GuestTimeout(f"QMP event {name} from {self.name}", timeout)
+        return ev  # type: ignore[no-any-return]
+
+    def _transcript(self, cmd: str, args: dict[str, Any], resp: Any, t0: float) -> None:
+        try:
+            with self.qmp_log_path.open("a") as fh:
+                rec = {"t": round(t0, 4), "dt": round(time.monotonic() - t0, 4),
+                       "execute": cmd, "arguments": args, "response": resp}  # fmt: skip
+                fh.write(json.dumps(rec, default=str)[:20000] + "\n")
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<QemuProcess {self.name} {self.build.label} launched={self._launched}>"
+
+
+def _quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "-_=.,:/+@%" for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\"'\"'") + "'"
+
+
+def live_processes() -> list[QemuProcess]:
+    """QEMU processes this harness process has launched and not yet reaped."""
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+def reap_all() -> int:
+    """Kill every QEMU still alive (last-resort cleanup at exit or on signals)."""
+    procs = live_processes()
+    for p in procs:
+        p.kill()
+    return len(procs)
