@@ -1,0 +1,118 @@
+"""Starting guests from specs and tearing all of them down: the machine factory.
+
+:class:`MachineFactory` is a context manager that owns every :class:`Machine` it made and
+their work directories.  On exit each machine is stopped in its own try/except (one
+failure leaks nothing); when the caller says the run failed, the artifacts (QEMU command
+lines, QEMU logs, serial logs, QMP transcripts, varstores before and after) are copied to
+an artifacts directory first.  Work directories are short paths under a private base
+directory (unix socket paths are limited to 107 bytes) and are removed afterwards.
+
+The pytest fixtures, the CLI and the avocado tests all use this one class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from harness.machine import Machine
+from harness.spec import VmSpec, from_dict
+
+log = logging.getLogger(__name__)
+
+
+def private_base(tag: str = "") -> Path:
+    """A fresh 0700 directory with a short path for machines' work dirs."""
+    root = Path(os.environ.get("HARNESS_RUNDIR", tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"hv{tag}-", dir=root))
+
+
+def safe_name(text: str, limit: int = 120) -> str:
+    """``text`` made safe as one path component (test ids contain ``/``, ``[``, ...)."""
+    out = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("._")
+    return out[:limit] or "test"
+
+
+class MachineFactory:
+    """Makes machines from specs and reaps all of them."""
+
+    def __init__(self, defaults: VmSpec | None = None, base: Path | None = None) -> None:
+        self.defaults = defaults or VmSpec()
+        self._own_base = base is None
+        self.base = base or private_base()
+        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.machines: list[Machine] = []
+        self._count = 0
+
+    def spec(self, **fields: Any) -> VmSpec:
+        """The default spec with ``fields`` applied (validated)."""
+        return from_dict({**dataclasses.asdict(self.defaults), **fields})
+
+    def __call__(self, *, start: bool = True, varstore: Path | None = None, **fields: Any) -> Machine:
+        """A new guest (started unless ``start=False``)."""
+        spec = self.spec(**fields)
+        self._count += 1
+        workdir = self.base / f"{self._count}-{safe_name(spec.name, 24)}"
+        machine = Machine(spec, workdir, varstore=varstore)
+        self.machines.append(machine)
+        if start:
+            template = machine.varstore_template
+            machine.start()
+            if template is not None:
+                try:
+                    shutil.copyfile(template, workdir / "varstore-template.fd")
+                except OSError:
+                    pass
+        return machine
+
+    def save_artifacts(self, dest: Path) -> Path:
+        """Copy every machine's logs, command lines, transcripts and varstores to ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in self.machines:
+            out = dest / m.workdir.name
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                files = m.artifacts()
+            except OSError:
+                continue
+            for f in files:
+                try:
+                    shutil.copy2(f, out / f.name)
+                except OSError as exc:
+                    log.warning("artifact %s not copied: %s", f, exc)
+        return dest
+
+    def close(self, failed: bool = False, artifacts: Path | None = None) -> Path | None:
+        """Stop every machine; keep artifacts when ``failed``; remove work dirs."""
+        kept = None
+        for m in self.machines:
+            try:
+                m.stop(hard=failed)
+            except Exception:  # noqa: BLE001 - one failure must not leak the others
+                log.exception("stopping %r failed", m)
+        if failed and artifacts is not None:
+            try:
+                kept = self.save_artifacts(artifacts)
+            except OSError:
+                log.exception("saving artifacts to %s failed", artifacts)
+        if self._own_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+        else:
+            for m in self.machines:
+                shutil.rmtree(m.workdir, ignore_errors=True)
+        self.machines = []
+        return kept
+
+    def __enter__(self) -> MachineFactory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(failed=exc_type is not None)

@@ -1,0 +1,393 @@
+"""The running guest: a VM built from a :class:`~harness.spec.VmSpec`.
+
+A :class:`Machine` is one guest's identity (spec, image, firmware, varstore, SSH keys,
+work directory) and owns the QEMU process that currently runs it.  Migrations and live
+updates start a new process for the same guest (:meth:`Machine.spawn`) and, once the
+guest runs there, :meth:`Machine.adopt` it, reaping the old one: the guest object a test
+holds stays the same while the QEMU under it changes.
+
+Ownership: every process a Machine spawns is tracked until reaped; :meth:`Machine.stop`
+(and ``__exit__``) reaps all of them, gracefully then hard, and never raises for a
+process that already died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from harness import builds, host
+from harness.builds import QemuBuild
+from harness.console import Console
+from harness.errors import (
+    FirmwareError,
+    GuestTimeout,
+    HarnessError,
+    LaunchError,
+    MachineError,
+    VarstoreError,
+)
+from harness.qemu_process import QemuProcess
+from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
+from harness.ssh import CommandResult, SshClient
+
+log = logging.getLogger(__name__)
+
+READY_RE = re.compile(r"HARNESS-READY (\{[^\n]{0,4096}\})")
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("HARNESS_BOOT_TIMEOUT", "240"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Ready:
+    """What the guest's agent said when it came up."""
+
+    boot_id: str
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Incarnation:
+    """One QEMU process running (or about to run) the guest."""
+
+    process: QemuProcess
+    resolved: Resolved
+    varstore: Path | None
+    console: Console
+
+
+class Machine:
+    """A guest built from a spec, and the QEMU process(es) that run it."""
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        workdir: Path,
+        *,
+        varstore: Path | None = None,
+        build: QemuBuild | None = None,
+    ) -> None:
+        from harness import images
+
+        self.spec = spec
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(workdir, 0o700)
+        self.build = build or builds.get_build(spec.qemu, spec.arch)
+        self.accel = host.default_accel() if spec.accel == "auto" else spec.accel
+        self.image = images.ensure_image(spec.image, spec.arch)
+        self._code, self._template, self._bios = self._firmware_files()
+        self._varstore_arg = varstore
+        self._gen = 0
+        self._current: Incarnation | None = None
+        self._others: list[Incarnation] = []
+        self._ssh: SshClient | None = None
+        self.ready: Ready | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def _firmware_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        spec = self.spec
+        if spec.firmware is None:
+            return None, None, None
+        from harness import firmware
+
+        fw = firmware.get_firmware(spec.firmware, spec.arch)
+        if spec.firmware_mode == "stateless":
+            bios = fw.prefix / "usr/share/ovmf/OVMF.fd"
+            if not bios.is_file():
+                raise FirmwareError(
+                    f"firmware {fw.version} has no combined image {bios} for stateless mode"
+                )
+            return None, None, bios
+        desc = fw.variant(spec.flash) if spec.flash != "4m" else fw.select()
+        return desc.code, desc.vars_template, None
+
+    @property
+    def firmware_code(self) -> Path | None:
+        return self._code
+
+    @property
+    def varstore_template(self) -> Path | None:
+        return self._template
+
+    def new_varstore(self, name: str) -> Path:
+        """A fresh private copy of the firmware's varstore template in the work dir."""
+        from harness import varstore
+
+        if self._template is None:
+            raise VarstoreError(name, "this guest has no persistent varstore")
+        dest = self.workdir / name
+        varstore.instantiate(self._template, dest)
+        return dest
+
+    def _resolve(self, gen: int, varstore: Path | None, incoming: Sequence[str],
+                 machine: str | None, build: QemuBuild) -> Resolved:
+        img = self.image
+        fwcfg = self.workdir / "guest-config.txt"
+        if not fwcfg.exists():
+            fwcfg.write_text(guest_config_text(self.spec))
+        ram = None
+        if self.spec.memory_backend == "file":
+            ram = self.workdir / "guest-ram"
+        return Resolved(
+            accel=self.accel,
+            machine=machine or self.spec.machine,
+            code=self._code,
+            vars=varstore,
+            bios=self._bios,
+            esp=img.esp if self.spec.boot == "uefi" else None,
+            kernel=img.kernel,
+            initrd=img.initrd,
+            cmdline=img.cmdline,
+            data_disk=img.data_disk,
+            serial_sock=self.workdir / f"qemu-{gen}.serial.sock",
+            serial_log=self.workdir / f"qemu-{gen}.serial.log",
+            fwcfg_file=fwcfg,
+            ram_path=ram,
+            ssh_port=free_port() if self.spec.ssh else None,
+            incoming=tuple(incoming),
+        )
+
+    # -- processes --------------------------------------------------------------------
+
+    def spawn(
+        self,
+        *,
+        build: QemuBuild | None = None,
+        machine: str | None = None,
+        varstore: Path | None = None,
+        incoming: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        defer_qmp: bool = False,
+    ) -> Incarnation:
+        """Start a new QEMU process for this guest (not yet adopted).
+
+        ``varstore`` defaults to a fresh copy of the template for each new process, as for
+        an incoming domain (QEMU writes the migrated flash into it)."""
+        build = build or self.build
+        gen = self._gen
+        self._gen += 1
+        if self._code is not None and varstore is None:
+            varstore = self.new_varstore(f"vars-{gen}.fd")
+        if self._code is not None and varstore is not None:
+            from harness import firmware
+
+            firmware.check_flash_pair(self._code, varstore)
+        last: LaunchError | None = None
+        for _attempt in range(3):
+            resolved = self._resolve(gen, varstore, incoming, machine, build)
+            args = qemu_args(self.spec, resolved) + list(extra_args)
+            proc = QemuProcess(build, args, workdir=self.workdir, name=f"qemu-{gen}",
+                               defer_qmp=defer_qmp)
+            console = Console(resolved.serial_log or Path(os.devnull), resolved.serial_sock,
+                              alive=lambda p=proc: p.running)  # type: ignore[misc]
+            inc = Incarnation(proc, resolved, varstore, console)
+            try:
+                proc.launch()
+            except LaunchError as exc:
+                last = exc
+                if "host forwarding" in exc.output or "Address already in use" in exc.output:
+                    continue  # the port was taken between probing and binding: try another
+                raise
+            self._others.append(inc)
+            self.history.append({"gen": gen, "qemu": build.label, "machine": resolved.machine,
+                                 "pid": proc.pid, "incoming": list(incoming)})  # fmt: skip
+            return inc
+        assert last is not None
+        raise last
+
+    def adopt(self, inc: Incarnation, *, reap_previous: bool = True) -> None:
+        """Make ``inc`` the process that runs the guest; reap the previous one."""
+        previous = self._current
+        if inc in self._others:
+            self._others.remove(inc)
+        self._current = inc
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if previous is not None and reap_previous:
+            self._reap(previous)
+        elif previous is not None:
+            self._others.append(previous)
+
+    def release(self, inc: Incarnation, *, hard: bool = False) -> None:
+        """Reap a process this machine spawned (a failed destination, say)."""
+        if inc is self._current:
+            self._current = None
+            if self._ssh is not None:
+                self._ssh.close()
+                self._ssh = None
+        if inc in self._others:
+            self._others.remove(inc)
+        self._reap(inc, hard=hard)
+
+    def _reap(self, inc: Incarnation, hard: bool = False) -> None:
+        inc.console.close()
+        if hard:
+            inc.process.kill()
+        else:
+            inc.process.stop(timeout=10)
+
+    @property
+    def current(self) -> Incarnation:
+        if self._current is None:
+            raise MachineError(f"{self.spec.name}: no QEMU process runs this guest")
+        return self._current
+
+    @property
+    def process(self) -> QemuProcess:
+        return self.current.process
+
+    @property
+    def running(self) -> bool:
+        return self._current is not None and self._current.process.running
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def start(self, timeout: float = DEFAULT_BOOT_TIMEOUT, wait_ssh: bool = True) -> Machine:
+        """Boot the guest and wait until its agent is ready (and SSH answers)."""
+        varstore = self._varstore_arg
+        if self._code is not None:
+            if varstore is None:
+                varstore = self.new_varstore("vars.fd")
+            elif not varstore.exists():
+                from harness import varstore as vs
+
+                assert self._template is not None
+                vs.instantiate(self._template, varstore)
+        t0 = time.monotonic()
+        inc = self.spawn(varstore=varstore)
+        self.adopt(inc)
+        try:
+            self.wait_ready(timeout, t0=t0)
+            if wait_ssh and self.spec.ssh:
+                self.ssh.connect(timeout=max(30.0, timeout - (time.monotonic() - t0)))
+        except BaseException:
+            self.stop(hard=True)
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = DEFAULT_BOOT_TIMEOUT, *, t0: float | None = None,
+                   since: int = 0) -> Ready:
+        """Wait for the agent's ready line on the current console."""
+        start = time.monotonic() if t0 is None else t0
+        m = self.console.wait_for(READY_RE, timeout, since=since, what="the agent's HARNESS-READY line")
+        try:
+            info = json.loads(m.group(1))
+        except ValueError as exc:
+            raise MachineError(f"malformed ready line {m.group(0)[:200]!r}") from exc
+        if not isinstance(info, dict) or not isinstance(info.get("boot_id"), str):
+            raise MachineError(f"ready line without boot_id: {m.group(0)[:200]!r}")
+        self.ready = Ready(info["boot_id"], time.monotonic() - start, info)
+        return self.ready
+
+    def stop(self, timeout: float = 20.0, hard: bool = False) -> None:
+        """Reap every QEMU process of this guest; errors are logged, never raised."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        incs = ([self._current] if self._current else []) + list(self._others)
+        self._current = None
+        self._others = []
+        for inc in incs:
+            try:
+                inc.console.close()
+                if hard:
+                    inc.process.kill()
+                else:
+                    inc.process.stop(timeout=timeout)
+            except Exception:  # noqa: BLE001 - keep reaping the rest
+                log.exception("reaping %s failed", inc.process.name)
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop(hard=exc_type is not None and not issubclass(exc_type, HarnessError))
+
+    # -- access -------------------------------------------------------------------------
+
+    @property
+    def console(self) -> Console:
+        return self.current.console
+
+    @property
+    def varstore_path(self) -> Path:
+        """The varstore file of the process running the guest."""
+        v = self.current.varstore if self._current else self._varstore_arg
+        if v is None:
+            raise VarstoreError(self.workdir, "this guest has no persistent varstore")
+        return v
+
+    @property
+    def ssh_port(self) -> int:
+        port = self.current.resolved.ssh_port
+        if port is None:
+            raise MachineError(f"{self.spec.name}: spec has ssh=False")
+        return port
+
+    @property
+    def ssh(self) -> SshClient:
+        """SSH to the guest through its forwarded port, host key pinned."""
+        if self._ssh is None:
+            self._ssh = SshClient("127.0.0.1", self.ssh_port, self.image.host_key,
+                                  self.image.client_key, name=self.spec.name)
+        return self._ssh
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """A QMP command to the process running the guest."""
+        return self.current.process.qmp(cmd, **args)
+
+    def run(self, command: str, timeout: float = 120.0, check: bool = True) -> CommandResult:
+        return self.ssh.run(command, timeout=timeout, check=check)
+
+    def agent(self, *args: str, timeout: float = 120.0) -> Any:
+        """Ask the guest agent; returns its JSON answer."""
+        cmd = "agent " + " ".join(shlex.quote(a) for a in args)
+        return self.ssh.run(cmd, timeout=timeout, check=True).json()
+
+    def artifacts(self) -> list[Path]:
+        """Files worth keeping when a test fails."""
+        return sorted(p for p in self.workdir.iterdir() if p.is_file() and not p.name.endswith(".sock")
+                      and p.name != "guest-ram")
+
+    def wait_poweroff(self, timeout: float = 60.0) -> None:
+        """Wait for the guest to power itself off."""
+        try:
+            self.process.wait_exit(timeout)
+        except GuestTimeout:
+            raise
+        self._current = None
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.spec.name} {self.build.label} {self.spec.firmware}>"
+
+
+@contextlib.contextmanager
+def booted(spec: VmSpec, workdir: Path, **kw: Any) -> Iterator[Machine]:
+    """A started guest that is reaped on exit, whatever happens."""
+    m = Machine(spec, workdir, **kw)
+    with m:
+        m.start()
+        yield m

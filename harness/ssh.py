@@ -1,0 +1,225 @@
+"""SSH to a guest with paramiko: pinned host key (unknown keys rejected), key login,
+bounded waits, and jumps through a guest to reach a nested one."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from harness.errors import GuestCommandError, GuestTimeout, MachineError
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command in the guest did."""
+
+    command: str
+    rc: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def check(self) -> CommandResult:
+        """Raise :class:`GuestCommandError` unless the command succeeded."""
+        if self.rc != 0:
+            raise GuestCommandError(self.command, self.rc, self.stdout, self.stderr)
+        return self
+
+    def json(self) -> Any:
+        """stdout parsed as JSON (the guest agent's answers); the last JSON line wins."""
+        for line in reversed(self.stdout.strip().splitlines()):
+            line = line.strip()
+            if line.startswith("{") or line.startswith("["):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    break
+        raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
+
+
+def parse_host_key(line: str) -> paramiko.PKey:
+    """A public key from an OpenSSH ``type base64 [comment]`` line."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise MachineError(f"malformed pinned host key {line!r}")
+    kind, data = parts[0], base64.b64decode(parts[1])
+    if kind == "ssh-ed25519":
+        return paramiko.Ed25519Key(data=data)
+    if kind == "ssh-rsa":
+        return paramiko.RSAKey(data=data)
+    if kind.startswith("ecdsa-"):
+        return paramiko.ECDSAKey(data=data)
+    raise MachineError(f"unsupported pinned host key type {kind!r}")
+
+
+def load_client_key(path: Path) -> paramiko.PKey:
+    """The client's private key (OpenSSH format)."""
+    errors = []
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key_file(str(path))
+        except (paramiko.SSHException, ValueError) as exc:
+            errors.append(f"{cls.__name__}: {exc}")
+    raise MachineError(f"cannot load SSH client key {path}: {'; '.join(errors)}")
+
+
+class SshClient:
+    """An SSH session to one guest, with its host key pinned."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        host_key: str,
+        client_key: Path,
+        user: str = "root",
+        via: SshClient | None = None,
+        name: str = "guest",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.name = name
+        self._host_key = parse_host_key(host_key)
+        self._client_key_path = client_key
+        self._via = via
+        self._client: paramiko.SSHClient | None = None
+
+    def _host_entry(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def connect(self, timeout: float = 60.0) -> SshClient:
+        """Connect (retrying while the guest's sshd comes up) within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        pkey = load_client_key(self._client_key_path)
+        while True:
+            client = paramiko.SSHClient()
+            client.get_host_keys().add(self._host_entry(), self._host_key.get_name(), self._host_key)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            sock: Any = None
+            try:
+                if self._via is not None:
+                    sock = self._via.open_tunnel(self.host, self.port)
+                left = max(1.0, deadline - time.monotonic())
+                client.connect(
+                    self.host,
+                    port=self.port,
+                    username=self.user,
+                    pkey=pkey,
+                    sock=sock,
+                    timeout=min(10.0, left),
+                    banner_timeout=min(30.0, left),
+                    auth_timeout=min(30.0, left),
+                    allow_agent=False,
+                    look_for_keys=False,
+                )
+                self._client = client
+                return self
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise MachineError(
+                    f"{self.name}: host key mismatch at {self._host_entry()}: got "
+                    f"{exc.key.get_name()} {exc.key.get_base64()[:24]}..., pinned "
+                    f"{self._host_key.get_base64()[:24]}...; refusing to connect"
+                ) from exc
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                client.close()
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(f"SSH to {self.name} at {self._host_entry()}", timeout, last)
+            time.sleep(0.5)
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        t = self._client.get_transport()
+        if t is None or not t.is_active():
+            self.close()
+            self.connect()
+            assert self._client is not None
+            t = self._client.get_transport()
+            assert t is not None
+        return t
+
+    def open_tunnel(self, host: str, port: int, timeout: float = 10.0) -> paramiko.Channel:
+        """A TCP channel from the guest to ``host:port`` (to reach a nested guest)."""
+        try:
+            return self.transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout
+            )
+        except (paramiko.SSHException, OSError) as exc:
+            raise MachineError(f"{self.name}: tunnel to {host}:{port} failed: {exc}") from exc
+
+    def run(self, command: str, timeout: float = 120.0, check: bool = False,
+            input: str | None = None) -> CommandResult:
+        """Run ``command`` in the guest; bounded by ``timeout``."""
+        t0 = time.monotonic()
+        chan = self.transport.open_session(timeout=10)
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            if input is not None:
+                chan.sendall(input.encode())
+                chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = t0 + timeout
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    raise GuestTimeout(
+                        f"command {command!r} in {self.name}", timeout,
+                        (out + err).decode("utf-8", "replace")[-500:],
+                    )
+                if len(out) > MAX_OUTPUT or len(err) > MAX_OUTPUT:
+                    raise MachineError(f"{self.name}: {command!r} printed more than {MAX_OUTPUT} bytes")
+                time.sleep(0.005)
+            rc = chan.recv_exit_status()
+        except socket.timeout as exc:
+            raise GuestTimeout(f"command {command!r} in {self.name}", timeout) from exc
+        finally:
+            chan.close()
+        result = CommandResult(
+            command, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
+            time.monotonic() - t0,
+        )
+        if check:
+            result.check()
+        return result
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a dead transport
+                pass
+            self._client = None
+
+    def __enter__(self) -> SshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
