@@ -332,6 +332,13 @@ def read_varstore(path: Path | str) -> VarstoreModel:
                 path, f"no edk2 variable store (NvData firmware volume) in {size} bytes"
             )
         store = edk2.Edk2VarStore(str(path))
+        # virt-firmware slices silently past the end; its own bounds tell truncation.
+        if store.end > len(store.filedata):
+            raise VarstoreError(
+                path,
+                f"truncated: its variable store ends at byte {store.end}, "
+                f"the file has {len(store.filedata)}",
+            )
         varlist = store.get_varlist()
         raw = [
             EfiVariable(
