@@ -142,8 +142,7 @@ class FirmwareDescriptor:
             "format": self.format,
             "flash_size": self.flash_size,
             "targets": [
-                {"architecture": t.architecture, "machines": list(t.machines)}
-                for t in self.targets
+                {"architecture": t.architecture, "machines": list(t.machines)} for t in self.targets
             ],
             "features": list(self.features),
             "tags": list(self.tags),

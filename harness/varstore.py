@@ -223,9 +223,15 @@ class VarstoreModel:
         lines.append(f"BootOrder: {order}")
         if self.boot_next is not None:
             lines.append(f"BootNext: {boot_name(self.boot_next)}")
-        lines.append("Boot entries:" if self.boot_entries else "Boot entries: (none)")
-        for n in sorted(self.boot_entries):
-            e = self.boot_entries[n]
+        numbers = {
+            n: v for v in self.variables.values() if (n := _boot_number(v.name, v.guid)) is not None
+        }
+        lines.append("Boot entries:" if numbers else "Boot entries: (none)")
+        for n in sorted(numbers):
+            e = self.boot_entries.get(n)
+            if e is None:
+                lines.append(f"  {boot_name(n)} undecodable ({len(numbers[n].data)} bytes)")
+                continue
             flag = "" if e.active else " (inactive)"
             lines.append(f'  {e.name}{flag} "{e.title}"')
             lines.append(f"      {e.device_path}")
@@ -400,9 +406,7 @@ def boot_order_diff(before: Sequence[int], after: Sequence[int]) -> list[str]:
     if kept_before != kept_after:
         out.append("reordered")
     fmt = ", ".join
-    out.append(
-        f"[{fmt(boot_name(n) for n in before)}] -> [{fmt(boot_name(n) for n in after)}]"
-    )
+    out.append(f"[{fmt(boot_name(n) for n in before)}] -> [{fmt(boot_name(n) for n in after)}]")
     return out
 
 
@@ -421,9 +425,7 @@ class VarstoreDiff:
         return bool(self.added or self.removed or self.changed)
 
     def added_boot_entries(self) -> list[int]:
-        return sorted(
-            n for v in self.added if (n := _boot_number(v.name, v.guid)) is not None
-        )
+        return sorted(n for v in self.added if (n := _boot_number(v.name, v.guid)) is not None)
 
     def __str__(self) -> str:
         lines = [f"--- {self.a}", f"+++ {self.b}"]
@@ -509,7 +511,9 @@ def compare_guest_view(
     if complete:
         for key, v in sorted(model.variables.items()):
             if key not in seen and v.non_volatile and v.attributes & RUNTIME_ACCESS:
-                out.append(f"{v.name} ({v.guid}): in {model.path} ({v.describe()}), not in the guest")
+                out.append(
+                    f"{v.name} ({v.guid}): in {model.path} ({v.describe()}), not in the guest"
+                )
     return out
 
 

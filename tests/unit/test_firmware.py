@@ -239,9 +239,7 @@ def test_absolute_symlink_is_rerooted_and_dotdot_stays_inside(prefix: Path) -> N
         (lambda d: d.update({"interface-types": []}), "'interface-types'"),
     ],
 )
-def test_malformed_descriptor_names_file_and_field(
-    prefix: Path, mutate: Any, field: str
-) -> None:
+def test_malformed_descriptor_names_file_and_field(prefix: Path, mutate: Any, field: str) -> None:
     data = _good_descriptor()
     mutate(data)
     path = _write(prefix, "10-bad.json", data)
@@ -357,7 +355,9 @@ def test_register_refuses_other_files(tmp_path: Path) -> None:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _PATHS = [
@@ -368,7 +368,9 @@ _PATHS = [
 ]  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(edits=st.lists(st.tuples(st.sampled_from(_PATHS), st.booleans(), _json), max_size=4))
 def test_fuzzed_descriptor_only_raises_catalog_error(
     prefix: Path, edits: list[tuple[tuple[str, ...], bool, Any]]
@@ -392,7 +394,9 @@ def test_fuzzed_descriptor_only_raises_catalog_error(
         assert "fuzz.json" in str(exc)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(doc=_json)
 def test_arbitrary_json_only_raises_catalog_error(prefix: Path, doc: Any) -> None:
     with pytest.raises(CatalogError, match="fuzz.json"):
