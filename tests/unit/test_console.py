@@ -1,0 +1,63 @@
+"""Console waits on a log file: matches, timeouts that say what was seen, hostile output."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.console import MAX_LINE, Console, clean
+from harness.errors import GuestTimeout, MachineError
+
+
+def test_wait_finds_text_written_later(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"booting\n")
+    c = Console(log)
+
+    def later() -> None:
+        time.sleep(0.2)
+        with log.open("ab") as fh:
+            fh.write(b'\x1b[0mHARNESS-READY {"boot_id": "x"}\r\n')
+
+    threading.Thread(target=later).start()
+    m = c.wait_for(r"HARNESS-READY (\{.*\})", timeout=5)
+    assert m.group(1) == '{"boot_id": "x"}'
+
+
+def test_timeout_names_what_and_last_output(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("kernel panic - not syncing\n")
+    with pytest.raises(GuestTimeout) as err:
+        Console(log).wait_for("READY", timeout=0.3, what="the ready line")
+    assert "the ready line" in str(err.value)
+    assert "kernel panic" in str(err.value)
+
+
+def test_dead_qemu_stops_the_wait_early(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("partial")
+    t0 = time.monotonic()
+    with pytest.raises(MachineError, match="QEMU exited"):
+        Console(log, alive=lambda: False).wait_for("READY", timeout=30)
+    assert time.monotonic() - t0 < 5
+
+
+def test_mark_skips_old_output(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("READY old\n")
+    c = Console(log)
+    c.mark()
+    with pytest.raises(GuestTimeout):
+        c.wait_for("READY", timeout=0.2)
+
+
+def test_garbage_and_huge_lines_are_handled(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"\xff\xfe\x00garbage" + b"A" * (MAX_LINE * 3) + b"\nend\n")
+    c = Console(log)
+    assert c.wait_for("end", timeout=1)
+    assert "\x00" not in c.read_log()
+    assert clean("a\x1b[31mred\x1b[0m\r\n") == "ared\n"
