@@ -16,7 +16,8 @@ that hides a lower-priority one) is skipped and the reason logged; a malformed o
 Debian also ships 2 MB images (``OVMF_CODE.fd`` + ``OVMF_VARS.fd``) in 2020.11 and 2022.11
 that no descriptor names any more; :meth:`FirmwareBuild.variant` exposes them as
 synthesized descriptors (tagged ``harness-synthesized``) so tests can build a flash-size
-mismatch on purpose.
+mismatch on purpose.  Likewise the combined ``usr/share/ovmf/OVMF.fd`` (loaded with
+``-bios``, variables in RAM) is ``select(mode="stateless")``.
 """
 
 from __future__ import annotations
@@ -363,6 +364,32 @@ def _synthesize_2m(descs: Iterable[FirmwareDescriptor]) -> tuple[FirmwareDescrip
     return tuple(out)
 
 
+def _synthesize_stateless(
+    prefix: Path, descs: Iterable[FirmwareDescriptor]
+) -> tuple[FirmwareDescriptor, ...]:
+    """Debian's combined image ``usr/share/ovmf/OVMF.fd`` (loaded with ``-bios``: no
+    persistent varstore, OVMF keeps variables in RAM), which no descriptor names."""
+    image = prefix / "usr/share/ovmf/OVMF.fd"
+    descs = tuple(descs)
+    if not image.is_file() or any(_same(d.executable, image) for d in descs):
+        return ()
+    base = next((d for d in descs if d.mode == "split" and not d.secure_boot), None)
+    if base is None:
+        return ()
+    return (
+        replace(
+            base,
+            description=f"combined image {image.name} as -bios: stateless, variables in RAM "
+            "(shipped by the package but named by no descriptor)",
+            device="memory",
+            mode="stateless",
+            executable=image,
+            nvram_template=None,
+            tags=(*base.tags, SYNTHESIZED_TAG),
+        ),
+    )
+
+
 # --- builds ----------------------------------------------------------------------------
 
 
@@ -384,7 +411,7 @@ class FirmwareBuild:
         return f"{self.package}-{self.version}-{self.arch}"
 
     def candidates(self) -> tuple[FirmwareDescriptor, ...]:
-        """The descriptors, then the synthesized 2 MB pairs, in selection order."""
+        """The descriptors, then the synthesized pairs (2 MB, stateless), in selection order."""
         return self.descriptors + self.extra
 
     def select(
@@ -402,7 +429,9 @@ class FirmwareBuild:
             f" flash_size={flash_size}" if flash_size is not None else ""
         )
         for d in self.candidates():
-            if d.device != "flash" or d.mode != mode or d.secure_boot != secure_boot:
+            if d.mode != mode or d.secure_boot != secure_boot:
+                continue
+            if d.device != "flash" and mode != "stateless":
                 continue
             if not d.supports(self.arch, machine):
                 continue
@@ -496,7 +525,7 @@ def load_build(
         debian_version=debian_version,
         descriptors=descs,
         source=source,
-        extra=_synthesize_2m(descs),
+        extra=_synthesize_2m(descs) + _synthesize_stateless(prefix, descs),
     )
 
 

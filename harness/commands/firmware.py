@@ -23,7 +23,7 @@ def _firmware(args: argparse.Namespace) -> int:
             sb = " secure-boot" if d.secure_boot else ""
             print(
                 f"  {what:38} {d.mode:9} {d.flash_size // (1024 * 1024)} MiB{sb}: "
-                f"{d.code.name} + {d.vars_template.name if d.nvram_template else '-'}"
+                f"{d.code.name} + {d.nvram_template.name if d.nvram_template else '-'}"
             )
     return 0
 

@@ -114,8 +114,8 @@ def test_secure_boot_selection(build: FirmwareBuild) -> None:
 def test_select_failing_case_names_what_was_offered(build: FirmwareBuild) -> None:
     with pytest.raises(FirmwareError, match="no firmware for.*machine=virt.*offered: 40-"):
         build.select(machine="virt")
-    with pytest.raises(FirmwareError, match="mode=stateless"):
-        build.select(mode="stateless")
+    with pytest.raises(FirmwareError, match="mode=combined"):
+        build.select(mode="combined")
 
 
 def test_machine_aliases_and_versions_match(build: FirmwareBuild) -> None:
@@ -142,11 +142,21 @@ def test_2m_variant_where_shipped(version: str) -> None:
 
 def test_2m_variant_absent_in_2025() -> None:
     b = get_firmware("2025.02")
-    assert not any(d.synthesized for d in b.candidates())
+    assert not any(d.synthesized and d.mode == "split" for d in b.candidates())
     with pytest.raises(FirmwareError, match="flash_size=2097152"):
         b.variant("2m")
     with pytest.raises(FirmwareError, match="unknown flash variant"):
         b.variant("8m")
+
+
+def test_stateless_is_the_combined_image(build: FirmwareBuild) -> None:
+    d = build.select(mode="stateless")
+    assert d.synthesized and d.device == "memory" and d.nvram_template is None
+    assert d.executable == build.prefix / "usr/share/ovmf/OVMF.fd"
+    assert d.flash_size == d.executable.stat().st_size
+    with pytest.raises(FirmwareError, match="no NVRAM template"):
+        _ = d.vars_template
+    assert all(d.mode == "split" for d in build.descriptors)
 
 
 def test_unknown_version_lists_available() -> None:
@@ -401,3 +411,13 @@ def test_fuzzed_descriptor_only_raises_catalog_error(
 def test_arbitrary_json_only_raises_catalog_error(prefix: Path, doc: Any) -> None:
     with pytest.raises(CatalogError, match="fuzz.json"):
         parse_descriptor(prefix / "usr/share/qemu/firmware/fuzz.json", prefix, doc)
+
+
+def test_cli_firmware_list_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness import cli
+
+    assert cli.main(["firmware", "list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [b["version"] for b in data] == VERSIONS
+    for b in data:
+        assert b["flash_size"] == 4 * MiB and b["code"].endswith("OVMF_CODE_4M.fd")
