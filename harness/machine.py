@@ -102,6 +102,7 @@ class Machine:
         self._ssh: SshClient | None = None
         self.ready: Ready | None = None
         self.history: list[dict[str, Any]] = []
+        self._ram_dir: Path | None = None
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class Machine:
             fwcfg.write_text(guest_config_text(self.spec))
         ram = None
         if self.spec.memory_backend == "file":
-            ram = self.workdir / "guest-ram"
+            ram = self.ram_dir() / "guest-ram"
         return Resolved(
             accel=self.accel,
             machine=machine or self.spec.machine,
@@ -167,6 +168,16 @@ class Machine:
             ssh_port=free_port() if self.spec.ssh else None,
             incoming=tuple(incoming),
         )
+
+    def ram_dir(self) -> Path:
+        """A private tmpfs directory for file-backed guest RAM (shared across CPR)."""
+        if self._ram_dir is None:
+            import tempfile
+
+            shm = Path("/dev/shm")
+            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
+            self._ram_dir = Path(tempfile.mkdtemp(prefix="hv-ram-", dir=base))
+        return self._ram_dir
 
     # -- processes --------------------------------------------------------------------
 
@@ -222,6 +233,7 @@ class Machine:
         if inc in self._others:
             self._others.remove(inc)
         self._current = inc
+        self.build = inc.process.build
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
@@ -318,6 +330,11 @@ class Machine:
                     inc.process.stop(timeout=timeout)
             except Exception:  # noqa: BLE001 - keep reaping the rest
                 log.exception("reaping %s failed", inc.process.name)
+        if self._ram_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._ram_dir, ignore_errors=True)
+            self._ram_dir = None
 
     def __enter__(self) -> Machine:
         return self

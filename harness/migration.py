@@ -1,0 +1,716 @@
+"""Every way a guest moves: live migration, save/restore, cpr-reboot, cpr-transfer,
+cpr-exec, and back-to-back cycles of any of them.
+
+Each operation takes a started :class:`~harness.machine.Machine`, starts the destination
+QEMU as a new process of the same guest (a fresh copy of the varstore template, as for an
+incoming domain: QEMU writes the migrated flash into it), drives both over QMP, and on
+success makes the destination the guest's process and reaps the source.  Every operation
+returns one :class:`MigrationResult`; with ``check=True`` (the default) a failure raises
+:class:`~harness.errors.MigrationError` carrying it.
+
+Nothing is lost: a failed live migration leaves the source running (checked and
+recorded); a save writes to a temporary name renamed only on success; a load never
+writes its state file; a failed destination is reaped.
+
+Modes and capabilities come from each build's probed QMP schema, never from versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.builds import QemuBuild
+from harness.errors import HarnessError, LaunchError, MachineError, MigrationError, UnsupportedError
+from harness.machine import Incarnation, Machine
+from harness.qemu_process import QmpError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = float(os.environ.get("HARNESS_MIGRATION_TIMEOUT", "300"))
+OPERATIONS = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "cpr-exec")
+
+
+@dataclass
+class MigrationResult:
+    """What one migration or live update did, measured."""
+
+    op: str
+    mode: str
+    status: str
+    source: str
+    destination: str
+    machine: str
+    wall_s: float = 0.0
+    total_time_ms: float | None = None
+    downtime_ms: float | None = None
+    setup_time_ms: float | None = None
+    pause_s: float | None = None
+    pause_uncertainty_s: float | None = None
+    transferred_bytes: int | None = None
+    state_file: str | None = None
+    state_file_size: int | None = None
+    error: str = ""
+    signature: str | None = None
+    signature_explanation: str | None = None
+    source_running: bool | None = None
+    cycle: int | None = None
+    problems: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed" and not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+    def fail(self, error: str, status: str = "failed") -> MigrationResult:
+        self.status = status
+        self.error = (self.error + "\n" + error).strip() if self.error else error
+        from harness import signatures
+
+        sig = signatures.classify(self.error)
+        if sig is not None:
+            self.signature = sig.name
+            self.signature_explanation = sig.explanation
+        return self
+
+    def summary(self) -> str:
+        if self.ok:
+            pause = f", guest pause {self.pause_s * 1000:.0f} ms" if self.pause_s is not None else ""
+            down = f", downtime {self.downtime_ms:.0f} ms" if self.downtime_ms is not None else ""
+            return f"{self.op} {self.source} -> {self.destination} ok in {self.wall_s:.2f} s{down}{pause}"
+        sig = f" [{self.signature}]" if self.signature else ""
+        why = "; ".join(self.problems) or self.error.strip().splitlines()[-1:] or [self.status]
+        return f"{self.op} {self.source} -> {self.destination} {self.status}{sig}: {why if isinstance(why, str) else why[0]}"
+
+
+def _check(result: MigrationResult, check: bool) -> MigrationResult:
+    if check and not result.ok:
+        raise MigrationError(result.summary(), result)
+    return result
+
+
+def _new_result(op: str, mode: str, vm: Machine, dest: QemuBuild | None, machine: str) -> MigrationResult:
+    return MigrationResult(
+        op=op, mode=mode, status="pending", source=vm.build.label,
+        destination=(dest or vm.build).label, machine=machine,
+    )  # fmt: skip
+
+
+def machine_type(vm: Machine) -> str:
+    """The versioned machine type the guest runs (``q35`` resolved through its build)."""
+    return vm.build.capabilities.resolve_machine(vm.current.resolved.machine)
+
+
+def _require_mode(build: QemuBuild, mode: str) -> None:
+    if not build.capabilities.has_mode(mode):
+        raise UnsupportedError(
+            f"migration mode {mode}", f"QEMU {build.label}",
+            f"its schema offers {', '.join(build.capabilities.migration_modes)}",
+        )
+
+
+def _caps(proc_caps: Sequence[str], build: QemuBuild) -> list[dict[str, Any]]:
+    for c in proc_caps:
+        if not build.capabilities.has_capability(c):
+            raise UnsupportedError(f"migration capability {c}", f"QEMU {build.label}")
+    return [{"capability": c, "state": True} for c in proc_caps]
+
+
+def _set_up(inc: Incarnation, caps: Sequence[str], params: dict[str, Any]) -> None:
+    build = inc.process.build
+    if caps:
+        inc.process.qmp("migrate-set-capabilities", capabilities=_caps(caps, build))
+    if params:
+        inc.process.qmp("migrate-set-parameters", **params)
+
+
+def _poll_source(inc: Incarnation, timeout: float, *, on_active: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Poll ``query-migrate`` until completed/failed/cancelled; cancel on timeout."""
+    deadline = time.monotonic() + timeout
+    fired = False
+    last: dict[str, Any] = {}
+    while True:
+        last = inc.process.qmp("query-migrate") or {}
+        status = last.get("status")
+        if status in ("completed", "failed", "cancelled"):
+            return last
+        if on_active is not None and not fired and status in ("active", "device"):
+            fired = True
+            on_active()
+        if not inc.process.running:
+            return {"status": "failed", "error-desc": "source QEMU exited during migration"}
+        if time.monotonic() > deadline:
+            try:
+                inc.process.qmp("migrate_cancel")
+            except HarnessError:
+                pass
+            return {**last, "status": "failed",
+                    "error-desc": f"migration did not complete within {timeout:.0f} s (last status {status})"}
+        time.sleep(0.02)
+
+
+def _wait_running(inc: Incarnation, timeout: float) -> str | None:
+    """Wait until the destination runs the guest; None, or what went wrong."""
+    deadline = time.monotonic() + timeout
+    status = "?"
+    while time.monotonic() < deadline:
+        if not inc.process.running:
+            return f"destination QEMU exited (code {inc.process.exitcode})"
+        try:
+            st = inc.process.qmp("query-status")
+        except HarnessError as exc:
+            if not inc.process.running:
+                return f"destination QEMU exited (code {inc.process.exitcode})"
+            return f"destination QMP failed: {exc}"
+        status = st.get("status", "?")
+        if status == "running":
+            return None
+        if status in ("paused", "postmigrate") and st.get("running") is False:
+            # loaded but not resumed (e.g. the source was paused): leave it to the caller
+            pass
+        if status in ("internal-error", "shutdown", "guest-panicked"):
+            return f"destination status {status}"
+        time.sleep(0.02)
+    return f"destination not running after {timeout:.0f} s (status {status})"
+
+
+def _fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
+    result.total_time_ms = info.get("total-time")
+    result.downtime_ms = info.get("downtime")
+    result.setup_time_ms = info.get("setup-time")
+    ram = info.get("ram") or {}
+    result.transferred_bytes = ram.get("transferred")
+
+
+def _source_running(inc: Incarnation) -> bool:
+    try:
+        return bool(inc.process.running and inc.process.qmp("query-status").get("running"))
+    except HarnessError:
+        return False
+
+
+def _dest_failure(vm: Machine, inc: Incarnation | None, result: MigrationResult, why: str) -> None:
+    text = why
+    if inc is not None:
+        out = inc.process.output() if not inc.process.running else ""
+        if inc.process.running:
+            vm.release(inc, hard=True)
+            out = inc.process.output()
+        else:
+            vm.release(inc, hard=True)
+        if out.strip():
+            text += "\ndestination output:\n" + out.strip()[-4000:]
+        result.extra["destination_log"] = str(inc.process.log_path)
+    result.fail(text)
+
+
+def _spawn_dest(vm: Machine, result: MigrationResult, **kw: Any) -> Incarnation | None:
+    try:
+        return vm.spawn(**kw)
+    except LaunchError as exc:
+        result.fail(f"destination QEMU failed to start: {exc.output.strip()[-4000:] or exc}")
+        return None
+
+
+# --- live migration ----------------------------------------------------------------------
+
+
+def live(
+    vm: Machine,
+    *,
+    to: QemuBuild | None = None,
+    transport: str = "unix",
+    multifd: bool = False,
+    postcopy: bool = False,
+    capabilities: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """Precopy live migration to a new QEMU (``to``, default the same build)."""
+    src = vm.current
+    dest_build = to or vm.build
+    mtype = machine_type(vm)
+    result = _new_result("live", "normal", vm, dest_build, mtype)
+    caps = list(capabilities) + (["multifd"] if multifd else []) + (["postcopy-ram"] if postcopy else [])
+    for b in {vm.build.label: vm.build, dest_build.label: dest_build}.values():
+        _caps(caps, b)  # UnsupportedError names the build and capability
+    if transport == "unix":
+        uri = f"unix:{vm.workdir / f'mig-{os.getpid()}-{time.monotonic_ns()}.sock'}"
+    elif transport == "tcp":
+        from harness.machine import free_port
+
+        uri = f"tcp:127.0.0.1:{free_port()}"
+    else:
+        raise UnsupportedError(f"transport {transport!r}", "live migration", "use unix or tcp")
+    t0 = time.monotonic()
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
+    if dest is None:
+        result.source_running = _source_running(src)
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    try:
+        _set_up(dest, caps, {})
+        dest.process.qmp("migrate-incoming", uri=uri)
+        _set_up(src, caps, {"mode": "normal"} if "mode" in vm.build.capabilities.migration_parameters else {})
+        src.process.qmp("migrate", uri=uri)
+        on_active = (lambda: src.process.qmp("migrate-start-postcopy")) if postcopy else None
+        info = _poll_source(src, timeout, on_active=on_active)
+    except HarnessError as exc:
+        info = {"status": "failed", "error-desc": str(exc)}
+    _fill_stats(result, info)
+    if info.get("status") != "completed":
+        result.source_running = _source_running(src)
+        _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {info.get('status')}"))
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    why = _wait_running(dest, 60)
+    result.wall_s = time.monotonic() - t0
+    if why:
+        result.source_running = _source_running(src)
+        _dest_failure(vm, dest, result, why)
+        return _check(result, check)
+    vm.adopt(dest)
+    result.status = "completed"
+    return _check(result, check)
+
+
+# --- save / restore ----------------------------------------------------------------------
+
+
+def _outgoing_uri(build: QemuBuild, path: Path) -> str:
+    if build.capabilities.file_uri:
+        return f"file:{path}"
+    return f"exec:cat > {shlex.quote(str(path))}"
+
+
+def _incoming_uri(build: QemuBuild, path: Path) -> str:
+    if build.capabilities.file_uri:
+        return f"file:{path}"
+    return f"exec:cat {shlex.quote(str(path))}"
+
+
+def save(
+    vm: Machine,
+    path: Path,
+    *,
+    mode: str = "normal",
+    capabilities: Sequence[str] = (),
+    resume: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """Save the guest's state to ``path`` (written under a temporary name, renamed on success).
+
+    The source is left paused (``postmigrate``) unless ``resume``; a previous file at
+    ``path`` survives a failed save untouched."""
+    src = vm.current
+    result = _new_result("save", mode, vm, None, machine_type(vm))
+    result.destination = str(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    t0 = time.monotonic()
+    try:
+        params = {"mode": mode} if "mode" in vm.build.capabilities.migration_parameters else {}
+        _set_up(src, capabilities, params)
+        src.process.qmp("migrate", uri=_outgoing_uri(vm.build, tmp))
+        info = _poll_source(src, timeout)
+    except HarnessError as exc:
+        info = {"status": "failed", "error-desc": str(exc)}
+    _fill_stats(result, info)
+    result.wall_s = time.monotonic() - t0
+    if info.get("status") != "completed":
+        tmp.unlink(missing_ok=True)
+        result.source_running = _source_running(src)
+        if not result.source_running and src.process.running:
+            try:  # a failed save must leave the source running
+                src.process.qmp("cont")
+                result.source_running = _source_running(src)
+            except HarnessError:
+                pass
+        return _check(result.fail(str(info.get("error-desc") or "save failed")), check)
+    os.replace(tmp, path)
+    result.state_file = str(path)
+    result.state_file_size = path.stat().st_size
+    result.status = "completed"
+    if resume:
+        src.process.qmp("cont")
+    return _check(result, check)
+
+
+def restore(
+    vm: Machine,
+    path: Path,
+    *,
+    to: QemuBuild | None = None,
+    mode: str = "normal",
+    capabilities: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """Load the guest's state from ``path`` into a new QEMU (the file is only read)."""
+    dest_build = to or vm.build
+    prev = vm._current
+    mtype = machine_type(vm) if prev is not None else vm.spec.machine
+    result = _new_result("restore", mode, vm, dest_build, mtype)
+    result.source = str(path)
+    result.state_file = str(path)
+    if not path.is_file():
+        return _check(result.fail(f"state file {path} does not exist"), check)
+    result.state_file_size = path.stat().st_size
+    t0 = time.monotonic()
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
+    if dest is None:
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    try:
+        params = {"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}
+        _set_up(dest, capabilities, params)
+        dest.process.qmp("migrate-incoming", uri=_incoming_uri(dest_build, path))
+        why = _wait_incoming(dest, timeout)
+    except HarnessError as exc:
+        why = str(exc)
+    result.wall_s = time.monotonic() - t0
+    if why:
+        _dest_failure(vm, dest, result, why)
+        return _check(result, check)
+    vm.adopt(dest)
+    result.status = "completed"
+    return _check(result, check)
+
+
+def _wait_incoming(dest: Incarnation, timeout: float) -> str | None:
+    """Wait for an incoming load to finish and the guest to run (resuming it if needed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not dest.process.running:
+            return f"destination QEMU exited (code {dest.process.exitcode})"
+        try:
+            st = dest.process.qmp("query-status")
+            mig = dest.process.qmp("query-migrate") or {}
+        except HarnessError as exc:
+            if not dest.process.running:
+                return f"destination QEMU exited (code {dest.process.exitcode})"
+            return str(exc)
+        if st.get("status") == "running":
+            return None
+        if mig.get("status") == "failed":
+            return str(mig.get("error-desc") or "incoming migration failed")
+        if st.get("status") in ("paused", "postmigrate", "prelaunch") and mig.get("status") == "completed":
+            dest.process.qmp("cont")
+        time.sleep(0.02)
+    return f"incoming load did not finish within {timeout:.0f} s"
+
+
+def save_restore(
+    vm: Machine,
+    path: Path | None = None,
+    *,
+    to: QemuBuild | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """Save to a file, quit, and restore into a new QEMU (``to``, default the same build)."""
+    path = path or vm.workdir / f"state-{time.monotonic_ns()}.bin"
+    t0 = time.monotonic()
+    saved = save(vm, path, timeout=timeout, check=False)
+    result = _new_result("save-restore", "normal", vm, to, saved.machine)
+    result.downtime_ms = saved.downtime_ms
+    result.total_time_ms = saved.total_time_ms
+    result.transferred_bytes = saved.transferred_bytes
+    result.state_file, result.state_file_size = saved.state_file, saved.state_file_size
+    if not saved.ok:
+        result.source_running = saved.source_running
+        result.error, result.signature = saved.error, saved.signature
+        result.signature_explanation = saved.signature_explanation
+        result.status = saved.status
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    vm.release(vm.current)  # the saved source is not needed any more
+    loaded = restore(vm, path, to=to, timeout=timeout, check=False)
+    result.wall_s = time.monotonic() - t0
+    if not loaded.ok:
+        result.error, result.signature = loaded.error, loaded.signature
+        result.signature_explanation = loaded.signature_explanation
+        result.status = loaded.status
+        return _check(result, check)
+    result.status = "completed"
+    return _check(result, check)
+
+
+# --- CPR -------------------------------------------------------------------------------
+
+
+def cpr_reboot(
+    vm: Machine,
+    *,
+    to: QemuBuild | None = None,
+    path: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """cpr-reboot: stop and save to a file, quit the old QEMU, load in a new one.
+
+    With file-backed shared RAM the ``x-ignore-shared`` capability saves RAM in place;
+    otherwise all RAM is copied to the state file."""
+    dest_build = to or vm.build
+    mode = "cpr-reboot"
+    mtype = machine_type(vm)
+    result = _new_result("cpr-reboot", mode, vm, dest_build, mtype)
+    for b in (vm.build, dest_build):
+        try:
+            _require_mode(b, mode)
+        except UnsupportedError as exc:
+            return _check(result.fail(str(exc), status="unsupported"), check)
+    caps = ["x-ignore-shared"] if vm.spec.memory_backend == "file" else []
+    path = path or vm.workdir / "cpr-reboot.state"
+    src = vm.current
+    tmp = path.with_name(f".{path.name}.partial")
+    t0 = time.monotonic()
+    try:
+        _set_up(src, caps, {"mode": mode})
+        src.process.qmp("migrate", uri=_outgoing_uri(vm.build, tmp))
+        info = _poll_source(src, timeout)
+    except HarnessError as exc:
+        info = {"status": "failed", "error-desc": str(exc)}
+    _fill_stats(result, info)
+    if info.get("status") != "completed":
+        tmp.unlink(missing_ok=True)
+        result.source_running = _source_running(src)
+        result.wall_s = time.monotonic() - t0
+        return _check(result.fail(str(info.get("error-desc") or "cpr-reboot save failed")), check)
+    os.replace(tmp, path)
+    result.state_file, result.state_file_size = str(path), path.stat().st_size
+    vm.release(src)  # the old QEMU quits; RAM stays in the shared file
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
+    if dest is None:
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    try:
+        _set_up(dest, caps, {"mode": mode})
+        dest.process.qmp("migrate-incoming", uri=_incoming_uri(dest_build, path))
+        why = _wait_incoming(dest, timeout)
+    except HarnessError as exc:
+        why = str(exc)
+    result.wall_s = time.monotonic() - t0
+    if why:
+        _dest_failure(vm, dest, result, why)
+        return _check(result, check)
+    vm.adopt(dest)
+    result.status = "completed"
+    return _check(result, check)
+
+
+def cpr_transfer(
+    vm: Machine,
+    *,
+    to: QemuBuild | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> MigrationResult:
+    """cpr-transfer: a new QEMU beside the old one receives RAM through the CPR channel
+    (file descriptors over a unix socket) and the rest over the main channel."""
+    dest_build = to or vm.build
+    mode = "cpr-transfer"
+    mtype = machine_type(vm)
+    result = _new_result("cpr-transfer", mode, vm, dest_build, mtype)
+    for b in (vm.build, dest_build):
+        try:
+            _require_mode(b, mode)
+        except UnsupportedError as exc:
+            return _check(result.fail(str(exc), status="unsupported"), check)
+    if vm.spec.memory_backend == "plain" or not vm.spec.aux_ram_share:
+        return _check(result.fail(
+            "cpr-transfer needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
+            "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
+    src = vm.current
+    stamp = time.monotonic_ns() % 10**9
+    main_sock = vm.workdir / f"cprm-{stamp}.sock"
+    cpr_sock = vm.workdir / f"cprc-{stamp}.sock"
+    cpr_channel = json.dumps({"channel-type": "cpr",
+                              "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
+    t0 = time.monotonic()
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype,
+                       incoming=[f"unix:{main_sock}", cpr_channel], defer_qmp=True)  # fmt: skip
+    if dest is None:
+        result.source_running = _source_running(src)
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    deadline = time.monotonic() + 60
+    while not cpr_sock.exists():
+        if not dest.process.running or time.monotonic() > deadline:
+            result.source_running = _source_running(src)
+            _dest_failure(vm, dest, result, "destination never opened its CPR channel")
+            result.wall_s = time.monotonic() - t0
+            return _check(result, check)
+        time.sleep(0.01)
+    try:
+        _set_up(src, [], {"mode": mode})
+        src.process.qmp("migrate", channels=[
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_sock)}},
+            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}},
+        ])  # fmt: skip
+        info = _poll_source(src, timeout)
+    except HarnessError as exc:
+        info = {"status": "failed", "error-desc": str(exc)}
+    _fill_stats(result, info)
+    if info.get("status") != "completed":
+        result.source_running = _source_running(src)
+        _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"))
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+    try:
+        dest.process.connect_qmp()
+        why = _wait_running(dest, 60)
+    except (HarnessError, OSError, EOFError) as exc:
+        why = f"destination QMP did not come up: {exc}"
+    result.wall_s = time.monotonic() - t0
+    if why:
+        result.source_running = _source_running(src)
+        _dest_failure(vm, dest, result, why)
+        return _check(result, check)
+    vm.adopt(dest)
+    result.status = "completed"
+    return _check(result, check)
+
+
+def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAULT_TIMEOUT,
+             check: bool = True) -> MigrationResult:
+    """cpr-exec: QEMU re-executes itself in place, keeping RAM.  No build this harness can
+    provision offers it (QEMU 10.0 has no cpr-exec mode); where the schema lacks it, the
+    result is ``unsupported`` naming the missing mode."""
+    dest_build = to or vm.build
+    result = _new_result("cpr-exec", "cpr-exec", vm, dest_build, machine_type(vm))
+    for b in (vm.build, dest_build):
+        try:
+            _require_mode(b, "cpr-exec")
+        except UnsupportedError as exc:
+            return _check(result.fail(str(exc), status="unsupported"), check)
+    return _check(result.fail(
+        f"QEMU {vm.build.label} offers cpr-exec, but this harness has no driver for it yet: no "
+        "provisionable build had it to develop against", status="unsupported"), check)  # fmt: skip
+
+
+# --- dispatch and back-to-back ------------------------------------------------------------
+
+Operation = Callable[..., MigrationResult]
+
+
+def operation(name: str) -> Operation:
+    """The operation for a scenario name (live, save-restore, cpr-reboot, cpr-transfer, cpr-exec)."""
+    ops: dict[str, Operation] = {
+        "live": live, "save-restore": save_restore, "cpr-reboot": cpr_reboot,
+        "cpr-transfer": cpr_transfer, "cpr-exec": cpr_exec,
+    }  # fmt: skip
+    if name not in ops:
+        from harness.errors import ConfigError
+
+        raise ConfigError(f"unknown migration operation {name!r}; known: {', '.join(ops)}")
+    return ops[name]
+
+
+def spec_fields_for(op: str) -> dict[str, Any]:
+    """Spec fields a guest needs for ``op`` (shared RAM for the CPR modes)."""
+    if op == "cpr-reboot":
+        return {"memory_backend": "file"}
+    if op in ("cpr-transfer", "cpr-exec"):
+        return {"memory_backend": "memfd", "aux_ram_share": True}
+    return {}
+
+
+CYCLE_VAR = "HarnessCycle"
+
+
+def back_to_back(
+    vm: Machine,
+    op: str,
+    cycles: int,
+    *,
+    builds: Sequence[QemuBuild] = (),
+    until_fail: bool = False,
+    check_guest: bool = True,
+    max_pause: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_cycle: Callable[[MigrationResult], None] | None = None,
+) -> list[MigrationResult]:
+    """``cycles`` consecutive updates of one guest (``until_fail``: stop at the first failure;
+    otherwise also stop there, since the guest is gone).  ``builds`` alternates the
+    destination build per cycle (10.0 -> 7.2 -> 10.0 ...).  After every cycle the guest is
+    checked: same boot, heartbeat advanced, memory checksum intact, and an EFI variable
+    rewritten before the cycle reads back in the guest and in the host-side varstore."""
+    from harness import state
+
+    fn = operation(op)
+    results: list[MigrationResult] = []
+    for i in range(1, cycles + 1):
+        dest = builds[(i - 1) % len(builds)] if builds else None
+        before = None
+        value = f"cycle-{i}-{time.time_ns()}".encode()
+        if check_guest:
+            has_vars = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
+            if has_vars:
+                state.write_efivar(vm, CYCLE_VAR, value)
+            before = state.snapshot(vm)
+        res = fn(vm, to=dest, timeout=timeout, check=False)
+        res.cycle = i
+        if res.ok and check_guest and before is not None:
+            try:
+                after = state.snapshot(vm)
+                res.pause_s = round(state.guest_pause(before, after), 4)
+                res.pause_uncertainty_s = round(state.pause_uncertainty(before, after), 4)
+                res.problems += state.survival_problems(before, after, max_pause)
+                if vm.spec.firmware is not None and vm.spec.firmware_mode == "split":
+                    got = state.read_efivar(vm, CYCLE_VAR)
+                    if got != value:
+                        res.problems.append(
+                            f"EFI variable {CYCLE_VAR} in the guest: expected {value.decode()}, "
+                            f"found {got.decode(errors='replace') if got else 'nothing'}"
+                        )
+                    res.problems += _host_varstore_problems(vm, value)
+            except HarnessError as exc:
+                res.problems.append(f"guest check failed: {exc}")
+        results.append(res)
+        if on_cycle is not None:
+            on_cycle(res)
+        if not res.ok:
+            break
+    if not until_fail and results and not results[-1].ok:
+        log.info("back-to-back %s stopped at cycle %d: %s", op, results[-1].cycle, results[-1].summary())
+    return results
+
+
+def _host_varstore_problems(vm: Machine, value: bytes) -> list[str]:
+    """The cycle variable must also be in the host-side varstore file QEMU writes."""
+    from harness import state, varstore
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            model = varstore.read_varstore(vm.varstore_path)
+        except HarnessError as exc:
+            return [f"host varstore unreadable: {exc}"]
+        var = model.variables.get((CYCLE_VAR, state.HARNESS_GUID))
+        if var is not None and var.data == value:
+            return []
+        if time.monotonic() > deadline:
+            found = "nothing" if var is None else var.data.decode(errors="replace")
+            return [f"host varstore {vm.varstore_path}: {CYCLE_VAR} expected {value.decode()}, found {found}"]
+        time.sleep(0.2)
+
+
+def source_still_running(vm: Machine) -> bool:
+    """True when the guest's current QEMU is running the guest (after a failed migration)."""
+    try:
+        return bool(vm.running and vm.qmp("query-status").get("running"))
+    except (HarnessError, MachineError, QmpError):
+        return False
