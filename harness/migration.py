@@ -186,6 +186,17 @@ def _wait_running(inc: Incarnation, timeout: float) -> str | None:
     return f"destination not running after {timeout:.0f} s (status {status})"
 
 
+def _incomplete_load(inc: Incarnation, result: MigrationResult) -> None:
+    """A load QEMU called good can still have stopped early ("Expected vmdescription
+    section, but got 0"): classify the destination's output and record it as a problem."""
+    from harness import signatures
+
+    sig = signatures.classify(inc.process.output())
+    if sig is not None and sig.name == "state-incomplete":
+        result.problems.append(f"destination loaded an incomplete state: {sig.evidence(inc.process.output())}")
+        result.signature, result.signature_explanation = sig.name, sig.explanation
+
+
 def _fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
     result.total_time_ms = info.get("total-time")
     result.downtime_ms = info.get("downtime")
@@ -283,6 +294,7 @@ def live(
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
+    _incomplete_load(dest, result)
     return _check(result, check)
 
 
@@ -386,6 +398,7 @@ def restore(
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
+    _incomplete_load(dest, result)
     return _check(result, check)
 
 
@@ -508,6 +521,7 @@ def cpr_reboot(
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
+    _incomplete_load(dest, result)
     return _check(result, check)
 
 
@@ -581,6 +595,7 @@ def cpr_transfer(
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
+    _incomplete_load(dest, result)
     return _check(result, check)
 
 

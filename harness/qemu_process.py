@@ -90,6 +90,12 @@ class _Machine(QEMUMachine):  # type: ignore[misc]
             return
         super()._post_launch()
 
+    def _load_io_log(self) -> None:
+        # a corrupt migration stream can make QEMU print non-UTF-8 bytes: never crash on them
+        if self._qemu_log_path is not None:
+            with open(self._qemu_log_path, encoding="utf-8", errors="backslashreplace") as fh:
+                self._iolog = fh.read()
+
     def connect_deferred(self) -> None:
         self._defer_qmp = False
         if self._qmp_connection:

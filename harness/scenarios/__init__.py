@@ -1,0 +1,100 @@
+"""The regression scenarios as library functions.
+
+A scenario is a function ``(ScenarioOptions) -> ScenarioReport`` registered under a name
+with :func:`scenario`.  The CLI's ``harness repro NAME``, the nightly matrix, the pytest
+tests and the avocado wrappers all call the same functions.  Each module in this package
+registers its scenarios on import; :func:`get` imports them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+
+
+@dataclass
+class ScenarioOptions:
+    """What the user asked for (``harness repro`` options)."""
+
+    qemu: list[str] = field(default_factory=list)
+    ovmf: list[str] = field(default_factory=list)
+    cycles: int = 1
+    until_fail: bool = False
+    mode: str | None = None
+    workdir: Path | None = None
+    artifacts: Path | None = None
+    on_record: Callable[[dict[str, Any]], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScenarioReport:
+    """What a scenario run found: one record per cycle or hop, and whether all passed."""
+
+    scenario: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    duration_s: float = 0.0
+    artifacts: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.records) and all(r.get("ok") or r.get("expected_failure") for r in self.records)
+
+    def add(self, record: dict[str, Any], opts: ScenarioOptions | None = None) -> None:
+        self.records.append(record)
+        if opts is not None and opts.on_record is not None:
+            opts.on_record(record)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "ok": self.ok,
+            "started": self.started,
+            "duration_s": round(self.duration_s, 3),
+            "records": self.records,
+            "notes": self.notes,
+            "artifacts": self.artifacts,
+        }
+
+
+ScenarioFn = Callable[[ScenarioOptions], ScenarioReport]
+_REGISTRY: dict[str, ScenarioFn] = {}
+_HELP: dict[str, str] = {}
+
+
+def scenario(name: str, help: str = "") -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register a scenario function under ``name``."""
+
+    def wrap(fn: ScenarioFn) -> ScenarioFn:
+        _REGISTRY[name] = fn
+        _HELP[name] = help or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return wrap
+
+
+def _load() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> dict[str, str]:
+    """Every scenario name with its one-line help."""
+    _load()
+    return dict(sorted(_HELP.items()))
+
+
+def get(name: str) -> ScenarioFn:
+    _load()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown scenario {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]

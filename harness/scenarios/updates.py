@@ -1,0 +1,98 @@
+"""Back-to-back live updates and migrations of one guest: live, save-restore, cpr-reboot,
+cpr-transfer, cpr-exec (the seed bug: a second consecutive update from one QEMU failing
+with ``check_section_footer: Read section footer failed: -5``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from harness import builds, migration
+from harness.errors import HarnessError, UnsupportedError
+from harness.factory import MachineFactory
+from harness.scenarios import ScenarioOptions, ScenarioReport, scenario
+from harness.spec import VmSpec
+
+log = logging.getLogger(__name__)
+UNTIL_FAIL_CAP = 1000
+
+
+def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
+    """Boot one UEFI guest on the first ``--qemu`` build and update it ``cycles`` times,
+    alternating destination builds over all ``--qemu`` values (10.0 -> 10.0 ... by default)."""
+    report = ScenarioReport(op)
+    t0 = time.monotonic()
+    versions = opts.qemu or ["10.0.2"]
+    qbuilds = [builds.get_build(v) for v in versions]
+    cycles = opts.cycles if not opts.until_fail or opts.cycles > 1 else UNTIL_FAIL_CAP
+    spec = VmSpec(qemu=qbuilds[0].label, firmware=(opts.ovmf or ["2022.11"])[0],
+                  name=op.replace("-", ""), **migration.spec_fields_for(op))  # fmt: skip
+    # a pinned versioned machine type, so every destination build creates the same machine
+    caps = [b.capabilities for b in qbuilds]
+    common = caps[0]
+    machine = caps[0].resolve_machine("q35")
+    for other in caps[1:]:
+        machine = builds.newest_common_machine(common, other)
+    spec = spec.replace(machine=machine)
+    dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
+    failed = False
+    with MachineFactory(spec, base=opts.workdir) as factory:
+        try:
+            vm = factory()
+            report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}")
+
+            def record(res: migration.MigrationResult) -> None:
+                data: dict[str, Any] = res.to_json()
+                report.add(data, opts)
+
+            results = migration.back_to_back(vm, op, cycles, builds=dests, on_cycle=record,
+                                              until_fail=opts.until_fail)  # fmt: skip
+            failed = any(not r.ok for r in results)
+        except UnsupportedError as exc:
+            report.add({"op": op, "status": "unsupported", "ok": False, "error": str(exc),
+                        "capability": exc.capability}, opts)  # fmt: skip
+            failed = True
+        except HarnessError as exc:
+            report.add({"op": op, "status": "error", "ok": False, "error": str(exc)}, opts)
+            failed = True
+        finally:
+            if failed and opts.artifacts is not None:
+                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+    report.duration_s = time.monotonic() - t0
+    return report
+
+
+@scenario("live", "back-to-back live migrations (unix socket precopy)")
+def live(opts: ScenarioOptions) -> ScenarioReport:
+    return run_updates("live", opts)
+
+
+@scenario("save-restore", "back-to-back save to a state file and restore into a new QEMU")
+def save_restore(opts: ScenarioOptions) -> ScenarioReport:
+    return run_updates("save-restore", opts)
+
+
+@scenario("cpr-reboot", "back-to-back cpr-reboot live updates (shared file RAM, x-ignore-shared)")
+def cpr_reboot(opts: ScenarioOptions) -> ScenarioReport:
+    return run_updates("cpr-reboot", opts)
+
+
+@scenario("cpr-transfer", "back-to-back cpr-transfer live updates (memfd RAM over the cpr channel)")
+def cpr_transfer(opts: ScenarioOptions) -> ScenarioReport:
+    return run_updates("cpr-transfer", opts)
+
+
+@scenario("cpr-exec", "back-to-back cpr-exec live updates (where a build's schema offers it)")
+def cpr_exec(opts: ScenarioOptions) -> ScenarioReport:
+    report = ScenarioReport("cpr-exec")
+    for v in opts.qemu or ["10.0.2"]:
+        b = builds.get_build(v)
+        if not b.capabilities.has_mode("cpr-exec"):
+            report.add({"op": "cpr-exec", "status": "unsupported", "ok": False,
+                        "source": b.label, "destination": b.label,
+                        "error": f"QEMU {b.label} lacks migration mode cpr-exec (its schema offers "
+                                 f"{', '.join(b.capabilities.migration_modes)})"}, opts)  # fmt: skip
+    if report.records:
+        return report
+    return run_updates("cpr-exec", opts)
