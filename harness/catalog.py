@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness.errors import CatalogError, UnknownVersionError
 from harness.paths import DATA_DIR, FIRMWARE_DIR
@@ -154,7 +154,10 @@ class Catalog:
         return out
 
 
-def _pick(kind: str, wanted: str, entries: list[Any], version_of: Any) -> Any:
+_E = TypeVar("_E")
+
+
+def _pick(kind: str, wanted: str, entries: list[_E], version_of: Callable[[_E], str]) -> _E:
     exact = [e for e in entries if version_of(e) == wanted]
     if exact:
         return exact[0]

@@ -9,6 +9,7 @@ longer than :data:`MAX_LINE` are cut.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -128,10 +129,8 @@ class Console:
 
     def close(self) -> None:
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._sock.close()
             self._sock = None
         if self._drain is not None:

@@ -17,6 +17,7 @@ Modes and capabilities come from each build's probed QMP schema, never from vers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,10 +153,8 @@ def _poll_source(inc: Incarnation, timeout: float, *, on_active: Callable[[], No
         if not inc.process.running:
             return {"status": "failed", "error-desc": "source QEMU exited during migration"}
         if time.monotonic() > deadline:
-            try:
+            with contextlib.suppress(HarnessError):
                 inc.process.qmp("migrate_cancel")
-            except HarnessError:
-                pass
             return {**last, "status": "failed",
                     "error-desc": f"migration did not complete within {timeout:.0f} s (last status {status})"}
         time.sleep(0.02)

@@ -16,6 +16,7 @@ harness needs on top:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -59,7 +60,7 @@ class QmpError(MachineError):
         super().__init__(f"QMP {command} failed: {self.error_class}: {self.desc}")
 
 
-class _Machine(QEMUMachine):  # type: ignore[misc]
+class _Machine(QEMUMachine):
     """QEMUMachine with our process setup and optionally deferred QMP."""
 
     def __init__(self, *args: Any, env: dict[str, str], defer_qmp: bool, **kw: Any) -> None:
@@ -103,7 +104,7 @@ class _Machine(QEMUMachine):  # type: ignore[misc]
 
     @property
     def log_path(self) -> str | None:
-        return self._qemu_log_path  # type: ignore[no-any-return]
+        return self._qemu_log_path
 
 
 class QemuProcess:
@@ -227,10 +228,8 @@ class QemuProcess:
     def _kill_now(self) -> None:
         popen = self._vm._popen
         if popen is not None and popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             try:
                 popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -273,7 +272,7 @@ class QemuProcess:
     @property
     def exitcode(self) -> int | None:
         if self._launched:
-            return self._vm.exitcode()  # type: ignore[no-any-return]
+            return self._vm.exitcode()
         return self._exitcode
 
     @property
@@ -313,7 +312,7 @@ class QemuProcess:
         self._transcript(cmd, args, resp, t0)
         return resp
 
-    def events(self, wait: float | bool = False) -> list[dict[str, Any]]:
+    def events(self, wait: bool = False) -> list[dict[str, Any]]:
         """QMP events received so far (and clear them)."""
         return list(self._vm.get_qmp_events(wait=wait))
 
@@ -322,7 +321,7 @@ class QemuProcess:
         ev = self._vm.event_wait(name, timeout=timeout)
         if ev is None:
             raise GuestTimeout(f"QMP event {name} from {self.name}", timeout)
-        return ev  # type: ignore[no-any-return]
+        return ev
 
     def _transcript(self, cmd: str, args: dict[str, Any], resp: Any, t0: float) -> None:
         try:

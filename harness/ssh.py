@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +197,7 @@ class SshClient:
                     raise MachineError(f"{self.name}: {command!r} printed more than {MAX_OUTPUT} bytes")
                 time.sleep(0.005)
             rc = chan.recv_exit_status()
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise GuestTimeout(f"command {command!r} in {self.name}", timeout) from exc
         finally:
             chan.close()

@@ -1,0 +1,73 @@
+"""``harness boot``: boot a guest and run a command in it, like a user trying a build."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from typing import Any
+
+from harness.cli import command, emit_json, register_parser
+
+
+@register_parser
+def _parser(sub: Any) -> None:
+    p = sub.add_parser("boot", help="boot a guest and run a command in it over SSH")
+    p.add_argument("--qemu", default="10.0.2", metavar="VERSION", help="QEMU build (default 10.0.2)")
+    p.add_argument("--ovmf", default="2022.11", metavar="VERSION",
+                   help="OVMF build, or 'none' for SeaBIOS with a direct kernel boot")
+    p.add_argument("--image", default="minimal", help="guest image (default minimal)")
+    p.add_argument("--arch", default="x86_64", help="guest architecture")
+    p.add_argument("--machine", default=None, help="machine type (e.g. pc-q35-7.2)")
+    p.add_argument("--memory", type=int, default=None, metavar="MIB")
+    p.add_argument("--boot", choices=["uefi", "direct"], default=None)
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    p.add_argument("--json", action="store_true", help="print {ready_s, boot_id, accel, qemu, ovmf, output}")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND to run in the guest")
+
+
+@command("boot")
+def _boot(args: argparse.Namespace) -> int:
+    from harness.factory import MachineFactory
+    from harness.spec import VmSpec
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    fields: dict[str, Any] = {"qemu": args.qemu, "image": args.image, "arch": args.arch,
+                              "accel": args.accel}  # fmt: skip
+    if args.ovmf.lower() == "none":
+        fields.update(firmware=None, boot="direct")
+    else:
+        fields["firmware"] = args.ovmf
+    if args.boot:
+        fields["boot"] = args.boot
+    if args.machine:
+        fields["machine"] = args.machine
+    if args.memory:
+        fields["memory_mb"] = args.memory
+    t0 = time.monotonic()
+    with MachineFactory(VmSpec(**fields)) as factory:
+        vm = factory()
+        ready = time.monotonic() - t0
+        res = vm.ssh.run(shlex.join(cmd), timeout=600) if cmd else None
+        out = {
+            "ready_s": round(ready, 3),
+            "boot_id": vm.ready.boot_id if vm.ready else None,
+            "accel": vm.accel,
+            "qemu": vm.build.capabilities.version,
+            "ovmf": None if args.ovmf.lower() == "none" else args.ovmf,
+            "image": args.image,
+            "arch": args.arch,
+            "output": res.stdout if res else "",
+            "stderr": res.stderr if res else "",
+            "rc": res.rc if res else 0,
+        }
+    if args.json:
+        emit_json(out)
+    else:
+        sys.stdout.write(str(out["output"]))
+        sys.stderr.write(str(out["stderr"]))
+        print(f"booted QEMU {out['qemu']} ({out['accel']}) to SSH in {ready:.1f} s", file=sys.stderr)
+    return int(out["rc"])
