@@ -103,6 +103,7 @@ class Machine:
         self.ready: Ready | None = None
         self.history: list[dict[str, Any]] = []
         self._ram_dir: Path | None = None
+        self._last_varstore: Path | None = varstore
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -234,6 +235,8 @@ class Machine:
             self._others.remove(inc)
         self._current = inc
         self.build = inc.process.build
+        if inc.varstore is not None:
+            self._last_varstore = inc.varstore
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
@@ -351,8 +354,8 @@ class Machine:
 
     @property
     def varstore_path(self) -> Path:
-        """The varstore file of the process running the guest."""
-        v = self.current.varstore if self._current else self._varstore_arg
+        """The varstore file of the process running the guest (or that last ran it)."""
+        v = self.current.varstore if self._current else self._last_varstore
         if v is None:
             raise VarstoreError(self.workdir, "this guest has no persistent varstore")
         return v
