@@ -106,17 +106,25 @@ def pause_uncertainty(before: GuestState | ClockSample, after: GuestState | Cloc
 
 
 def survival_problems(before: GuestState, after: GuestState, max_pause: float | None = None) -> list[str]:
-    """Everything that did not survive, in words (empty when all did)."""
+    """Everything that did not survive, in words, each saying by how much (empty when all did)."""
     problems: list[str] = []
+    host_dt = after.clock.host - before.clock.host
     if after.boot_id != before.boot_id:
-        problems.append(f"guest rebooted: boot id {before.boot_id} -> {after.boot_id}")
+        problems.append(
+            f"guest rebooted: boot id {before.boot_id} -> {after.boot_id} "
+            f"(uptime {before.uptime:.2f} s -> {after.uptime:.2f} s, {host_dt:.2f} s of host time later)"
+        )
     else:
         if after.uptime < before.uptime:
-            problems.append(f"guest uptime went backwards: {before.uptime:.2f} s -> {after.uptime:.2f} s")
+            problems.append(
+                f"guest uptime went backwards by {before.uptime - after.uptime:.2f} s: "
+                f"{before.uptime:.2f} s -> {after.uptime:.2f} s"
+            )
         if after.heartbeat <= before.heartbeat:
             problems.append(
                 f"heartbeat did not advance: {before.heartbeat} -> {after.heartbeat} "
-                f"(guest time passed: {after.uptime - before.uptime:.2f} s)"
+                f"({after.heartbeat - before.heartbeat:+d} ticks while guest time advanced "
+                f"{after.uptime - before.uptime:.2f} s and host time {host_dt:.2f} s)"
             )
     if before.mem_checksum is not None or after.mem_checksum is not None:
         if after.mem_checksum != before.mem_checksum:
@@ -127,14 +135,18 @@ def survival_problems(before: GuestState, after: GuestState, max_pause: float | 
             )
     for path, digest in before.files.items():
         now = after.files.get(path)
-        if now != digest:
-            problems.append(f"file {path} changed: sha256 {digest[:16]} -> {str(now)[:16]}")
+        if now is None:
+            problems.append(f"file {path} is gone (was sha256 {digest[:16]})")
+        elif now != digest:
+            problems.append(f"file {path} changed: sha256 {digest[:16]} -> {now[:16]}")
+    for path in sorted(set(after.files) - set(before.files)):
+        problems.append(f"file {path} was not in the first snapshot; nothing to compare")
     if max_pause is not None:
         pause = guest_pause(before, after)
         if pause > max_pause:
             problems.append(
-                f"guest paused {pause:.3f} s, more than the allowed {max_pause:.3f} s "
-                f"(+/- {pause_uncertainty(before, after):.3f} s)"
+                f"guest paused {pause:.3f} s, {pause - max_pause:.3f} s more than the allowed "
+                f"{max_pause:.3f} s (+/- {pause_uncertainty(before, after):.3f} s)"
             )
     return problems
 
@@ -163,10 +175,106 @@ def read_efivar(vm: Machine, name: str, guid: str = HARNESS_GUID) -> bytes | Non
     return bytes.fromhex(str(res.json()["data"]))
 
 
+def efivar_problem(name: str, guid: str, expected: bytes, got: bytes | None, where: str) -> str | None:
+    """A variable's value compared, in words (None when it is as expected)."""
+    if got == expected:
+        return None
+    if got is None:
+        return f"EFI variable {name}-{guid}: expected {_show(expected)} in {where}, found nothing"
+    return (f"EFI variable {name}-{guid} in {where}: expected {_show(expected)}, found {_show(got)} "
+            f"({_bytes_differ(expected, got)})")  # fmt: skip
+
+
+def _show(data: bytes) -> str:
+    text = data.decode("ascii", "replace")
+    if data and all(32 <= b < 127 for b in data) and len(data) <= 64:
+        return repr(text)
+    return f"{len(data)} bytes {data[:24].hex()}{'...' if len(data) > 24 else ''}"
+
+
+def _bytes_differ(a: bytes, b: bytes) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} -> {len(b)} bytes"
+    first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+    count = sum(1 for x, y in zip(a, b, strict=True) if x != y)
+    return f"{count} of {len(a)} bytes differ, first at offset {first}"
+
+
 def assert_efivar(vm: Machine, name: str, expected: bytes, guid: str = HARNESS_GUID) -> None:
-    got = read_efivar(vm, name, guid)
-    if got != expected:
-        raise StateError(
-            f"EFI variable {name}-{guid}: expected {expected.hex()} in the guest, "
-            f"found {'nothing' if got is None else got.hex()}"
-        )
+    """Fail unless the guest reads ``expected`` from variable ``name``."""
+    problem = efivar_problem(name, guid, expected, read_efivar(vm, name, guid), "the guest")
+    if problem is not None:
+        if vm.spec.firmware_mode == "stateless":
+            problem += (" (this guest runs stateless firmware: variables live in guest RAM "
+                        "only and are lost when QEMU restarts)")  # fmt: skip
+        raise StateError(problem)
+
+
+# --- the guest's whole efivarfs view ---------------------------------------------------------
+
+# One line per variable: NAME-GUID, a tab, the file's bytes in hex (attributes first).
+_DUMP_VARS = (
+    "cd /sys/firmware/efi/efivars || exit 3; for f in *; do [ -e \"$f\" ] || continue; "
+    "printf '%s\\t' \"$f\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; done"
+)
+_GUID_TAIL = 36
+
+
+def parse_efivar_dump(text: str) -> dict[tuple[str, str], tuple[int, bytes]]:
+    """Parse the dump of efivarfs: (name, guid) -> (attributes, data)."""
+    out: dict[tuple[str, str], tuple[int, bytes]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fname, sep, hexdata = line.rpartition("\t")
+        if not sep or len(fname) < _GUID_TAIL + 2 or fname[-_GUID_TAIL - 1] != "-":
+            raise StateError(f"efivarfs dump line malformed: {line[:120]!r}")
+        name, guid = fname[: -_GUID_TAIL - 1], fname[-_GUID_TAIL:].lower()
+        try:
+            raw = bytes.fromhex(hexdata.strip())
+        except ValueError as exc:
+            raise StateError(f"efivarfs dump of {fname}: not hex: {hexdata[:60]!r}") from exc
+        if len(raw) < 4:
+            # efivarfs files always start with 4 bytes of attributes; a shorter read is a
+            # variable removed while listing.
+            continue
+        out[(name, guid)] = (int.from_bytes(raw[:4], "little"), raw[4:])
+    return out
+
+
+def guest_variables(vm: Machine) -> dict[tuple[str, str], tuple[int, bytes]]:
+    """Every EFI variable the guest can see: (name, guid) -> (attributes, data); one SSH
+    round trip.  The shape :func:`harness.varstore.compare_guest_view` takes."""
+    res = vm.ssh.run(_DUMP_VARS, timeout=120)
+    if res.rc == 3:
+        raise StateError(f"{vm.spec.name}: no efivarfs in the guest (not booted through UEFI?)")
+    res.check()
+    return parse_efivar_dump(res.stdout)
+
+
+# --- guest-initiated reboot and poweroff -------------------------------------------------------
+
+_DETACHED = "(sleep 0.5; {cmd}) </dev/null >/dev/null 2>&1 &"
+
+
+def reboot(vm: Machine, timeout: float = 300.0) -> int:
+    """Reboot from inside the guest (``reboot -f``) and wait for its next ready line and
+    SSH.  Returns the console offset where the new boot's output starts (for
+    :func:`harness.bootorder.assert_booted`)."""
+    mark = vm.console.mark()
+    before = vm.ready.boot_id if vm.ready else None
+    vm.ssh.run(_DETACHED.format(cmd="reboot -f"), timeout=30, check=True)
+    vm.ssh.close()
+    ready = vm.wait_ready(timeout, since=mark)
+    if before is not None and ready.boot_id == before:
+        raise StateError(f"{vm.spec.name}: ready line after reboot has the old boot id {before}")
+    vm.ssh.connect(timeout=min(120.0, timeout))
+    return mark
+
+
+def poweroff(vm: Machine, timeout: float = 120.0) -> None:
+    """Power the guest off from inside (``poweroff -f``) and wait for QEMU to exit; QEMU
+    has then written every flash change to the varstore file."""
+    vm.ssh.run(_DETACHED.format(cmd="poweroff -f"), timeout=30, check=True)
+    vm.ssh.close()
+    vm.wait_poweroff(timeout)

@@ -1,0 +1,317 @@
+"""harness.state and harness.survival assertions: every check's failing case, on fakes
+(pure logic) and on the recorded booted OVMF 2025.02 varstore."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import lzma
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from harness import state, survival, varstore
+from harness.errors import StateError
+from harness.ssh import CommandResult
+from harness.state import ClockSample, GuestState
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).parent / "data" / "varstore"
+GLOBAL = varstore.EFI_GLOBAL_VARIABLE
+
+
+def gs(**kw: Any) -> GuestState:
+    base: dict[str, Any] = dict(
+        boot_id="b-1", uptime=100.0, heartbeat=1000, mem_checksum="aa", mem_expected="aa",
+        clock=ClockSample(host=5000.0, guest=100.0, rtt=0.01), files={"/etc/x": "f" * 64},
+    )  # fmt: skip
+    base.update(kw)
+    return GuestState(**base)
+
+
+def later(before: GuestState, seconds: float = 3.0, pause: float = 0.0, **kw: Any) -> GuestState:
+    """``before`` after ``seconds`` of host time of which the guest lost ``pause``."""
+    guest = seconds - pause
+    values: dict[str, Any] = dict(
+        uptime=before.uptime + guest, heartbeat=before.heartbeat + int(guest * 10),
+        clock=ClockSample(before.clock.host + seconds, before.clock.guest + guest, 0.01),
+    )  # fmt: skip
+    values.update(kw)
+    return dataclasses.replace(before, **values)
+
+
+# --- assert_survived -------------------------------------------------------------------
+
+
+def test_survived_passes_when_everything_advanced() -> None:
+    b = gs()
+    state.assert_survived(b, later(b, pause=0.05), max_pause=0.5)
+    assert state.survival_problems(b, later(b)) == []
+
+
+def test_reboot_is_reported_with_both_boot_ids_and_uptimes() -> None:
+    b = gs()
+    a = later(b, boot_id="b-2", uptime=4.5)
+    with pytest.raises(StateError) as exc:
+        state.assert_survived(b, a)
+    text = str(exc.value)
+    assert "guest rebooted: boot id b-1 -> b-2" in text
+    assert "uptime 100.00 s -> 4.50 s" in text
+
+
+def test_uptime_backwards_says_by_how_much() -> None:
+    b = gs()
+    problems = state.survival_problems(b, later(b, uptime=97.5))
+    assert any("went backwards by 2.50 s" in p for p in problems), problems
+
+
+def test_stuck_heartbeat_says_ticks_and_time() -> None:
+    b = gs()
+    problems = state.survival_problems(b, later(b, heartbeat=1000))
+    assert len(problems) == 1
+    assert "heartbeat did not advance: 1000 -> 1000 (+0 ticks" in problems[0]
+    assert "guest time advanced 3.00 s" in problems[0]
+
+
+def test_memory_checksum_change_and_mismatch_with_what_was_written() -> None:
+    b = gs()
+    problems = state.survival_problems(b, later(b, mem_checksum="bb"))
+    assert "memory region checksum changed: aa -> bb" in problems
+    assert "memory region differs from what was written: bb != aa" in problems
+
+
+def test_changed_and_vanished_files() -> None:
+    b = gs(files={"/a": "1" * 64, "/b": "2" * 64})
+    problems = state.survival_problems(b, later(b, files={"/a": "3" * 64}))
+    assert any(p.startswith("file /a changed: sha256 1111") and "-> 3333" in p for p in problems)
+    assert any(p.startswith("file /b is gone") for p in problems)
+
+
+def test_pause_over_the_limit_says_by_how_much() -> None:
+    b = gs()
+    a = later(b, seconds=3.0, pause=1.25)
+    assert state.guest_pause(b, a) == pytest.approx(1.25)
+    problems = state.survival_problems(b, a, max_pause=1.0)
+    assert len(problems) == 1
+    assert "guest paused 1.250 s, 0.250 s more than the allowed 1.000 s" in problems[0]
+    assert state.survival_problems(b, a, max_pause=2.0) == []
+
+
+def test_assert_survived_lists_every_problem() -> None:
+    b = gs()
+    a = later(b, pause=2.0, heartbeat=999, mem_checksum="cc", files={})
+    with pytest.raises(StateError) as exc:
+        state.assert_survived(b, a, max_pause=0.5)
+    assert str(exc.value).count("\n  - ") == 5
+
+
+# --- fakes of a guest ------------------------------------------------------------------
+
+
+class FakeSsh:
+    def __init__(self, handler: Callable[[str], tuple[int, str]]) -> None:
+        self.handler = handler
+        self.commands: list[str] = []
+
+    def run(self, command: str, timeout: float = 120.0, check: bool = False) -> CommandResult:
+        self.commands.append(command)
+        rc, out = self.handler(command)
+        res = CommandResult(command, rc, out, "", 0.0)
+        return res.check() if check else res
+
+    def close(self) -> None:
+        pass
+
+
+class FakeVm:
+    """What the state helpers touch: spec, ssh, agent."""
+
+    def __init__(self, handler: Callable[[str], tuple[int, str]], mode: str = "split") -> None:
+        self.spec = SimpleNamespace(name="fake", firmware="2022.11", firmware_mode=mode)
+        self.ssh = FakeSsh(handler)
+        self.agent_calls: list[tuple[str, ...]] = []
+        self.agent_answers: dict[str, Any] = {}
+
+    def agent(self, *args: str, timeout: float = 120.0) -> Any:
+        self.agent_calls.append(args)
+        return self.agent_answers.get(args[0], {"ok": True})
+
+
+def efivar_answer(value: bytes | None) -> Callable[[str], tuple[int, str]]:
+    def handler(cmd: str) -> tuple[int, str]:
+        if value is None:
+            return 1, '{"error": "no variable"}'
+        return 0, json.dumps({"name": "X", "guid": state.HARNESS_GUID, "attributes": 7,
+                              "data": value.hex()})  # fmt: skip
+    return handler
+
+
+def test_write_efivar_asks_the_agent() -> None:
+    vm = FakeVm(efivar_answer(None))
+    state.write_efivar(vm, "Foo", b"\x01\x02")  # type: ignore[arg-type]
+    assert vm.agent_calls == [("efivar", "set", f"Foo-{state.HARNESS_GUID}", "0102", "7")]
+
+
+def test_assert_efivar_passes_and_fails_with_both_values() -> None:
+    state.assert_efivar(FakeVm(efivar_answer(b"hello")), "X", b"hello")  # type: ignore[arg-type]
+    with pytest.raises(StateError, match=r"expected 'hello', found 'hellp' \(1 of 5 bytes differ, first at offset 4\)"):
+        state.assert_efivar(FakeVm(efivar_answer(b"hellp")), "X", b"hello")  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="expected 'hello' in the guest, found nothing$"):
+        state.assert_efivar(FakeVm(efivar_answer(None)), "X", b"hello")  # type: ignore[arg-type]
+
+
+def test_assert_efivar_on_stateless_firmware_says_so() -> None:
+    vm = FakeVm(efivar_answer(None), mode="stateless")
+    with pytest.raises(StateError, match="stateless firmware: variables live in guest RAM only"):
+        state.assert_efivar(vm, "X", b"hello")  # type: ignore[arg-type]
+
+
+def test_efivar_problem_length_change() -> None:
+    p = state.efivar_problem("X", "g", b"\x00" * 40, b"\x00" * 4, "the file")
+    assert p is not None and "40 -> 4 bytes" in p and "40 bytes 0000" in p
+
+
+# --- the guest's efivarfs dump ------------------------------------------------------------
+
+
+def _dump_line(name: str, guid: str, attrs: int, data: bytes) -> str:
+    return f"{name}-{guid}\t{(struct.pack('<I', attrs) + data).hex()}"
+
+
+def test_parse_efivar_dump_handles_spaces_and_short_reads() -> None:
+    text = "\n".join([
+        _dump_line("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e", 3, b"\x00\x01"),
+        _dump_line("BootOrder", GLOBAL.upper(), 7, b"\x01\x00\x00\x00"),
+        f"Gone-{GLOBAL}\t00",  # removed while listing: fewer than 4 bytes
+        "",
+    ])  # fmt: skip
+    out = state.parse_efivar_dump(text)
+    assert out == {
+        ("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e"): (3, b"\x00\x01"),
+        ("BootOrder", GLOBAL): (7, b"\x01\x00\x00\x00"),
+    }
+
+
+@pytest.mark.parametrize("line", ["no-tab-here", "Short-1234\t0700", f"X-{GLOBAL}\tzz"])
+def test_parse_efivar_dump_rejects_garbage(line: str) -> None:
+    with pytest.raises(StateError, match="efivarfs dump"):
+        state.parse_efivar_dump(line)
+
+
+def test_guest_variables_without_efivarfs() -> None:
+    vm = FakeVm(lambda cmd: (3, ""))
+    with pytest.raises(StateError, match="no efivarfs in the guest"):
+        state.guest_variables(vm)  # type: ignore[arg-type]
+
+
+# --- survival against a real (recorded) booted varstore ------------------------------------
+
+
+@pytest.fixture
+def booted(tmp_path: Path) -> Path:
+    path = tmp_path / "booted.fd"
+    path.write_bytes(lzma.decompress((DATA / "booted-2025.02-4m.fd.xz").read_bytes()))
+    return path
+
+
+def _with_var(src: Path, dest: Path, name: str, value: bytes, order: list[int] | None = None) -> None:
+    """Add a variable (and set BootOrder) with virt-firmware's writer, as a guest would."""
+    from virt.firmware.efi import efivar
+    from virt.firmware.varstore import edk2
+
+    store = edk2.Edk2VarStore(str(src))
+    varlist = store.get_varlist()
+    var = efivar.EfiVar(name, guid=state.HARNESS_GUID, attr=7, data=value)
+    varlist[name] = var
+    if order is not None:
+        varlist["BootOrder"].set_boot_order(order)
+    store.write_varstore(str(dest), varlist)
+
+
+def test_model_problems_pass_and_fail(booted: Path, tmp_path: Path) -> None:
+    model = varstore.read_varstore(booted)
+    order = tuple(model.boot_order)
+    planted = survival.Planted({("HarnessSurvive", state.HARNESS_GUID): b"v1"}, order, None)
+    problems = survival.model_problems(model, planted)
+    assert problems == [f"EFI variable HarnessSurvive-{state.HARNESS_GUID}: expected 'v1' in "
+                        f"the varstore file {booted}, found nothing"]  # fmt: skip
+    written = tmp_path / "written.fd"
+    _with_var(booted, written, "HarnessSurvive", b"v1", order=list(reversed(order)))
+    problems = survival.model_problems(varstore.read_varstore(written), planted)
+    assert len(problems) == 1 and problems[0].startswith(f"BootOrder in the varstore file {written}: reordered")
+    ok = tmp_path / "ok.fd"
+    _with_var(booted, ok, "HarnessSurvive", b"v1")
+    assert survival.model_problems(varstore.read_varstore(ok), planted) == []
+    missing_entry = dataclasses.replace(planted, boot_entry=0x100)
+    assert survival.model_problems(varstore.read_varstore(ok), missing_entry) == [
+        f"Boot0100 (the guest's own entry) is not in {ok}"]
+
+
+def test_identical_problems_name_bytes_and_variables(booted: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.fd"
+    copy.write_bytes(booted.read_bytes())
+    assert survival.identical_problems(booted, copy) == []
+    changed = tmp_path / "changed.fd"
+    _with_var(booted, changed, "HarnessSurvive", b"v2")
+    (p,) = survival.identical_problems(booted, changed)
+    assert "bytes differ, offsets 0x" in p and "extra HarnessSurvive" in p
+    short = tmp_path / "short.fd"
+    short.write_bytes(booted.read_bytes()[:1000])
+    (p,) = survival.identical_problems(booted, short)
+    assert f"{booted.stat().st_size} -> 1000 bytes" in p and "cannot decode" in p
+    assert survival.wait_identical(booted, short, timeout=0.3) == [p]
+
+
+def test_view_problems_both_ways(booted: Path) -> None:
+    model = varstore.read_varstore(booted)
+    guest = {k: (v.attributes, v.data) for k, v in model.variables.items()
+             if v.non_volatile and v.attributes & varstore.RUNTIME_ACCESS}  # fmt: skip
+    assert survival.view_problems(booted, guest) == []
+    extra = dict(guest)
+    extra[("HarnessSurvive", state.HARNESS_GUID)] = (7, b"x")
+    del extra[("BootOrder", GLOBAL)]
+    problems = survival.view_problems(booted, extra)
+    assert any("HarnessSurvive" in p and "not in" in p for p in problems), problems
+    assert any(p.startswith("guest view vs file: BootOrder") and "not in the guest" in p for p in problems)
+
+
+def test_guest_problems_from_a_dump() -> None:
+    vm = FakeVm(lambda cmd: (0, ""))
+    planted = survival.Planted({("HarnessSurvive", state.HARNESS_GUID): b"v"}, (0x100, 1), 0x100)
+    gv = {("BootOrder", GLOBAL): (7, struct.pack("<HH", 1, 0x100)),
+          ("HarnessSurvive", state.HARNESS_GUID): (7, b"v")}  # fmt: skip
+    problems = survival.guest_problems(vm, planted, gv)  # type: ignore[arg-type]
+    assert problems == ["BootOrder in the guest: reordered; [Boot0100, Boot0001] -> [Boot0001, Boot0100]"]
+    gv[("BootOrder", GLOBAL)] = (7, struct.pack("<HH", 0x100, 1))
+    assert survival.guest_problems(vm, planted, gv) == []  # type: ignore[arg-type]
+
+
+def test_stateless_guest_checks_say_so_plainly() -> None:
+    planted = survival.Planted({("HarnessSurvive", state.HARNESS_GUID): b"v"})
+    vm = FakeVm(lambda cmd: (0, ""), mode="stateless")
+    problems = survival.guest_problems(vm, planted, {})  # type: ignore[arg-type]
+    assert problems[-1] == survival.STATELESS_NOTE
+    with pytest.raises(StateError, match="no host-side varstore to check: this guest runs stateless"):
+        survival.host_problems(vm, planted)  # type: ignore[arg-type]
+
+
+def test_forgotten_problems() -> None:
+    planted = survival.Planted({("HarnessSurvive", state.HARNESS_GUID): b"v"})
+    still = _dump_line("HarnessSurvive", state.HARNESS_GUID, 7, b"v")
+    vm = FakeVm(lambda cmd: (0, still), mode="stateless")
+    with pytest.raises(StateError, match="still in the guest after a restart \\(the same value\\): "
+                       "stateless firmware must not keep"):
+        survival.assert_forgotten(vm, planted)  # type: ignore[arg-type]
+    gone = FakeVm(lambda cmd: (0, ""), mode="stateless")
+    survival.assert_forgotten(gone, planted)  # type: ignore[arg-type]
+
+
+def test_assert_no_problems() -> None:
+    survival.assert_no_problems([], "nothing")
+    with pytest.raises(StateError, match="heading:\n  - a\n  - b"):
+        survival.assert_no_problems(["a", "b"], "heading")
