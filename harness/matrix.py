@@ -1,0 +1,389 @@
+"""The cross-version migration matrix: which hops to run, and which are known not to work.
+
+Data flows one way: the QEMU builds (catalogue plus registered and ``--qemu`` builds) become
+:class:`Endpoint` values (label, numeric version, versioned machine types); from those,
+:func:`pair_plans`, :func:`chains` and :func:`firmware_plans` make :class:`Plan` values,
+each an ordered list of :class:`Hop` values that one guest walks in turn.  Nothing here
+starts QEMU; :mod:`harness.scenarios.cross_version` runs the plans.
+
+Coverage: with operations ``o1, o2, ...``, the plan for the ordered pair (A, B) runs
+``o1`` A -> B, ``o2`` B -> A, ``o3`` A -> B ...  on one guest booted on A, and the plan for
+(B, A) runs the complement, so every ordered pair gets every operation exactly once with
+one boot per ordered pair.
+
+Expected incompatibilities are data (``firmware/expected-incompatibilities.toml``): a
+cross-version hop QEMU does not support, named by version constraints, the operations,
+the failure signature it must show and the reason.  :func:`load_incompatibilities`
+refuses a malformed file with a :class:`~harness.errors.CatalogError` naming it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.catalog import Version
+from harness.errors import CatalogError, ConfigError, UnknownVersionError
+from harness.paths import FIRMWARE_DIR
+
+if TYPE_CHECKING:
+    from harness.builds import Capabilities, QemuBuild
+    from harness.firmware import FirmwareBuild
+
+INCOMPATIBILITIES = FIRMWARE_DIR / "expected-incompatibilities.toml"
+DEFAULT_OPS = ("live", "save-restore")
+MATRIX_OPS = ("live", "save-restore")
+_MACHINE_RE = re.compile(r"^(pc-q35|pc-i440fx|virt)-(\d+\.\d+)$")
+_CONSTRAINT_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*(\d+(?:\.\d+)*)\s*$")
+
+
+# --- endpoints -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One QEMU build as the matrix sees it: a label, its numeric version, its machine types."""
+
+    label: str
+    version: Version
+    machines: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, build: QemuBuild) -> Endpoint:
+        return cls.from_capabilities(build.label, build.capabilities)
+
+    @classmethod
+    def from_capabilities(cls, label: str, caps: Capabilities) -> Endpoint:
+        return cls(label, Version.parse(caps.version), tuple(caps.machine_names()))
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def sort_numeric(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+    """Oldest first by numeric version (10.0 after 7.2); one endpoint per label."""
+    seen: dict[str, Endpoint] = {}
+    for e in endpoints:
+        seen.setdefault(e.label, e)
+    return sorted(seen.values(), key=lambda e: (e.version, e.label))
+
+
+def endpoints(versions: Sequence[str] = (), arch: str = "x86_64") -> list[Endpoint]:
+    """The builds to cross: the ``--qemu`` values when given (catalogue versions, registered
+    labels or paths), otherwise every catalogue and registered build; numeric order."""
+    from harness import builds
+
+    chosen = [builds.get_build(v, arch) for v in versions] if versions else builds.all_builds(arch)
+    return sort_numeric(Endpoint.of(b) for b in chosen)
+
+
+def newest_common_machine(eps: Sequence[Endpoint], family: str = "pc-q35") -> str:
+    """The newest versioned machine type of ``family`` every endpoint offers."""
+    if not eps:
+        raise ConfigError("no QEMU builds to find a common machine type for")
+    common: set[Version] | None = None
+    names: dict[Version, str] = {}
+    for e in eps:
+        mine: set[Version] = set()
+        for name in e.machines:
+            m = _MACHINE_RE.match(name)
+            if m and m.group(1) == family:
+                v = Version.parse(m.group(2))
+                mine.add(v)
+                names.setdefault(v, name)
+        common = mine if common is None else common & mine
+    if not common:
+        raise UnknownVersionError(
+            f"common {family} machine type", " / ".join(e.label for e in eps), []
+        )
+    return names[max(common)]
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One migration of a guest: ``op`` from build ``source`` to build ``destination``."""
+
+    source: str
+    destination: str
+    op: str
+    machine: str
+    plan: str
+    index: int
+    firmware: str | None = None
+    dest_firmware: str | None = None
+
+    @property
+    def pair(self) -> str:
+        return f"{self.source} -> {self.destination}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Hops one guest walks in order: booted on ``boot`` (with ``firmware``), pinned to
+    ``machine``.  ``follows`` names a plan whose guest this one may carry on."""
+
+    name: str
+    kind: str  # "pair" | "chain" | "firmware"
+    boot: str
+    machine: str
+    hops: tuple[Hop, ...]
+    firmware: str | None = None
+    follows: str | None = None
+    reboot_checks: bool = False
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+def _check_ops(ops: Sequence[str]) -> tuple[str, ...]:
+    from harness.migration import OPERATIONS
+
+    if not ops:
+        raise ConfigError("no migration operations given for the cross-version matrix")
+    for op in ops:
+        if op not in MATRIX_OPS:
+            known = ", ".join(o for o in OPERATIONS if o in MATRIX_OPS)
+            raise ConfigError(f"operation {op!r} cannot cross versions here; use one of {known}")
+    return tuple(dict.fromkeys(ops))
+
+
+def ordered_pairs(eps: Sequence[Endpoint]) -> list[tuple[Endpoint, Endpoint]]:
+    """Every ordered pair of distinct builds, by numeric version of source then destination."""
+    eps = sort_numeric(eps)
+    return [(a, b) for a, b in itertools.permutations(eps, 2)]
+
+
+def pair_plans(eps: Sequence[Endpoint], ops: Sequence[str] = DEFAULT_OPS) -> list[Plan]:
+    """One plan per ordered pair (A, B): ``ops[0]`` A -> B, ``ops[1]`` B -> A, ... on one
+    guest booted on A with the newest machine type both offer."""
+    ops = _check_ops(ops)
+    plans = []
+    for a, b in ordered_pairs(eps):
+        machine = newest_common_machine([a, b])
+        name = f"pair {a.label} -> {b.label}"
+        hops = []
+        for i, op in enumerate(ops):
+            src, dst = (a, b) if i % 2 == 0 else (b, a)
+            hops.append(Hop(src.label, dst.label, op, machine, name, i + 1))
+        plans.append(Plan(name, "pair", a.label, machine, tuple(hops)))
+    return plans
+
+
+def chains(eps: Sequence[Endpoint], op: str = "live") -> list[Plan]:
+    """A fleet upgrade (every build, oldest to newest) and a rollback (newest to the one
+    before), on the machine type all builds offer; the rollback carries on the upgraded
+    guest when it is still running.  Fewer than two builds: no chains."""
+    (op,) = _check_ops([op])
+    eps = sort_numeric(eps)
+    if len(eps) < 2:
+        return []
+    machine = newest_common_machine(eps)
+    up = tuple(
+        Hop(a.label, b.label, op, machine, "upgrade", i + 1)
+        for i, (a, b) in enumerate(itertools.pairwise(eps))
+    )
+    newest, previous = eps[-1], eps[-2]
+    down = (Hop(newest.label, previous.label, op, machine, "rollback", 1),)
+    return [
+        Plan("upgrade", "chain", eps[0].label, machine, up,
+             meta={"path": " -> ".join(e.label for e in eps)}),
+        Plan("rollback", "chain", newest.label, machine, down, follows="upgrade",
+             meta={"path": f"{newest.label} -> {previous.label}"}),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FirmwareEndpoint:
+    """One firmware build as the matrix sees it: version and the sizes of its flash pair."""
+
+    version: str
+    code_size: int
+    vars_size: int
+
+    @classmethod
+    def of(cls, fw: FirmwareBuild) -> FirmwareEndpoint:
+        desc = fw.select()
+        return cls(fw.version, desc.code_size, desc.vars_size)
+
+
+def firmware_pairs(fws: Sequence[FirmwareEndpoint]) -> list[tuple[FirmwareEndpoint, FirmwareEndpoint]]:
+    """Consecutive firmware upgrades (numeric order) whose flash layouts are identical:
+    only those can migrate (the flash is a RAM block whose size must match)."""
+    ordered = sorted(fws, key=lambda f: Version.parse(f.version))
+    return [
+        (a, b)
+        for a, b in itertools.pairwise(ordered)
+        if (a.code_size, a.vars_size) == (b.code_size, b.vars_size)
+    ]
+
+
+def firmware_plans(
+    qemu: Endpoint, fws: Sequence[FirmwareEndpoint], op: str = "live"
+) -> list[Plan]:
+    """One plan per firmware upgrade pair: a guest booted on the older firmware migrates
+    (same QEMU build) to a destination started with the newer firmware's CODE."""
+    (op,) = _check_ops([op])
+    machine = newest_common_machine([qemu])
+    plans = []
+    for a, b in firmware_pairs(fws):
+        name = f"firmware {a.version} -> {b.version}"
+        hop = Hop(qemu.label, qemu.label, op, machine, name, 1, a.version, b.version)
+        plans.append(Plan(name, "firmware", qemu.label, machine, (hop,), firmware=a.version,
+                          reboot_checks=True))  # fmt: skip
+    return plans
+
+
+# --- expected incompatibilities ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Incompatibility:
+    """A hop QEMU does not support: it must fail, showing ``signature``."""
+
+    source: str
+    destination: str
+    ops: tuple[str, ...]
+    signature: str
+    reason: str
+    machine: str | None = None
+    where: str = ""
+
+    def applies(self, source: Version, destination: Version, op: str, machine: str) -> bool:
+        return (
+            _version_ok(source, self.source)
+            and _version_ok(destination, self.destination)
+            and (not self.ops or op in self.ops)
+            and (self.machine is None or self.machine == machine)
+        )
+
+
+def _version_ok(have: Version, constraint: str) -> bool:
+    m = _CONSTRAINT_RE.match(constraint)
+    if not m:  # validated on load; a hand-made entry with a bad constraint matches nothing
+        return False
+    op, want = m.group(1), Version.parse(m.group(2))
+    if op is None:
+        return have.matches(want)
+    return {
+        ">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want,
+        "==": have == want, "!=": have != want,
+    }[op]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Incompatibilities:
+    """The expected-incompatibility entries of one data file."""
+
+    path: Path
+    entries: tuple[Incompatibility, ...] = ()
+
+    def lookup(self, source: Version, destination: Version, op: str, machine: str) -> Incompatibility | None:
+        """The first entry covering this hop, or None (the hop must then succeed)."""
+        for entry in self.entries:
+            if entry.applies(source, destination, op, machine):
+                return entry
+        return None
+
+
+def _text(path: Path, where: str, table: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+    if key not in table:
+        if required:
+            raise CatalogError(path, f"{where}: missing field {key!r}")
+        return None
+    value = table[key]
+    if not isinstance(value, str) or not value.strip():
+        raise CatalogError(path, f"{where}: field {key!r} must be a non-empty string")
+    return value.strip()
+
+
+def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibilities:
+    """Validate parsed TOML: every entry needs version constraints, a known signature and
+    a reason; ``ops`` (optional) must name matrix operations."""
+    from harness import signatures
+
+    unknown = sorted(set(data) - {"incompatible"})
+    if unknown:
+        raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; expected [[incompatible]] tables")
+    raw = data.get("incompatible", [])
+    if not isinstance(raw, list):
+        raise CatalogError(path, "'incompatible' must be an array of tables ([[incompatible]])")
+    out = []
+    for i, table in enumerate(raw):
+        where = f"[[incompatible]] entry {i + 1}"
+        if not isinstance(table, dict):
+            raise CatalogError(path, f"{where}: expected a table")
+        extra = sorted(set(table) - {"source", "destination", "ops", "machine", "signature", "reason"})
+        if extra:
+            raise CatalogError(path, f"{where}: unknown field(s) {', '.join(extra)}")
+        src = _text(path, where, table, "source")
+        dst = _text(path, where, table, "destination")
+        assert src is not None and dst is not None
+        for key, value in (("source", src), ("destination", dst)):
+            if not _CONSTRAINT_RE.match(value):
+                raise CatalogError(path, f"{where}: {key} {value!r} is not a version constraint "
+                                         "such as '10.0', '>=8.2' or '<6'")  # fmt: skip
+        ops = table.get("ops", [])
+        if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+            raise CatalogError(path, f"{where}: field 'ops' must be a list of strings")
+        bad = [o for o in ops if o not in MATRIX_OPS]
+        if bad:
+            raise CatalogError(path, f"{where}: unknown operation(s) {', '.join(bad)}; "
+                                     f"known: {', '.join(MATRIX_OPS)}")  # fmt: skip
+        sig = _text(path, where, table, "signature")
+        assert sig is not None
+        try:
+            signatures.by_name(sig)
+        except ConfigError as exc:
+            raise CatalogError(path, f"{where}: {exc}") from exc
+        reason = _text(path, where, table, "reason")
+        assert reason is not None
+        machine = _text(path, where, table, "machine", required=False)
+        out.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
+                                   f"{path.name} entry {i + 1}"))  # fmt: skip
+    return Incompatibilities(path, tuple(out))
+
+
+def load_incompatibilities(path: Path = INCOMPATIBILITIES) -> Incompatibilities:
+    """Read and validate the expected-incompatibilities file."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise CatalogError(path, "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(path, f"not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(path, f"not valid UTF-8: {exc}") from exc
+    return parse_incompatibilities(path, data)
+
+
+# --- judging a hop -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a hop's outcome means against the expectations."""
+
+    ok: bool
+    expected_failure: bool
+    note: str = ""
+
+
+def judge(failed: bool, signature: str | None, expected: Incompatibility | None) -> Verdict:
+    """A hop that fails as its entry says is an expected failure; a listed hop that passes
+    is a failure too (the data is stale); anything else that fails fails."""
+    if expected is None:
+        return Verdict(ok=not failed, expected_failure=False)
+    if not failed:
+        return Verdict(False, False, f"listed as incompatible ({expected.where}: {expected.signature}) "
+                                     "but it passed: remove or narrow the entry")  # fmt: skip
+    if signature == expected.signature:
+        return Verdict(False, True, f"expected: {expected.reason}")
+    return Verdict(False, False, f"failed with {signature or 'an unclassified error'}, not the "
+                                 f"expected {expected.signature} ({expected.where})")  # fmt: skip
