@@ -124,6 +124,27 @@ class Machine:
         desc = fw.variant(spec.flash) if spec.flash != "4m" else fw.select()
         return desc.code, desc.vars_template, None
 
+    def use_firmware(self, version: str) -> None:
+        """Processes spawned from now on use firmware build ``version`` (CODE and varstore
+        template of the spec's flash layout), as after a host's OVMF package upgrade; the
+        running process keeps its image.  The flash layout must stay the same."""
+        from harness import firmware
+
+        old_code = self._code
+        if old_code is None or self.spec.firmware_mode != "split":
+            raise FirmwareError(f"{self.spec.name}: only split-pflash guests can change firmware")
+        self.spec = self.spec.replace(firmware=version)
+        code, template, _bios = self._firmware_files()
+        assert code is not None and template is not None
+        if code.stat().st_size != old_code.stat().st_size:
+            raise FirmwareError(
+                f"firmware {version} CODE {code} is {code.stat().st_size} bytes, the running "
+                f"guest's {old_code} is {old_code.stat().st_size}: a migration cannot change "
+                "the flash size"
+            )
+        firmware.check_flash_pair(code, template)
+        self._code, self._template = code, template
+
     @property
     def firmware_code(self) -> Path | None:
         return self._code
