@@ -12,6 +12,7 @@ The pytest fixtures, the CLI and the avocado tests all use this one class.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,10 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.machine import Machine
 from harness.spec import VmSpec, from_dict
 
 log = logging.getLogger(__name__)
+
+VARSTORE_BEFORE = "varstore-before.fd"
+VARSTORE_AFTER = "varstore-after.fd"
 
 
 def private_base(tag: str = "") -> Path:
@@ -63,14 +68,20 @@ class MachineFactory:
         machine = Machine(spec, workdir, varstore=varstore)
         self.machines.append(machine)
         if start:
-            template = machine.varstore_template
+            self._keep_varstore_before(machine, varstore)
             machine.start()
-            if template is not None:
-                try:
-                    shutil.copyfile(template, workdir / "varstore-template.fd")
-                except OSError:
-                    pass
         return machine
+
+    @staticmethod
+    def _keep_varstore_before(machine: Machine, varstore: Path | None) -> None:
+        """Copy the varstore the guest starts from, for the artifacts' before/after pair."""
+        source = varstore if varstore is not None and varstore.exists() else machine.varstore_template
+        if source is None:
+            return
+        try:
+            shutil.copyfile(source, machine.workdir / VARSTORE_BEFORE)
+        except OSError as exc:
+            log.warning("varstore %s not kept for artifacts: %s", source, exc)
 
     def save_artifacts(self, dest: Path) -> Path:
         """Copy every machine's logs, command lines, transcripts and varstores to ``dest``."""
@@ -90,14 +101,26 @@ class MachineFactory:
         return dest
 
     def close(self, failed: bool = False, artifacts: Path | None = None) -> Path | None:
-        """Stop every machine; keep artifacts when ``failed``; remove work dirs."""
+        """Stop every machine; keep artifacts when ``failed``; remove work dirs.
+
+        Returns the artifacts directory when artifacts were kept, else None."""
         kept = None
+        last_varstores: dict[int, Path] = {}
         for m in self.machines:
+            with contextlib.suppress(HarnessError):  # SeaBIOS/stateless: no varstore
+                last_varstores[id(m)] = m.varstore_path
             try:
                 m.stop(hard=failed)
             except Exception:  # noqa: BLE001 - one failure must not leak the others
                 log.exception("stopping %r failed", m)
-        if failed and artifacts is not None:
+        if failed and artifacts is not None and self.machines:
+            for m in self.machines:
+                last = last_varstores.get(id(m))
+                if last is not None and last.is_file():
+                    try:
+                        shutil.copyfile(last, m.workdir / VARSTORE_AFTER)
+                    except OSError as exc:
+                        log.warning("varstore %s not kept for artifacts: %s", last, exc)
             try:
                 kept = self.save_artifacts(artifacts)
             except OSError:

@@ -1,51 +1,82 @@
 """The pytest plugin: options, hooks and fixtures only; the work is in the library.
 
+Loaded through the ``pytest11`` entry point, so installing the package is enough.
+
 Options (also settable as ini keys ``harness_qemu``, ``harness_ovmf``, ``harness_accel``,
-``harness_artifacts``)::
+``harness_artifacts`` in ``pytest.ini`` / ``[tool.pytest.ini_options]``)::
 
     --qemu VERSION   (repeatable) QEMU builds; tests using guests run once per build
     --ovmf VERSION   (repeatable) OVMF builds; likewise
     --accel auto|kvm|tcg
-    --harness-artifacts DIR   where a failed test's artifacts are kept
+    --harness-artifacts DIR   where a failed test's artifacts are kept (default ./artifacts)
+
+Command-line values win over ini values.  Bad values (an accelerator this host cannot
+run, a version nobody catalogued) stop the run with a :class:`pytest.UsageError` that
+says what to pass instead.
 
 Fixtures: ``qemu_build``, ``firmware``, ``guest_image``, ``vm`` (a started default UEFI
-guest), ``vm_factory(**spec)`` (guests from specs; all torn down at the end).
+guest), ``vm_factory(**spec)`` (guests from specs; all torn down at the end of the test).
+Tests using ``qemu_build``/``vm``/``vm_factory`` are parametrized over ``--qemu`` (ids
+``qemu10.0.2``), tests using ``firmware``/``vm``/``vm_factory`` over ``--ovmf`` (ids
+``ovmf2022.11``).
 
 Marker: ``@pytest.mark.requires(qemu=">=8.2", mode="cpr-transfer", accel="kvm",
 nested=True, capability="multifd", file_uri=True, kvm_host=True)`` skips with the missing
-capability named.
+capability named (see :mod:`harness.requirements`).
+
+Artifacts: when a test that used ``vm``/``vm_factory`` fails, every guest's QEMU command
+line, QEMU log, serial log, QMP transcript and varstore before/after are copied to
+``DIR/<test id>/<guest>/`` and the failure report names that directory; a passing test
+leaves nothing behind.
+
+xdist: each worker works in its own private directory (named after the worker id); the
+caches (provisioned builds, images) are guarded by file locks in the library.  At the end
+of a session the plugin kills any QEMU this session started and did not reap; QEMU is
+also started with a parent-death signal, so a killed worker leaves no orphan.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import builds, host, requirements
+from harness import builds, catalog, host, requirements
+from harness.errors import HarnessError
 from harness.factory import MachineFactory, private_base, safe_name
 from harness.machine import Machine
+from harness.qemu_process import live_processes
 from harness.spec import VmSpec
 
 DEFAULT_QEMU = "10.0.2"
 DEFAULT_OVMF = "2022.11"
+ACCELS = ("auto", "kvm", "tcg")
+
 _REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
-_ARTIFACTS_KEY = pytest.StashKey[Path]()
+_FACTORY_KEY = pytest.StashKey[tuple[MachineFactory, Path]]()
+_ACCEL_KEY = pytest.StashKey[host.AccelChoice]()
+_HOST_KEY = pytest.StashKey[host.HostInfo]()
+_ENV_KEY = pytest.StashKey[str | None]()
+_LIVE_KEY = pytest.StashKey[set[int]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "QEMU survival harness")
     group.addoption("--qemu", action="append", default=None, metavar="VERSION",
-                    help="QEMU build to test (repeatable; default %s)" % DEFAULT_QEMU)
+                    help="QEMU build to test (repeatable; a catalogue version or a path; "
+                         f"default {DEFAULT_QEMU})")  # fmt: skip
     group.addoption("--ovmf", action="append", default=None, metavar="VERSION",
-                    help="OVMF build to test (repeatable; default %s)" % DEFAULT_OVMF)
-    group.addoption("--accel", default=None, choices=["auto", "kvm", "tcg"],
+                    help=f"OVMF build to test (repeatable; default {DEFAULT_OVMF})")
+    group.addoption("--accel", default=None, choices=list(ACCELS),
                     help="accelerator (default auto: KVM only where it can run guests)")
     group.addoption("--harness-artifacts", default=None, metavar="DIR",
-                    help="keep a failed test's logs, QMP transcript and varstores here")
+                    help="keep a failed test's logs, QMP transcript and varstores here "
+                         "(default: artifacts/ under the rootdir)")  # fmt: skip
     parser.addini("harness_qemu", "QEMU builds (whitespace separated)", type="args", default=[])
     parser.addini("harness_ovmf", "OVMF builds (whitespace separated)", type="args", default=[])
     parser.addini("harness_accel", "accelerator: auto, kvm or tcg", default="auto")
@@ -59,14 +90,58 @@ def pytest_configure(config: pytest.Config) -> None:
         "(qemu='>=8.2', mode='cpr-transfer', accel='kvm', nested=True, capability='multifd', "
         "file_uri=True, kvm_host=True)",
     )
-    accel = config.getoption("--accel") or config.getini("harness_accel") or "auto"
-    if accel not in ("auto", "kvm", "tcg"):
-        raise pytest.UsageError(f"harness_accel = {accel!r}: expected auto, kvm or tcg")
+    config.stash[_ACCEL_KEY] = _accel_choice(config)
+    _check_versions(config)
+    # library code that starts guests outside the fixtures (scenarios, helpers) follows
+    # the same choice through HARNESS_ACCEL; restored in pytest_unconfigure
+    config.stash[_ENV_KEY] = os.environ.get("HARNESS_ACCEL")
+    os.environ["HARNESS_ACCEL"] = config.stash[_ACCEL_KEY].chosen
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _ENV_KEY not in config.stash:
+        return
+    previous = config.stash[_ENV_KEY]
+    if previous is None:
+        os.environ.pop("HARNESS_ACCEL", None)
+    else:
+        os.environ["HARNESS_ACCEL"] = previous
+
+
+def _accel_choice(config: pytest.Config) -> host.AccelChoice:
+    opt = config.getoption("--accel")
+    wanted = str(opt or config.getini("harness_accel") or "auto").strip()
+    source = "--accel" if opt else "harness_accel"
+    if wanted not in ACCELS:
+        raise pytest.UsageError(
+            f"{source} = {wanted!r}: expected one of {', '.join(ACCELS)} "
+            "(auto picks KVM only where it can run ordinary guests)"
+        )
     try:
-        host.choose_accel(host.probe_kvm(), accel)
-    except Exception as exc:  # noqa: BLE001 - becomes a usage error that says what to do
-        raise pytest.UsageError(f"--accel {accel}: {exc}; use --accel auto or tcg") from None
-    os.environ["HARNESS_ACCEL"] = accel
+        return host.choose_accel(host.probe_kvm(), wanted)
+    except HarnessError as exc:
+        raise pytest.UsageError(
+            f"{source} {wanted}: {exc}; use --accel auto (falls back to TCG) or --accel tcg"
+        ) from None
+
+
+def _check_versions(config: pytest.Config) -> None:
+    """Unknown versions stop the run now, naming the ones that exist."""
+    cat = catalog.default()
+    for label, versions, lookup in (
+        ("--qemu", qemu_versions(config), cat.qemu_entry),
+        ("--ovmf", ovmf_versions(config), cat.firmware_entry),
+    ):
+        for v in versions:
+            if label == "--qemu" and "/" in v:
+                continue  # a path to a build of the user's own
+            try:
+                lookup(v)
+            except HarnessError as exc:
+                hint = " or a path to a QEMU build" if label == "--qemu" else ""
+                raise pytest.UsageError(
+                    f"{label} {v}: {exc}; pass one of the available versions{hint}"
+                ) from None
 
 
 def _values(config: pytest.Config, option: str, ini: str, default: str) -> list[str]:
@@ -74,23 +149,37 @@ def _values(config: pytest.Config, option: str, ini: str, default: str) -> list[
     if opt:
         return list(dict.fromkeys(opt))
     val = config.getini(ini)
-    return list(val) if val else [default]
+    return list(dict.fromkeys(val)) if val else [default]
 
 
 def qemu_versions(config: pytest.Config) -> list[str]:
+    """The QEMU versions of this run (``--qemu``, else ``harness_qemu``, else the default)."""
     return _values(config, "--qemu", "harness_qemu", DEFAULT_QEMU)
 
 
 def ovmf_versions(config: pytest.Config) -> list[str]:
+    """The OVMF versions of this run (``--ovmf``, else ``harness_ovmf``, else the default)."""
     return _values(config, "--ovmf", "harness_ovmf", DEFAULT_OVMF)
+
+
+def accel_choice(config: pytest.Config) -> host.AccelChoice:
+    """The accelerator this run uses, and why."""
+    return config.stash[_ACCEL_KEY]
+
+
+def artifacts_root(config: pytest.Config) -> Path:
+    opt = config.getoption("--harness-artifacts") or config.getini("harness_artifacts")
+    root = Path(opt) if opt else Path("artifacts")
+    return root if root.is_absolute() else Path(config.rootpath) / root
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     names = metafunc.fixturenames
-    if "qemu_version" in names and "qemu_version" not in _direct_params(metafunc):
+    direct = _direct_params(metafunc)
+    if "qemu_version" in names and "qemu_version" not in direct:
         metafunc.parametrize("qemu_version", qemu_versions(metafunc.config), scope="function",
                              ids=lambda v: f"qemu{v}")  # fmt: skip
-    if "ovmf_version" in names and "ovmf_version" not in _direct_params(metafunc):
+    if "ovmf_version" in names and "ovmf_version" not in direct:
         metafunc.parametrize("ovmf_version", ovmf_versions(metafunc.config), scope="function",
                              ids=lambda v: f"ovmf{v}")  # fmt: skip
 
@@ -98,12 +187,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _direct_params(metafunc: pytest.Metafunc) -> set[str]:
     out: set[str] = set()
     for mark in metafunc.definition.iter_markers("parametrize"):
-        argnames = mark.args[0]
+        argnames = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
         if isinstance(argnames, str):
             out.update(a.strip() for a in argnames.split(","))
         else:
             out.update(argnames)
     return out
+
+
+# --- hooks ---------------------------------------------------------------------------
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_LIVE_KEY] = {id(p) for p in live_processes()}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -112,36 +208,42 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not marks:
         return
     req: dict[str, Any] = {}
-    for mark in reversed(marks):  # closest marker wins
+    for mark in reversed(marks):  # the closest marker wins
         req.update(mark.kwargs)
     params = getattr(getattr(item, "callspec", None), "params", {})
     version = params.get("qemu_version") or qemu_versions(item.config)[0]
-    info = host.probe(os.environ.get("HARNESS_ACCEL", "auto"))
+    config = item.config
+    if _HOST_KEY not in config.stash:
+        config.stash[_HOST_KEY] = host.probe(accel_choice(config).chosen)
     need_build = any(k not in ("accel", "kvm_host", "nested") for k in req)
     build = builds.get_build(str(version)) if need_build else None
-    why = requirements.unmet(build, info, **req)
+    why = requirements.unmet(build, config.stash[_HOST_KEY], **req)
     if why:
         pytest.skip(why)
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     rep: pytest.TestReport = yield
     item.stash.setdefault(_REPORT_KEY, {})[rep.when] = rep
-    path = item.stash.get(_ARTIFACTS_KEY, None)
-    if rep.failed and path is not None:
-        rep.sections.append(("harness artifacts", f"kept in {path}"))
+    owned = item.stash.get(_FACTORY_KEY, None)
+    if rep.failed and owned is not None and owned[0].machines:
+        rep.sections.append(("harness artifacts", f"kept in {owned[1]}"))
     return rep
 
 
-def _failed(item: pytest.Item) -> bool:
-    reports = item.stash.get(_REPORT_KEY, {})
-    return any(r.failed for r in reports.values())
+def _failed_reports(item: pytest.Item) -> list[pytest.TestReport]:
+    return [r for r in item.stash.get(_REPORT_KEY, {}).values() if r.failed]
 
 
-def artifacts_root(config: pytest.Config) -> Path:
-    opt = config.getoption("--harness-artifacts") or config.getini("harness_artifacts")
-    return Path(opt) if opt else Path(config.rootpath) / "artifacts"
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # last resort: QEMUs this session started and nobody reaped (an interrupted teardown)
+    before = session.config.stash.get(_LIVE_KEY, set())
+    for proc in live_processes():
+        if id(proc) not in before:
+            proc.kill()
 
 
 # --- fixtures ------------------------------------------------------------------------
@@ -183,11 +285,10 @@ def guest_image() -> Any:
 
 @pytest.fixture(scope="session")
 def _harness_base(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """This worker's private directory (0700, short path: unix sockets live in it)."""
     worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
     base = private_base(tag=f"-{worker}")
     yield base
-    import shutil
-
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -196,26 +297,35 @@ def vm_factory(request: pytest.FixtureRequest, _harness_base: Path, qemu_version
                ovmf_version: str) -> Iterator[MachineFactory]:
     """``vm_factory(**spec)`` starts guests; every one is torn down at the end of the test,
     and a failed test keeps their artifacts under ``--harness-artifacts``."""
-    dest = artifacts_root(request.config) / safe_name(request.node.nodeid)
-    request.node.stash[_ARTIFACTS_KEY] = dest
-    base = _harness_base / safe_name(request.node.name, 40)
-    factory = MachineFactory(VmSpec(qemu=qemu_version, firmware=ovmf_version), base=base)
+    node = request.node
+    dest = artifacts_root(request.config) / safe_name(node.nodeid)
+    shutil.rmtree(dest, ignore_errors=True)  # a previous run's artifacts of this test
+    base = Path(tempfile.mkdtemp(prefix=f"{safe_name(node.name, 24)}-", dir=_harness_base))
+    defaults = VmSpec(qemu=qemu_version, firmware=ovmf_version,
+                      accel=accel_choice(request.config).chosen)  # fmt: skip
+    factory = MachineFactory(defaults, base=base)
+    node.stash[_FACTORY_KEY] = (factory, dest)
     try:
         yield factory
     finally:
-        factory.close(failed=_failed(request.node), artifacts=dest)
-        import shutil
-
+        failed = _failed_reports(node)
+        kept = factory.close(failed=bool(failed), artifacts=dest)
+        if kept is not None:
+            _write_report(kept, node.nodeid, failed)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _write_report(dest: Path, nodeid: str, failed: list[pytest.TestReport]) -> None:
+    try:
+        with (dest / "failure.txt").open("w") as fh:
+            fh.write(f"{nodeid}\n")
+            for rep in failed:
+                fh.write(f"\n--- {rep.when} ---\n{rep.longreprtext}\n")
+    except OSError:
+        pass
 
 
 @pytest.fixture
 def vm(vm_factory: MachineFactory) -> Machine:
     """A started default UEFI guest (split pflash, private varstore, SSH ready)."""
     return vm_factory()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    from harness.qemu_process import reap_all
-
-    reap_all()

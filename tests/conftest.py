@@ -1,0 +1,61 @@
+"""Shared test wiring: pytester for the plugin's own tests, short private run dirs, and a
+way to find the QEMU processes one test started (by a marker in their command lines)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.paths import cache_root
+
+pytest_plugins = ["pytester"]
+
+# pytester points HOME at its scratch directory; inner sessions must still find the
+# provisioned builds and images (otherwise they would provision everything again)
+CACHE = cache_root()
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.setenv("HARNESS_CACHE", str(CACHE))
+    return pytester
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """PIDs of live (non-zombie) QEMU processes whose command line contains ``marker``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z" or not argv or b"qemu-system" not in argv[0]:
+            continue
+        if any(marker.encode() in a for a in argv):
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.fixture
+def harness_rundir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short private directory used as ``HARNESS_RUNDIR`` (unix socket paths must stay
+    under 107 bytes): every QEMU of the test has it in its command line."""
+    path = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
+    monkeypatch.setenv("HARNESS_RUNDIR", str(path))
+    yield path
+    for pid in qemu_pids(str(path)):  # never leave one behind, even when the test failed
+        os.kill(pid, 9)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def find_qemu() -> Callable[[str], list[int]]:
+    return qemu_pids
