@@ -212,10 +212,11 @@ def assert_efivar(vm: Machine, name: str, expected: bytes, guid: str = HARNESS_G
 
 # --- the guest's whole efivarfs view ---------------------------------------------------------
 
-# One line per variable: NAME-GUID, a tab, the file's bytes in hex (attributes first).
+# One record per variable: a newline, "@", NAME-GUID, a tab, then od's hex of the file
+# (attributes first) over as many lines as it takes: one od process per variable.
 _DUMP_VARS = (
     "cd /sys/firmware/efi/efivars || exit 3; for f in *; do [ -e \"$f\" ] || continue; "
-    "printf '%s\\t' \"$f\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; done"
+    "printf '\\n@%s\\t' \"$f\"; od -An -v -tx1 \"$f\"; done"
 )
 _GUID_TAIL = 36
 
@@ -223,15 +224,13 @@ _GUID_TAIL = 36
 def parse_efivar_dump(text: str) -> dict[tuple[str, str], tuple[int, bytes]]:
     """Parse the dump of efivarfs: (name, guid) -> (attributes, data)."""
     out: dict[tuple[str, str], tuple[int, bytes]] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fname, sep, hexdata = line.rpartition("\t")
+    for record in text.split("\n@")[1:] if text.startswith("\n@") else _records(text):
+        fname, sep, hexdata = record.partition("\t")
         if not sep or len(fname) < _GUID_TAIL + 2 or fname[-_GUID_TAIL - 1] != "-":
-            raise StateError(f"efivarfs dump line malformed: {line[:120]!r}")
+            raise StateError(f"efivarfs dump record malformed: {record[:120]!r}")
         name, guid = fname[: -_GUID_TAIL - 1], fname[-_GUID_TAIL:].lower()
         try:
-            raw = bytes.fromhex(hexdata.strip())
+            raw = bytes.fromhex("".join(hexdata.split()))
         except ValueError as exc:
             raise StateError(f"efivarfs dump of {fname}: not hex: {hexdata[:60]!r}") from exc
         if len(raw) < 4:
@@ -240,6 +239,12 @@ def parse_efivar_dump(text: str) -> dict[tuple[str, str], tuple[int, bytes]]:
             continue
         out[(name, guid)] = (int.from_bytes(raw[:4], "little"), raw[4:])
     return out
+
+
+def _records(text: str) -> list[str]:
+    if text.strip():
+        raise StateError(f"efivarfs dump record malformed: {text[:120]!r}")
+    return []
 
 
 def guest_variables(vm: Machine) -> dict[tuple[str, str], tuple[int, bytes]]:

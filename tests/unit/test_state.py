@@ -180,24 +180,30 @@ def test_efivar_problem_length_change() -> None:
 
 
 def _dump_line(name: str, guid: str, attrs: int, data: bytes) -> str:
-    return f"{name}-{guid}\t{(struct.pack('<I', attrs) + data).hex()}"
+    """One variable as the guest's dump prints it: od's lines of 16 spaced hex bytes."""
+    raw = struct.pack("<I", attrs) + data
+    lines = "".join(" " + " ".join(f"{b:02x}" for b in raw[i:i + 16]) + "\n"
+                    for i in range(0, len(raw), 16))  # fmt: skip
+    return f"\n@{name}-{guid}\t{lines}"
 
 
 def test_parse_efivar_dump_handles_spaces_and_short_reads() -> None:
-    text = "\n".join([
-        _dump_line("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e", 3, b"\x00\x01"),
+    long = bytes(range(40))  # spans three od lines
+    text = "".join([
+        _dump_line("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e", 3, long),
         _dump_line("BootOrder", GLOBAL.upper(), 7, b"\x01\x00\x00\x00"),
-        f"Gone-{GLOBAL}\t00",  # removed while listing: fewer than 4 bytes
-        "",
+        f"\n@Gone-{GLOBAL}\t",  # removed while listing: od printed nothing
     ])  # fmt: skip
     out = state.parse_efivar_dump(text)
     assert out == {
-        ("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e"): (3, b"\x00\x01"),
+        ("Attempt 1", "7b7e6a43-7c8b-4e9b-9d2a-0f3a4b5c6d7e"): (3, long),
         ("BootOrder", GLOBAL): (7, b"\x01\x00\x00\x00"),
     }
+    assert state.parse_efivar_dump("") == {}
 
 
-@pytest.mark.parametrize("line", ["no-tab-here", "Short-1234\t0700", f"X-{GLOBAL}\tzz"])
+@pytest.mark.parametrize("line", ["garbage", "\n@no-tab-here", "\n@Short-1234\t 07 00",
+                                  f"\n@X-{GLOBAL}\t zz"])
 def test_parse_efivar_dump_rejects_garbage(line: str) -> None:
     with pytest.raises(StateError, match="efivarfs dump"):
         state.parse_efivar_dump(line)

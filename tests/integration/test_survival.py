@@ -1,0 +1,91 @@
+"""A guest-written EFI variable and a guest-set BootOrder survive live migration,
+save/restore, cpr-transfer and cpr-reboot: in the guest's view and in the host-side
+varstore file; the destination's varstore (a fresh template copy) equals the source's
+byte for byte afterwards; the guest's view equals the file after each operation and after
+the guest powers off.  Stateless firmware boots, keeps variables only in guest RAM, and
+forgets them when QEMU restarts.
+
+One guest serves several operations (each TCG boot costs ~20-40 s here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from harness import migration, state, survival
+from harness.errors import StateError
+from harness.factory import MachineFactory
+from harness.machine import Machine
+
+pytestmark = pytest.mark.integration
+
+
+def _move(vm: Machine, op: str, planted: survival.Planted) -> migration.MigrationResult:
+    """One operation, then every survival check; the source's varstore is captured first."""
+    src_vars = vm.varstore_path
+    before = state.snapshot(vm)
+    result = migration.operation(op)(vm)  # check=True: raises MigrationError with the result
+    after = state.snapshot(vm)
+    state.assert_survived(before, after)
+    assert vm.varstore_path != src_vars, f"{op}: the destination reused the source's varstore"
+    survival.assert_persisted(vm, planted, source_varstore=src_vars, what=f"after {op}")
+    return result
+
+
+def _poweroff_and_check(vm: Machine, planted: survival.Planted) -> None:
+    """Guest view before poweroff == the file QEMU leaves behind."""
+    path = vm.varstore_path
+    guest_vars = state.guest_variables(vm)
+    survival.assert_no_problems(survival.guest_problems(vm, planted, guest_vars), "before poweroff")
+    state.poweroff(vm)
+    assert not vm.running
+    survival.assert_no_problems(
+        survival.host_problems(path, planted) + survival.view_problems(path, guest_vars),
+        "the varstore file after guest poweroff",
+    )
+
+
+@pytest.mark.requires(mode="cpr-transfer")
+def test_live_save_restore_and_cpr_transfer_keep_the_varstore(vm_factory: MachineFactory) -> None:
+    vm = vm_factory(name="surv-memfd", **migration.spec_fields_for("cpr-transfer"))
+    planted = survival.plant(vm)
+    survival.assert_persisted(vm, planted, what="before any operation")
+    timings = {}
+    for op in ("live", "save-restore", "cpr-transfer"):
+        t0 = time.monotonic()
+        _move(vm, op, planted)
+        timings[op] = round(time.monotonic() - t0, 2)
+    print(f"op+checks wall seconds: {timings}")
+    _poweroff_and_check(vm, planted)
+
+
+@pytest.mark.requires(mode="cpr-reboot")
+def test_cpr_reboot_keeps_the_varstore(vm_factory: MachineFactory) -> None:
+    vm = vm_factory(name="surv-file", **migration.spec_fields_for("cpr-reboot"))
+    planted = survival.plant(vm)
+    for _cycle in range(2):
+        _move(vm, "cpr-reboot", planted)
+    _poweroff_and_check(vm, planted)
+
+
+def test_stateless_firmware_forgets_guest_variables_on_restart(vm_factory: MachineFactory) -> None:
+    vm = vm_factory(name="stateless", firmware_mode="stateless")
+    planted = survival.plant(vm, boot_order=False)
+    # In the running guest the variable is there, and stays there across a live migration
+    # (it lives in guest RAM) ...
+    survival.assert_persisted(vm, planted, what="on stateless firmware before restart")
+    migration.live(vm)
+    survival.assert_persisted(vm, planted, what="live migration on stateless firmware")
+    # ... but there is no file, and the checks say so rather than failing obscurely.
+    with pytest.raises(StateError, match="stateless firmware"):
+        survival.host_problems(vm, planted)
+    spec = vm.spec
+    vm.stop()
+    again = vm_factory(**{k: getattr(spec, k) for k in ("name", "firmware", "firmware_mode")})
+    assert again.spec == spec
+    survival.assert_forgotten(again, planted)
+    with pytest.raises(StateError, match="stateless firmware: variables live in guest RAM only"):
+        (name, guid), value = next(iter(planted.variables.items()))
+        state.assert_efivar(again, name, value, guid)
