@@ -642,7 +642,8 @@ class Builder:
         """The recipe's .deb files, downloaded (once) into the image cache."""
         r = self.recipe
         listing = json.dumps([r.suite, r.deb_arch, r.kernel_meta, sorted(r.debs)]).encode()
-        dest = images_dir() / "debs" / f"{r.name}-{hashlib.sha256(listing).hexdigest()[:12]}"
+        # Keyed by the package listing alone: recipes with the same packages share them.
+        dest = images_dir() / "debs" / hashlib.sha256(listing).hexdigest()[:16]
         found = None if refresh else _read_debset(dest)
         if found is not None:
             return found

@@ -140,8 +140,10 @@ def ssh(image: Image, port: int, host_key: str | None = None) -> paramiko.SSHCli
     return client
 
 
-def agent(client: paramiko.SSHClient, *args: str, ok: bool = True) -> dict[str, Any]:
-    _in, out, err = client.exec_command("agent " + " ".join(args), timeout=120)
+def agent(
+    client: paramiko.SSHClient, *args: str, ok: bool = True, timeout: float = 120
+) -> dict[str, Any]:
+    _in, out, err = client.exec_command("agent " + " ".join(args), timeout=timeout)
     rc = out.channel.recv_exit_status()
     text = out.read().decode()
     lines = text.strip().splitlines()
@@ -261,3 +263,68 @@ def test_direct_kernel_boot_config_precedence(qemu10: Qemu, minimal: Image, tmp_
             agent(client, "efivar", "list", ok=False)
         finally:
             client.close()
+
+
+@pytest.fixture(scope="module")
+def nested_l1() -> Image:
+    return ensure_image("nested-l1")
+
+
+def test_nested_l1_runs_l2_with_kvm(
+    qemu10: Qemu, ovmf: Path, nested_l1: Image, tmp_path: Path
+) -> None:
+    assert nested_l1.data_disk is not None
+    vars_copy = tmp_path / "vars.fd"
+    shutil.copyfile(ovmf / "OVMF_VARS_4M.fd", vars_copy)
+    args = [
+        "-cpu", "max", "-m", "2048",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf / 'OVMF_CODE_4M.fd'}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        "-drive", f"file={nested_l1.esp},if=virtio,format=raw,snapshot=on",
+        "-drive", f"file={nested_l1.data_disk},if=virtio,format=raw,readonly=on",
+    ]  # fmt: skip
+    with qemu_guest(qemu10, args, tmp_path / "serial.log") as vm:
+        ready, ready_s = vm.wait_ready(timeout=400)
+        print(f"nested-l1 UEFI boot to HARNESS-READY: {ready_s:.1f} s")
+        assert ready["image"] == "nested-l1"
+        l1 = ssh(nested_l1, vm.port)
+        try:
+            started = agent(l1, "l2", "start", "--accel", "kvm", "--timeout", "600", timeout=660)
+            print(f"L2 start (UEFI, kvm inside L1) to HARNESS-READY: {started['ready_s']} s")
+            assert started["ok"] is True
+            assert started["boot_id"] != ready["boot_id"]
+            agent(l1, "l2", "start", ok=False)  # already running
+            status = agent(l1, "l2", "status")
+            assert status["running"] is True and status["accel"] == "kvm"
+
+            # L2's sshd through L1: a direct-tcpip channel to 127.0.0.1:2222 inside L1
+            transport = l1.get_transport()
+            assert transport is not None
+            channel = transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", 2222), ("127.0.0.1", 0), timeout=60
+            )
+            l2 = paramiko.SSHClient()
+            kind, blob = nested_l1.host_key.split()[:2]
+            key = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
+            l2.get_host_keys().add("[127.0.0.1]:2222", kind, key)
+            l2.set_missing_host_key_policy(paramiko.RejectPolicy())
+            l2.connect(
+                "127.0.0.1", port=2222, username="root", sock=channel,
+                pkey=paramiko.Ed25519Key.from_private_key_file(str(nested_l1.client_key)),
+                allow_agent=False, look_for_keys=False, timeout=60, banner_timeout=60,
+            )  # fmt: skip
+            try:
+                l2_status = agent(l2, "status")
+                assert l2_status["image"] == "minimal"
+                assert l2_status["boot_id"] == started["boot_id"]
+                hb1 = agent(l2, "heartbeat")
+                time.sleep(1.0)
+                hb2 = agent(l2, "heartbeat")
+                assert hb2["count"] > hb1["count"]
+                assert agent(l2, "boot")["BootCurrent"] is not None
+            finally:
+                l2.close()
+            assert agent(l1, "l2", "stop")["was_running"] is True
+            assert agent(l1, "l2", "status")["running"] is False
+        finally:
+            l1.close()
