@@ -341,7 +341,8 @@ def save(
     _fill_stats(result, info)
     result.wall_s = time.monotonic() - t0
     if info.get("status") != "completed":
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():
+            tmp.unlink()
         result.source_running = _source_running(src)
         if not result.source_running and src.process.running:
             try:  # a failed save must leave the source running
@@ -497,7 +498,8 @@ def cpr_reboot(
         info = {"status": "failed", "error-desc": str(exc)}
     _fill_stats(result, info)
     if info.get("status") != "completed":
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():
+            tmp.unlink()
         result.source_running = _source_running(src)
         result.wall_s = time.monotonic() - t0
         return _check(result.fail(str(info.get("error-desc") or "cpr-reboot save failed")), check)

@@ -100,7 +100,15 @@ class _Machine(QEMUMachine):
     def connect_deferred(self) -> None:
         self._defer_qmp = False
         if self._qmp_connection:
-            self._qmp.connect()
+            # A cpr-transfer destination may emit events before it answers
+            # qmp_capabilities, which the stock negotiation treats as a protocol error:
+            # take the greeting, start the reader, then negotiate like any command.
+            legacy = self._qmp
+            client = legacy._qmp
+            client.await_greeting = True
+            client.negotiate = False
+            legacy._sync(client.connect(legacy._address))
+            legacy.cmd("qmp_capabilities")
 
     @property
     def log_path(self) -> str | None:

@@ -82,7 +82,7 @@ def test_failed_live_migration_leaves_source_running() -> None:
         res = migration.live(vm, to=builds.get_build("7.2"), check=False)
         assert not res.ok and res.signature == "machine-type-not-found", res.error
         assert res.source_running is True
-        assert len(vm.history) == 2 and vm.process.name == "qemu-0"
+        assert vm.process.name == "qemu-0"  # still the original QEMU
         state.assert_survived(before, state.snapshot(vm))
 
 
