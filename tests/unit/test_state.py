@@ -321,3 +321,38 @@ def test_assert_no_problems() -> None:
     survival.assert_no_problems([], "nothing")
     with pytest.raises(StateError, match="heading:\n  - a\n  - b"):
         survival.assert_no_problems(["a", "b"], "heading")
+
+
+def test_assert_persisted_collects_guest_file_view_and_identity_problems(booted: Path, tmp_path: Path) -> None:
+    model = varstore.read_varstore(booted)
+    dump = "".join(_dump_line(n, g, v.attributes, v.data) for (n, g), v in model.variables.items()
+                   if v.non_volatile and v.attributes & varstore.RUNTIME_ACCESS)  # fmt: skip
+    vm = FakeVm(lambda cmd: (0, dump))
+    vm.varstore_path = booted  # type: ignore[attr-defined]
+    planted = survival.Planted({("HarnessSurvive", state.HARNESS_GUID): b"v"}, tuple(model.boot_order))
+    with pytest.raises(StateError) as exc:
+        survival.assert_persisted(vm, planted, what="after test")  # type: ignore[arg-type]
+    text = str(exc.value)
+    assert text.startswith("guest-written varstore state did not survive after test:")
+    assert "expected 'v' in the guest, found nothing" in text
+    assert f"expected 'v' in the varstore file {booted}, found nothing" in text
+    # the same file as "source" is no fresh copy; a different one must be identical
+    problems = survival.persisted_problems(vm, planted, source_varstore=booted)  # type: ignore[arg-type]
+    assert any("not a fresh copy" in p for p in problems)
+    other = tmp_path / "other.fd"
+    _with_var(booted, other, "Other", b"x")
+    problems = survival.persisted_problems(vm, planted, source_varstore=other, timeout=0.2)  # type: ignore[arg-type]
+    assert any(p.startswith(f"destination varstore {booted} is not the source's {other}") and
+               "missing Other" in p for p in problems), problems
+    ok = survival.Planted({}, tuple(model.boot_order))
+    assert survival.persisted_problems(vm, ok) == []  # type: ignore[arg-type]
+
+
+def test_reboot_refuses_the_old_boot_id() -> None:
+    vm = FakeVm(lambda cmd: (0, ""))
+    vm.console = SimpleNamespace(mark=lambda: 42)  # type: ignore[attr-defined]
+    vm.ready = SimpleNamespace(boot_id="same")  # type: ignore[attr-defined]
+    vm.wait_ready = lambda timeout, since: SimpleNamespace(boot_id="same")  # type: ignore[attr-defined]
+    with pytest.raises(StateError, match="old boot id same"):
+        state.reboot(vm)  # type: ignore[arg-type]
+    assert "reboot -f" in vm.ssh.commands[0]
