@@ -1,0 +1,136 @@
+"""Cross-version migrations of real UEFI guests (TCG): every ordered pair of the QEMU builds
+(the catalogue's, or the ``--qemu`` ones), the fleet upgrade and rollback chains, and one
+firmware upgrade pair; guest state, varstore and boot order checked after every hop.
+
+Each ordered pair (A, B) boots one guest on A and runs live A -> B, then save-restore
+B -> A on the same guest, so all six pairs of 5.2, 7.2 and 10.0.2 get both operations
+with six boots.  A hop that fails must be listed in firmware/expected-incompatibilities.toml
+with the signature it showed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import matrix
+from harness.factory import MachineFactory
+from harness.matrix import Plan
+from harness.scenarios import ScenarioOptions
+from harness.scenarios import cross_version as xv
+from harness.spec import VmSpec
+
+pytestmark = pytest.mark.integration
+
+
+def _versions(config: pytest.Config) -> list[str]:
+    return list(dict.fromkeys(config.getoption("--qemu") or []))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pair_plan" in metafunc.fixturenames:
+        plans = matrix.pair_plans(matrix.endpoints(_versions(metafunc.config)))
+        metafunc.parametrize("pair_plan", plans, ids=[p.name.replace("pair ", "").replace(" -> ", "-to-")
+                                                      for p in plans])  # fmt: skip
+
+
+def run(tmp_path: Path, plans: list[Plan], **extra: Any) -> list[dict[str, Any]]:
+    opts = ScenarioOptions(workdir=tmp_path / "w", artifacts=tmp_path / "artifacts", extra=extra)
+    report = xv.run_cross_version(opts, plans)
+    hops = [(h.plan, h.index) for p in plans for h in p.hops]
+    assert [(r["plan"], r["hop"]) for r in report.records] == hops, "every hop has exactly one record"
+    return report.records
+
+
+def assert_hop(rec: dict[str, Any]) -> None:
+    where = f"{rec['op']} {rec['source']} -> {rec['destination']} ({rec['machine']})"
+    if rec.get("expected_failure"):
+        assert rec["signature"] == rec["expected_signature"] and rec["reason"], where
+        return
+    assert rec["ok"], f"{where}: {rec.get('error') or rec.get('problems') or rec.get('note')}"
+    assert rec["status"] == "completed" and rec["problems"] == [], where
+    assert rec["boot_order"] not in ("", "(none)"), f"{where}: BootOrder was not read"
+    assert rec["downtime_ms"] is not None, where
+
+
+def test_pair(tmp_path: Path, pair_plan: Plan) -> None:
+    records = run(tmp_path, [pair_plan])
+    for rec in records:
+        assert rec["machine"] == pair_plan.machine
+        assert_hop(rec)
+    first = records[0]
+    assert first["source"] == pair_plan.boot and "boot_s" in first
+
+
+def test_upgrade_and_rollback_chains(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    eps = matrix.endpoints(_versions(request.config))
+    if len(eps) < 2:
+        pytest.skip("chains need two QEMU builds")
+    plans = matrix.chains(eps)
+    records = run(tmp_path, plans, parts=("chains",))
+    for rec in records:
+        assert_hop(rec)
+    ok = [r for r in records if r["ok"]]
+    if len(ok) == len(records):
+        # one guest carried through the whole chain and the rollback: a single boot
+        assert [("boot_s" in r) for r in records] == [True] + [False] * (len(records) - 1)
+    path = [records[0]["source"]] + [r["destination"] for r in records]
+    assert path == [e.label for e in eps] + [eps[-2].label]
+
+
+def test_firmware_pair_runs_source_image_until_cold_restart(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from harness import firmware
+
+    eps = matrix.endpoints(_versions(request.config))
+    fws = [matrix.FirmwareEndpoint.of(firmware.get_firmware(v)) for v in ("2022.11", "2025.02")]
+    (plan,) = matrix.firmware_plans(eps[-1], fws)
+    (rec,) = run(tmp_path, [plan])
+    assert_hop(rec)
+    assert rec["firmware_seen"] == {
+        "after_migration": "2022.11",
+        "after_warm_reboot": "2022.11",
+        "after_cold_restart": "2025.02",
+    }
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[Any]:
+    with MachineFactory(VmSpec(firmware="2022.11", name="xvcheck"), base=tmp_path / "w") as f:
+        yield f()
+
+
+def test_checks_fail_when_varstore_or_boot_order_change(guest: Any, tmp_path: Path) -> None:
+    """The failing cases of the per-hop checks, on one guest without a migration."""
+    from harness import firmware, state
+
+    before = xv.before_hop(guest, "check")
+    time.sleep(1.5)  # the heartbeat ticks once a second
+    assert xv.guest_problems(guest, before) == []
+    # the guest's variable rewritten: seen in the guest and in the host varstore file
+    state.write_efivar(guest, xv.XV_VAR, b"something-else")
+    problems = xv.guest_problems(guest, before)
+    assert any("in the guest: expected" in p for p in problems), problems
+    assert any("host varstore" in p and xv.XV_VAR in p for p in problems), problems
+    # a source varstore file that is not the destination's bytes
+    other = tmp_path / "other.fd"
+    other.write_bytes(before.varstore.read_bytes()[:-1] + b"\x00")
+    state.write_efivar(guest, xv.XV_VAR, before.value)
+    moved = xv.Before(before.state, before.value, before.boot_order, other)
+    assert any("differs from the source's" in p for p in xv.varstore_problems(guest, before.value, other,
+                                                                             before.boot_order, timeout=0))
+    assert xv.guest_problems(guest, moved) != []
+    # BootOrder changed in the guest
+    order = list(before.boot_order)
+    assert len(order) >= 2, f"the guest has too few boot entries to reorder: {order}"
+    guest.agent("bootorder", "set", ",".join(f"{n:04X}" for n in reversed(order)))
+    problems = xv.guest_problems(guest, before)
+    assert any("BootOrder in the guest changed" in p for p in problems), problems
+    assert any("host varstore" in p and "BootOrder" in p for p in problems), problems
+    # the flash holds 2022.11's image: 2025.02's file does not match it
+    fw = {v: firmware.get_firmware(v).select().code for v in ("2022.11", "2025.02")}
+    assert xv.which_firmware(guest, fw) == "2022.11"
+    assert xv.which_firmware(guest, {"2025.02": fw["2025.02"]}).startswith("unknown")
