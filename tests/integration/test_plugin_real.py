@@ -72,9 +72,10 @@ def _wait_for(what: str, cond: Callable[[], bool], timeout: float, proc: subproc
 
 
 @contextmanager
-def inner_pytest(tmp_path: Path, source: str, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def inner_pytest(tmp_path: Path, source: str, *args: str,
+                 conftest_extra: str = "") -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """``pytest`` on an inner test file in a subprocess; always reaped."""
-    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST + conftest_extra)
     (tmp_path / "test_inner.py").write_text(source)
     log = tmp_path / "inner.log"
     env = dict(os.environ, HARNESS_TEST_LEFTOVERS=str(tmp_path / "leftovers.json"),
@@ -207,6 +208,23 @@ def test_sigkill_of_pytest_leaves_no_orphan(harness_rundir: Path, tmp_path: Path
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         _wait_for("QEMU to die with its parent", lambda: not find_qemu(marker), 15, proc, log)
+
+
+def test_control_without_parent_death_signal_qemu_is_orphaned(
+    harness_rundir: Path, tmp_path: Path, find_qemu: FindQemu
+) -> None:
+    """The failing case of the test above: the same run with the parent-death signal
+    disabled leaves an orphaned QEMU (which the ``harness_rundir`` fixture then kills)."""
+    marker = str(harness_rundir)
+    no_pdeathsig = "\nimport harness.qemu_process\nharness.qemu_process._child_setup = lambda: None\n"
+    with inner_pytest(tmp_path, BOOT_ONE, conftest_extra=no_pdeathsig) as (proc, log):
+        _wait_for("QEMU to start", lambda: bool(find_qemu(marker)), 180, proc, log)
+        [qemu] = find_qemu(marker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(3)
+        assert find_qemu(marker) == [qemu], "QEMU died without the parent-death signal"
+        assert _ppid(qemu) != proc.pid  # reparented: an orphan
 
 
 def test_sigkill_of_xdist_worker_leaves_no_orphan(harness_rundir: Path, tmp_path: Path,

@@ -259,3 +259,27 @@ def test_library_imports_without_pytest() -> None:
                          check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_artifacts_dir_default_and_relative(pytester: pytest.Pytester, harness_rundir: Path) -> None:
+    pytester.makepyfile("""
+        def test_guest_fails(vm_factory):
+            vm_factory(start=False)
+            raise AssertionError("fails on purpose")
+
+        def test_no_guest_fails(vm_factory):
+            raise AssertionError("fails without a guest")
+    """)
+    res = pytester.runpytest()
+    res.assert_outcomes(failed=2)
+    default = pytester.path / "artifacts"
+    assert [p.name for p in default.iterdir()] == ["test_artifacts_dir_default_and_relative.py_test_guest_fails_qemu10.0.2-ovmf2022.11"]
+    assert res.stdout.str().count("kept in ") == 1  # only the test that had a guest
+
+    pytester.makeini("""
+        [pytest]
+        harness_artifacts = kept/here
+    """)
+    res = pytester.runpytest("-k", "test_guest_fails")
+    res.assert_outcomes(failed=1)
+    res.stdout.fnmatch_lines([f"kept in {pytester.path}/kept/here/*test_guest_fails*"])
