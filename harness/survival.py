@@ -78,8 +78,10 @@ def plant(vm: Machine, value: bytes | None = None, *, name: str = SURVIVE_VAR,
 
 
 def guest_problems(vm: Machine, planted: Planted,
-                   guest_vars: Mapping[tuple[str, str], tuple[int, bytes]] | None = None) -> list[str]:
-    """The planted variables and BootOrder as the guest reads them."""
+                   guest_vars: Mapping[tuple[str, str], tuple[int, bytes]] | None = None, *,
+                   order_may_grow: bool = False) -> list[str]:
+    """The planted variables and BootOrder as the guest reads them (``order_may_grow``:
+    entries appended after the planted order are accepted, e.g. after a firmware upgrade)."""
     gv = guest_vars if guest_vars is not None else state.guest_variables(vm)
     out = []
     for (name, guid), value in planted.variables.items():
@@ -93,13 +95,15 @@ def guest_problems(vm: Machine, planted: Planted,
             out.append("BootOrder: the guest has none")
         else:
             out += bootorder.boot_order_problems(
-                planted.boot_order, varstore.decode_boot_order(got[1]), "the guest")
+                planted.boot_order, varstore.decode_boot_order(got[1]), "the guest",
+                may_grow=order_may_grow)
     if out and vm.spec.firmware_mode == "stateless":
         out.append(STATELESS_NOTE)
     return out
 
 
-def model_problems(model: VarstoreModel, planted: Planted) -> list[str]:
+def model_problems(model: VarstoreModel, planted: Planted, *,
+                   order_may_grow: bool = False) -> list[str]:
     """The planted variables and BootOrder in a varstore file's model."""
     out = []
     for (name, guid), value in planted.variables.items():
@@ -110,7 +114,8 @@ def model_problems(model: VarstoreModel, planted: Planted) -> list[str]:
             out.append(p)
     if planted.boot_order is not None:
         out += bootorder.boot_order_problems(planted.boot_order, model.boot_order,
-                                             f"the varstore file {model.path}")  # fmt: skip
+                                             f"the varstore file {model.path}",
+                                             may_grow=order_may_grow)  # fmt: skip
     if planted.boot_entry is not None and planted.boot_entry not in model.boot_entries:
         out.append(f"{boot_name(planted.boot_entry)} (the guest's own entry) is not in {model.path}")
     return out
@@ -122,12 +127,14 @@ def _file_of(vm: Machine) -> Path:
     return vm.varstore_path
 
 
-def host_problems(target: Machine | Path, planted: Planted) -> list[str]:
+def host_problems(target: Machine | Path, planted: Planted, *,
+                  order_may_grow: bool = False) -> list[str]:
     """The planted state in the host-side varstore file (of the guest's current process,
     or a path, e.g. one taken before the guest powered off)."""
     path = target if isinstance(target, Path) else _file_of(target)
     try:
-        return model_problems(varstore.read_varstore(path), planted)
+        return model_problems(varstore.read_varstore(path), planted,
+                              order_may_grow=order_may_grow)
     except HarnessError as exc:
         return [f"host varstore unreadable: {exc}"]
 
@@ -183,13 +190,13 @@ def wait_identical(source: Path, dest: Path, timeout: float = 15.0) -> list[str]
 
 
 def persisted_problems(vm: Machine, planted: Planted, *, source_varstore: Path | None = None,
-                       timeout: float = 15.0) -> list[str]:
+                       timeout: float = 15.0, order_may_grow: bool = False) -> list[str]:
     """Everything :mod:`harness.survival` checks, for the guest as it runs now: guest view,
     host file, guest view vs file, and (with ``source_varstore``, taken before a
     migration) destination == source byte for byte.  For a stateless guest only the
     guest's view is checked."""
     guest_vars = state.guest_variables(vm)
-    out = guest_problems(vm, planted, guest_vars)
+    out = guest_problems(vm, planted, guest_vars, order_may_grow=order_may_grow)
     if vm.spec.firmware_mode == "stateless":
         return out
     path = vm.varstore_path
@@ -198,15 +205,16 @@ def persisted_problems(vm: Machine, planted: Planted, *, source_varstore: Path |
             out.append(f"the destination uses the source's varstore file {path}: not a fresh copy")
         else:
             out += wait_identical(source_varstore, path, timeout)
-    out += host_problems(path, planted)
+    out += host_problems(path, planted, order_may_grow=order_may_grow)
     out += view_problems(path, guest_vars)
     return out
 
 
 def assert_persisted(vm: Machine, planted: Planted, *, source_varstore: Path | None = None,
-                     what: str = "") -> None:
+                     what: str = "", order_may_grow: bool = False) -> None:
     """Fail with every problem :func:`persisted_problems` finds."""
-    problems = persisted_problems(vm, planted, source_varstore=source_varstore)
+    problems = persisted_problems(vm, planted, source_varstore=source_varstore,
+                                  order_may_grow=order_may_grow)
     if problems:
         head = f"guest-written varstore state did not survive{' ' + what if what else ''}"
         raise StateError(head + ":\n  - " + "\n  - ".join(problems))

@@ -132,6 +132,11 @@ def test_boot_order_and_boot_next_problems(model: varstore.VarstoreModel) -> Non
     assert bootorder.boot_order_problems([1, 2], [1, 2], "x") == []
     assert bootorder.boot_order_problems([0x100, 1], [1], "the guest") == [
         "BootOrder in the guest: removed Boot0100; [Boot0100, Boot0001] -> [Boot0001]"]
+    assert bootorder.boot_order_problems([0x100, 1], [0x100, 1, 5], "x", may_grow=True) == []
+    (p,) = bootorder.boot_order_problems([0x100, 1], [1, 0x100, 5], "x", may_grow=True)
+    assert "reordered" in p and "added Boot0005" in p
+    (p,) = bootorder.boot_order_problems([0x100, 1], [0x100, 1, 5], "x")
+    assert p.startswith("BootOrder in x: added Boot0005")
     assert bootorder.boot_next_problems(_view(1)) == []
     (p,) = bootorder.boot_next_problems(_view(1, nxt=1))
     assert 'BootNext is still set in the guest (Boot0001 "disk")' in p
