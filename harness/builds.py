@@ -351,6 +351,14 @@ def register(path: Path | str, label: str | None = None, arch: str = "x86_64") -
 _REGISTERED: dict[str, QemuBuild] = {}
 
 
+def _load_registry(wanted: str | None = None) -> None:
+    # Builds registered by another process of this run ($HARNESS_REGISTRY, e.g. nightly's
+    # --qemu-deb seen from an xdist worker) and source builds looked up by src: label.
+    from harness import registry
+
+    registry.load(wanted)
+
+
 def add_registered(build: QemuBuild) -> None:
     """Make a registered build findable by its label for this process."""
     _REGISTERED[build.label] = build
@@ -358,6 +366,7 @@ def add_registered(build: QemuBuild) -> None:
 
 def get_build(version: str, arch: str = "x86_64") -> QemuBuild:
     """A build by catalogue version (``10.0``, ``10.0.2``), registered label, or path."""
+    _load_registry(version)
     if version in _REGISTERED:
         return _REGISTERED[version]
     if "/" in version:
@@ -376,6 +385,7 @@ def get_build(version: str, arch: str = "x86_64") -> QemuBuild:
 
 def all_builds(arch: str = "x86_64") -> list[QemuBuild]:
     """Every catalogue build for ``arch`` plus registered ones, oldest first."""
+    _load_registry()
     builds = [from_catalog(e) for e in catalog_mod.default().qemu if e.arch == arch]
     builds += [b for b in _REGISTERED.values() if b.arch == arch]
     return builds

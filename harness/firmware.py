@@ -550,8 +550,16 @@ def _debian_version(prefix: Path, package: str) -> str:
 _REGISTERED: dict[str, FirmwareBuild] = {}
 
 
+def _load_registry() -> None:
+    # Firmware registered by another process of this run ($HARNESS_REGISTRY).
+    from harness import registry
+
+    registry.load()
+
+
 def get_firmware(version: str, arch: str = "x86_64") -> FirmwareBuild:
     """A firmware build by version (registered first, then the catalogue; provisions)."""
+    _load_registry()
     for key in (f"{version}/{arch}",):
         if key in _REGISTERED:
             return _REGISTERED[key]
@@ -570,6 +578,7 @@ def get_firmware(version: str, arch: str = "x86_64") -> FirmwareBuild:
 
 def all_firmware(arch: str | None = None) -> tuple[FirmwareBuild, ...]:
     """Every catalogue build (provisioned if needed) and every registered one."""
+    _load_registry()
     cat = catalog.default()
     builds = [
         get_firmware(e.version, e.arch) for e in cat.firmware if arch is None or e.arch == arch

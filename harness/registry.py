@@ -1,0 +1,400 @@
+"""User builds registered for a run, visible to every process of that run.
+
+People validating distro packages hand the harness ``.deb`` files (``--qemu-deb``,
+``--ovmf-deb``) or a directory (``--qemu-dir``); people chasing a bug hand it a source build.
+This module turns each into a :class:`~harness.builds.QemuBuild` or
+:class:`~harness.firmware.FirmwareBuild` and records it in a small JSON *registry file*.  The
+file's path travels in ``$HARNESS_REGISTRY``, so pytest-xdist workers and other subprocesses
+see the same builds: :func:`harness.builds.get_build` / ``all_builds`` and
+:func:`harness.firmware.get_firmware` / ``all_firmware`` call :func:`load` first.
+
+QEMU ``.deb`` files are unpacked once into a content-addressed prefix under
+``<cache>/builds/registered-qemu-...``.  A distro's QEMU package needs libraries Debian 12
+may lack (``libcapstone4``, ``liburing2``, ...); when the given packages do not bring them,
+the library directories of the catalogue prefix of the same QEMU version are reused; when
+that is not enough either, :class:`~harness.errors.ProvisionError` names the missing sonames.
+
+Source builds (``harness build-qemu``) are found by their label ``src:VERSION+HASH8`` from
+the source-build cache, registry file or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import builds as builds_mod
+from harness import catalog as catalog_mod
+from harness.builds import QemuBuild
+from harness.catalog import QemuEntry, Version
+from harness.errors import ConfigError, ProvisionError
+from harness.paths import cache_root, ensure_dir
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "HARNESS_REGISTRY"
+FORMAT = 1
+#: The packages of a QEMU build; the system emulator's own package must be among the debs.
+QEMU_PACKAGE = "qemu-system-x86"
+
+
+@dataclass
+class Registration:
+    """What :func:`register_from_options` registered, and where the registry file is."""
+
+    path: Path
+    qemu: list[str] = field(default_factory=list)
+    firmware: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"registry": str(self.path), "qemu": self.qemu, "firmware": self.firmware}
+
+
+# --- the registry file -------------------------------------------------------------------
+
+
+def registry_path() -> Path | None:
+    """The registry file of this run (``$HARNESS_REGISTRY``), if any."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"format": FORMAT, "qemu": [], "firmware": []}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"registry file {path} ({ENV_VAR}) is unreadable: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"registry file {path} ({ENV_VAR}): not a format-{FORMAT} registry")
+    data.setdefault("qemu", [])
+    data.setdefault("firmware", [])
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def qemu_record(build: QemuBuild) -> dict[str, Any]:
+    """A build as a registry record (every field needed to run it again)."""
+    return {
+        "label": build.label, "arch": build.arch, "binary": str(build.binary),
+        "datadirs": [str(d) for d in build.datadirs], "libdirs": [str(d) for d in build.libdirs],
+        "source": build.source, "prefix": str(build.prefix) if build.prefix else None,
+    }  # fmt: skip
+
+
+def qemu_from_record(rec: dict[str, Any]) -> QemuBuild:
+    """The inverse of :func:`qemu_record`."""
+    try:
+        return QemuBuild(
+            label=str(rec["label"]), arch=str(rec["arch"]), binary=Path(rec["binary"]),
+            datadirs=tuple(Path(d) for d in rec["datadirs"]),
+            libdirs=tuple(Path(d) for d in rec["libdirs"]),
+            source=str(rec["source"]), prefix=Path(rec["prefix"]) if rec.get("prefix") else None,
+        )  # fmt: skip
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"malformed QEMU record in the registry: {rec!r}") from exc
+
+
+def record(path: Path, *, qemu: Iterable[QemuBuild] = (),
+           firmware: Iterable[dict[str, str]] = ()) -> None:  # fmt: skip
+    """Add builds to the registry file at ``path`` (a later record of a label replaces it)."""
+    from filelock import FileLock
+
+    ensure_dir(path.parent)
+    with FileLock(str(path) + ".lock", timeout=60):
+        data = _read(path)
+        by_label = {r["label"]: r for r in data["qemu"]}
+        for b in qemu:
+            by_label[b.label] = qemu_record(b)
+        data["qemu"] = list(by_label.values())
+        by_version = {(r["version"], r["arch"]): r for r in data["firmware"]}
+        for fw in firmware:
+            by_version[(fw["version"], fw["arch"])] = dict(fw)
+        data["firmware"] = list(by_version.values())
+        _write(path, data)
+
+
+_LOADED: dict[str, tuple[int, int]] = {}  # registry path -> (mtime_ns, size) loaded
+
+
+def load(wanted: str | None = None) -> None:
+    """Make this run's registered builds known to this process (cheap when unchanged).
+
+    ``wanted``: a QEMU label being looked up; ``src:...`` labels are resolved from the
+    source-build cache even without a registry file.
+    """
+    path = registry_path()
+    if path is not None:
+        _load_file(path)
+    if wanted and wanted.startswith("src:") and wanted not in builds_mod._REGISTERED:
+        build = source_build(wanted)
+        if build is not None:
+            builds_mod.add_registered(build)
+
+
+def _load_file(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    stamp = (st.st_mtime_ns, st.st_size)
+    if _LOADED.get(str(path)) == stamp:
+        return
+    from harness import firmware as fw_mod
+
+    data = _read(path)
+    for rec in data["qemu"]:
+        builds_mod.add_registered(qemu_from_record(rec))
+    for rec in data["firmware"]:
+        key = f"{rec['version']}/{rec['arch']}"
+        if key not in fw_mod._REGISTERED:
+            fw_mod.register_firmware(Path(rec["path"]), version=rec["version"], arch=rec["arch"])
+    _LOADED[str(path)] = stamp
+
+
+def forget(path: Path) -> None:
+    """Drop what was loaded from ``path`` from this process (tests stay independent)."""
+    from harness import firmware as fw_mod
+
+    try:
+        data = _read(path)
+    except ConfigError:
+        data = {"qemu": [], "firmware": []}
+    for rec in data["qemu"]:
+        builds_mod._REGISTERED.pop(rec["label"], None)
+    for rec in data["firmware"]:
+        fw_mod.unregister_firmware(rec["version"], rec["arch"])
+    _LOADED.pop(str(path), None)
+
+
+# --- shared libraries ----------------------------------------------------------------------
+
+
+_NOT_FOUND = re.compile(r"^\s*(\S+)\s+=>\s+not found", re.MULTILINE)
+
+
+def missing_sonames(binary: Path, libdirs: Sequence[Path]) -> list[str]:
+    """The sonames ``binary`` needs that the loader cannot find with ``libdirs`` first."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join([str(d) for d in libdirs]
+                                      + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))  # fmt: skip
+    try:
+        proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True,
+                              env=env, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"ldd {binary} failed: {exc}") from exc
+    if proc.returncode != 0 and "not a dynamic executable" not in proc.stdout + proc.stderr:
+        raise ProvisionError(f"ldd {binary} exited {proc.returncode}: {proc.stderr.strip()}")
+    return sorted(set(_NOT_FOUND.findall(proc.stdout)))
+
+
+def catalog_entry_for(version: str, arch: str = "x86_64") -> QemuEntry | None:
+    """The catalogue entry of the same QEMU release (``7.2.22`` -> the ``7.2`` entry)."""
+    want = Version.parse(version)
+    for entry in catalog_mod.default().qemu:
+        if entry.arch != arch:
+            continue
+        ev = Version.parse(entry.version)
+        if want.matches(ev) or ev.matches(want):
+            return entry
+    return None
+
+
+def with_library_fallback(build: QemuBuild, version: str) -> QemuBuild:
+    """``build``, plus the catalogue prefix's library dirs if the loader needs them.
+
+    Raises :class:`ProvisionError` naming the sonames still missing.
+    """
+    missing = missing_sonames(build.binary, build.libdirs)
+    if not missing:
+        return build
+    entry = catalog_entry_for(version, build.arch)
+    if entry is None:
+        raise ProvisionError(
+            f"{build.binary} needs {', '.join(missing)}, which this host lacks, and no "
+            f"catalogue QEMU entry matches version {version} to borrow them from; pass the "
+            "library .debs too (e.g. --qemu-deb libfoo.deb)"
+        )
+    ref = builds_mod.from_catalog(entry)
+    libdirs = tuple(build.libdirs) + tuple(d for d in ref.libdirs if d not in build.libdirs)
+    still = missing_sonames(build.binary, libdirs)
+    if still:
+        raise ProvisionError(
+            f"{build.binary} needs {', '.join(still)}: neither the given packages, the host nor "
+            f"the catalogue {entry.version} prefix ({ref.prefix}) provide them; pass the "
+            "library .debs too"
+        )
+    log.info("%s borrows %s from the catalogue %s prefix", build.label, ", ".join(missing),
+             entry.version)  # fmt: skip
+    return QemuBuild(build.label, build.arch, build.binary, build.datadirs, libdirs,
+                     build.source, build.prefix)  # fmt: skip
+
+
+# --- QEMU from .deb files ------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
+                       arch: str = "x86_64") -> QemuBuild:  # fmt: skip
+    """Unpack QEMU packages (qemu-system-x86, -common, -data, seabios, ipxe, libs) as a build.
+
+    The label defaults to ``deb:<Debian version of qemu-system-x86>``.
+    """
+    from harness.provision import (
+        deb_field,
+        staging,
+        unpack,
+        upstream_version,
+        verify_prefix,
+        write_manifest,
+    )
+
+    paths = [Path(d).expanduser().resolve() for d in debs]
+    if not paths:
+        raise ConfigError("no QEMU .deb files given")
+    for p in paths:
+        if not p.is_file() or p.suffix != ".deb":
+            raise ConfigError(f"{p}: not a .deb file")
+    packages = {deb_field(p, "Package"): (p, deb_field(p, "Version")) for p in paths}
+    if QEMU_PACKAGE not in packages:
+        raise ConfigError(
+            f"none of the given .debs is {QEMU_PACKAGE} (got {', '.join(sorted(packages))}); "
+            "pass qemu-system-x86, qemu-system-common, qemu-system-data, seabios and ipxe-qemu"
+        )
+    debver = packages[QEMU_PACKAGE][1]
+    version = upstream_version(debver)
+    digest = hashlib.sha256("".join(sorted(_sha256(p) for p in paths)).encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9.+~-]", "_", debver)
+    prefix = cache_root() / "builds" / f"registered-qemu-{safe}-{digest}"
+    if verify_prefix(prefix) is not None:
+        with staging(prefix) as tmp:
+            unpack(paths, tmp)
+            write_manifest(tmp, {
+                "kind": "qemu", "registered": [str(p) for p in paths],
+                "packages": {k: v[1] for k, v in packages.items()}, "version": version,
+            })  # fmt: skip
+    default_label = f"deb:{debver.split(':', 1)[-1]}"  # without the epoch
+    build = builds_mod.from_prefix(prefix, label or default_label, arch, f"deb:{debver}")
+    if not build.binary.is_file():
+        raise ProvisionError(f"{QEMU_PACKAGE} {debver} has no {build.binary.relative_to(prefix)}")
+    return with_library_fallback(build, version)
+
+
+def register_qemu_dir(path: Path, label: str | None = None, arch: str = "x86_64") -> QemuBuild:
+    """A QEMU build directory or a directory of unpacked packages (libraries checked)."""
+    build = builds_mod.register(path, label=label, arch=arch)
+    version = _binary_version(build)
+    return with_library_fallback(build, version) if version else build
+
+
+def _binary_version(build: QemuBuild) -> str:
+    """The upstream version a directory build claims (manifest, VERSION file), or ''."""
+    from harness.provision import read_manifest
+
+    if build.prefix is not None:
+        man = read_manifest(build.prefix) or {}
+        if isinstance(man.get("version"), str):
+            return str(man["version"])
+        pkgs = man.get("packages")
+        if isinstance(pkgs, dict) and isinstance(pkgs.get(QEMU_PACKAGE), str):
+            from harness.provision import upstream_version
+
+            return upstream_version(pkgs[QEMU_PACKAGE])
+    for cand in (build.binary.parent / "VERSION", build.binary.parent.parent / "VERSION"):
+        if cand.is_file():
+            return cand.read_text().strip()
+    return ""
+
+
+# --- source builds -----------------------------------------------------------------------
+
+
+def from_source_build(sb: Any) -> QemuBuild:
+    """A :class:`harness.sources.SourceBuild` as a runnable build.
+
+    Debian's source tarball has no SeaBIOS/iPXE blobs, so after the build's own ``pc-bios``
+    come the data dirs of the catalogue prefix of the same release (or the newest one).
+    """
+    entry = catalog_entry_for(sb.version)
+    if entry is None:
+        entries = sorted(catalog_mod.default().qemu, key=lambda e: Version.parse(e.version))
+        entry = entries[-1] if entries else None
+    datadirs = [sb.build_dir / "pc-bios"]
+    if entry is not None:
+        datadirs += [d for d in builds_mod.from_catalog(entry).datadirs if d not in datadirs]
+    return QemuBuild(sb.label, "x86_64", sb.binary, tuple(d for d in datadirs if d.is_dir()),
+                     (), f"source:{sb.source}", sb.root)  # fmt: skip
+
+
+def source_build(label: str) -> QemuBuild | None:
+    """The cached source build labelled ``label`` (``src:10.0.2+1a2b3c4d``), or None."""
+    from harness import sources
+
+    for sb in sources.cached_builds():
+        if sb.label == label:
+            return from_source_build(sb)
+    return None
+
+
+# --- what nightly calls ------------------------------------------------------------------
+
+
+def default_registry_path() -> Path:
+    return cache_root() / "registries" / f"registry-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+
+
+def register_from_options(args: Any, path: Path | None = None) -> Registration:
+    """Register ``args.qemu_deb`` (one build from all of them), ``args.qemu_dir`` (one build
+    each) and ``args.ovmf_deb`` (one firmware build each) for this run.
+
+    The registry file is ``path``, else ``$HARNESS_REGISTRY``, else a new file under
+    ``<cache>/registries``; ``$HARNESS_REGISTRY`` is set to it so subprocesses (pytest and
+    its xdist workers) see the same builds.
+    """
+    from harness import firmware as fw_mod
+
+    qemu_debs = [Path(p) for p in getattr(args, "qemu_deb", None) or []]
+    qemu_dirs = [Path(p) for p in getattr(args, "qemu_dir", None) or []]
+    ovmf_debs = [Path(p) for p in getattr(args, "ovmf_deb", None) or []]
+    path = path or registry_path() or default_registry_path()
+    path = path.expanduser().resolve()
+    reg = Registration(path)
+    qemu: list[QemuBuild] = []
+    if qemu_debs:
+        qemu.append(register_qemu_debs(qemu_debs))
+    qemu += [register_qemu_dir(d) for d in qemu_dirs]
+    firmware: list[dict[str, str]] = []
+    for deb in ovmf_debs:
+        fw = fw_mod.register_firmware(deb)
+        firmware.append({"version": fw.version, "arch": fw.arch, "path": str(fw.prefix)})
+        reg.firmware.append(fw.version)
+    for b in qemu:
+        builds_mod.add_registered(b)
+        reg.qemu.append(b.label)
+    record(path, qemu=qemu, firmware=firmware)
+    os.environ[ENV_VAR] = str(path)
+    _load_file(path)
+    return reg
