@@ -207,9 +207,9 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
 
 def refresh_identity(machine: Machine) -> None:
     """Set the guest's wall clock to the host's and reseed its RNG with fresh bytes."""
-    now = f"{time.time():.3f}"
+    now = int(time.time())  # busybox date takes whole seconds only
     seed = secrets.token_hex(64)
-    res = machine.ssh.run(f"date -s @{now} >/dev/null; agent reseed {seed}", timeout=30)
+    res = machine.ssh.run(f"date -s @{now} >/dev/null && agent reseed {seed} >/dev/null", timeout=30)
     if res.rc != 0:
         raise MachineError(f"refreshing the restored guest's identity failed: {res.stderr.strip()}")
 

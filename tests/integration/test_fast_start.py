@@ -1,0 +1,65 @@
+"""Issue 10: a booted guest saved once and restored per test: a fraction of a cold boot,
+its own varstore copy, a fresh identity (instance id, clock, RNG), invalidated by inputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import migration, snapshots, state
+from harness.machine import Machine
+from harness.spec import VmSpec
+
+pytestmark = pytest.mark.integration
+
+
+def test_snapshot_key_changes_with_every_input(tmp_path: Path) -> None:
+    base = VmSpec(name="k1")
+    key = snapshots.snapshot_key(Machine(base, tmp_path / "a"))
+    assert snapshots.snapshot_key(Machine(base.replace(name="other"), tmp_path / "b")) == key
+    for change in ({"qemu": "7.2"}, {"firmware": "2025.02"}, {"memory_mb": 768},
+                   {"guest_mem_mb": 8}, {"memory_backend": "file"}, {"seed": "x"}):
+        other = snapshots.snapshot_key(Machine(base.replace(**change), tmp_path / f"c{len(change)}{id(change)}"))
+        assert other != key, change
+
+
+def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
+    spec = VmSpec(name="fast")
+    made: list[Machine] = []
+
+    def fresh(tag: str) -> Machine:
+        m = Machine(spec, tmp_path / tag)
+        made.append(m)
+        return m
+
+    try:
+        a = snapshots.start_fast(fresh("a"), make_template=lambda: fresh("tmpl"))
+        t0 = time.monotonic()
+        b = snapshots.start_fast(fresh("b"), make_template=lambda: fresh("tmpl2"))
+        restore_s = time.monotonic() - t0
+        assert a.ready and b.ready and a.ready.info["restored_from"] == b.ready.info["restored_from"]
+        assert a.ready.info["instance_id"] != b.ready.info["instance_id"]
+        # its own varstore copy, never the snapshot's file
+        assert a.varstore_path != b.varstore_path
+        assert a.varstore_path.parent == a.workdir
+        snap = snapshots._valid(snapshots.snapshots_dir() / b.ready.info["restored_from"])
+        assert snap is not None and snap.varstore is not None
+        assert a.varstore_path.stat().st_size == snap.varstore.stat().st_size
+        # a variable written in one restored guest is not in the other
+        state.write_efivar(a, "FastOnlyA", b"a")
+        assert state.read_efivar(b, "FastOnlyA") is None
+        # fresh identity: the wall clock is the host's, the RNG differs
+        for vm in (a, b):
+            guest_now = float(vm.ssh.run("date +%s").stdout)
+            assert abs(guest_now - time.time()) < 30
+        rnd_a = a.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
+        rnd_b = b.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
+        assert rnd_a != rnd_b
+        # a restored guest migrates like any other
+        assert migration.live(b).ok
+        assert restore_s < 60
+    finally:
+        for m in made:
+            m.stop()
