@@ -95,6 +95,10 @@ def test_firmware_pair_runs_source_image_until_cold_restart(tmp_path: Path, requ
         "after_warm_reboot": "2022.11",
         "after_cold_restart": "2025.02",
     }
+    # the guest's own view (SMBIOS type 0 from the running firmware) agrees
+    bios = {k: v.get("version", "") for k, v in rec["bios_seen"].items()}
+    assert "2025.02" in bios["after_cold_restart"], bios
+    assert "2025.02" not in bios["after_migration"] and "2025.02" not in bios["after_warm_reboot"], bios
 
 
 @pytest.fixture
