@@ -46,7 +46,7 @@ def _alive(marker):
     return out
 
 def pytest_unconfigure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller reports
         return
     path = os.environ.get("HARNESS_TEST_LEFTOVERS")
     if path:
@@ -78,8 +78,8 @@ def inner_pytest(tmp_path: Path, source: str, *args: str,
     (tmp_path / "conftest.py").write_text(INNER_CONFTEST + conftest_extra)
     (tmp_path / "test_inner.py").write_text(source)
     log = tmp_path / "inner.log"
-    env = dict(os.environ, HARNESS_TEST_LEFTOVERS=str(tmp_path / "leftovers.json"),
-               PYTHONUNBUFFERED="1")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(HARNESS_TEST_LEFTOVERS=str(tmp_path / "leftovers.json"), PYTHONUNBUFFERED="1")
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "test_inner.py", *args],
