@@ -68,3 +68,17 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
+
+# Soak: 50 back-to-back cycles each of cpr-reboot and cpr-transfer (`harness repro ... --json`)
+# and 10 runs of the integration suite; counts failures, leaked QEMU processes and leftover
+# work files, and reports the longest guest pause (results/soak/soak.json).
+SOAK_CYCLES ?= 50
+SOAK_RUNS ?= 10
+soak: setup
+	$(HARNESS) soak --cycles $(SOAK_CYCLES) --suite-runs $(SOAK_RUNS) --jobs $(JOBS) --out results/soak
+
+# Build dependencies of `harness build-qemu` (apt packages and a Meson tools venv; the list
+# is harness/sources.py BUILD_DEPS).  `harness build-qemu` installs them itself when missing.
+.PHONY: build-deps
+build-deps: venv
+	$(HARNESS) build-qemu --deps-only

@@ -20,7 +20,11 @@ from pathlib import Path
 from harness.errors import GuestTimeout, MachineError
 
 MAX_LINE = 64 * 1024
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+# CSI sequences, OSC strings (window titles), other two-byte escapes, control characters
+_ANSI = re.compile(
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]{0,512}(?:\x07|\x1b\\)?|\x1b[@-~]"
+    r"|[\x00-\x08\x0b-\x1f\x7f]"
+)
 
 
 def clean(text: str) -> str:

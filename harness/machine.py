@@ -311,6 +311,12 @@ class Machine:
 
                 assert self._template is not None
                 vs.instantiate(self._template, varstore)
+            else:
+                from harness import varstore as vs
+
+                # a caller's varstore is input: refuse a corrupt one, naming it, before
+                # QEMU and OVMF see it (OVMF would silently reformat or misbehave)
+                vs.read_varstore(varstore)
         t0 = time.monotonic()
         inc = self.spawn(varstore=varstore)
         self.adopt(inc)
@@ -330,7 +336,7 @@ class Machine:
         m = self.console.wait_for(READY_RE, timeout, since=since, what="the agent's HARNESS-READY line")
         try:
             info = json.loads(m.group(1))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # guest output: deep nesting too
             raise MachineError(f"malformed ready line {m.group(0)[:200]!r}") from exc
         if not isinstance(info, dict) or not isinstance(info.get("boot_id"), str):
             raise MachineError(f"ready line without boot_id: {m.group(0)[:200]!r}")

@@ -67,6 +67,22 @@ class VmSpec:
 
         if not isinstance(self.qemu, str) or not self.qemu:
             raise bad("qemu", "a QEMU version such as '10.0' or a path")
+        # types first: the checks below (and qemu_args) assume them
+        for name in ("arch", "machine", "cpu", "image", "seed", "name"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        for name in ("firmware", "boot_order", "uuid"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "a string or None")
+        for name in ("ssh", "aux_ram_share", "nested"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if self.disk_bootindex is not None and (
+            isinstance(self.disk_bootindex, bool) or not isinstance(self.disk_bootindex, int)
+        ):
+            raise bad("disk_bootindex", "an integer or None")
+        if not isinstance(self.guest_config, Mapping):
+            raise bad("guest_config", "a mapping of keys to one-line values")
         if self.memory_backend not in MEMORY_BACKENDS:
             raise bad("memory_backend", " | ".join(MEMORY_BACKENDS))
         if self.boot not in BOOT_MODES:

@@ -47,7 +47,7 @@ class CommandResult:
             if line.startswith("{") or line.startswith("["):
                 try:
                     return json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # untrusted: deep nesting too
                     break
         raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
 
@@ -57,14 +57,16 @@ def parse_host_key(line: str) -> paramiko.PKey:
     parts = line.split()
     if len(parts) < 2:
         raise MachineError(f"malformed pinned host key {line!r}")
-    kind, data = parts[0], base64.b64decode(parts[1])
-    if kind == "ssh-ed25519":
-        return paramiko.Ed25519Key(data=data)
-    if kind == "ssh-rsa":
-        return paramiko.RSAKey(data=data)
-    if kind.startswith("ecdsa-"):
-        return paramiko.ECDSAKey(data=data)
-    raise MachineError(f"unsupported pinned host key type {kind!r}")
+    kind = parts[0]
+    classes: dict[str, Any] = {"ssh-ed25519": paramiko.Ed25519Key, "ssh-rsa": paramiko.RSAKey}
+    cls = classes.get(kind) or (paramiko.ECDSAKey if kind.startswith("ecdsa-") else None)
+    if cls is None:
+        raise MachineError(f"unsupported pinned host key type {kind!r}")
+    try:
+        key: paramiko.PKey = cls(data=base64.b64decode(parts[1], validate=True))
+    except (ValueError, paramiko.SSHException) as exc:  # binascii.Error is a ValueError
+        raise MachineError(f"malformed pinned host key {line[:80]!r}: {exc}") from exc
+    return key
 
 
 def load_client_key(path: Path) -> paramiko.PKey:
@@ -172,7 +174,15 @@ class SshClient:
             input: str | None = None) -> CommandResult:
         """Run ``command`` in the guest; bounded by ``timeout``."""
         t0 = time.monotonic()
-        chan = self.transport.open_session(timeout=10)
+        opening = min(10.0, timeout)
+        try:
+            chan = self.transport.open_session(timeout=opening)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            # a paused or frozen guest never answers the channel request: our error, and a
+            # fresh connection next time (a late answer would confuse this transport)
+            self.close()
+            raise GuestTimeout(f"an SSH session for {command!r} in {self.name}", opening,
+                               f"{type(exc).__name__}: {exc}") from exc
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)

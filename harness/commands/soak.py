@@ -1,0 +1,185 @@
+"""``harness soak``: CPR live updates back to back and repeated integration-suite runs,
+counting failures, leaked QEMU processes and leftover work files, and the longest guest
+pause.
+
+Each piece runs as a child process (``harness repro OP --cycles N --json F``, then
+``pytest tests/integration``) with its own ``HARNESS_RUNDIR``, so whatever it leaves
+behind is found by path: a QEMU whose command line names that directory after the child
+exited is a leak, and so is any file left in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from harness.cli import command, emit_json, register_parser
+
+DEFAULT_OPS = ("cpr-reboot", "cpr-transfer")
+# the CLI in a child (``-m harness.cli`` would import the command registry twice)
+HARNESS_CLI = (sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main())")
+
+
+@register_parser
+def _parser(sub: Any) -> None:
+    p = sub.add_parser("soak", help="CPR cycles back to back and repeated integration runs; "
+                       "counts failures and leaked processes")  # fmt: skip
+    p.add_argument("--cycles", type=int, default=50, help="cycles per operation (default 50)")
+    p.add_argument("--op", action="append", default=[], metavar="OP",
+                   help=f"operation to cycle (repeatable; default {' and '.join(DEFAULT_OPS)})")
+    p.add_argument("--suite-runs", type=int, default=10,
+                   help="repeated runs of the integration suite (default 10; 0 skips them)")
+    p.add_argument("--suite", default="tests/integration", help="pytest path for the suite runs")
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "2")),
+                   help="xdist workers for the suite runs")
+    p.add_argument("--qemu", default=None, metavar="VERSION", help="QEMU build for the CPR cycles")
+    p.add_argument("--out", type=Path, default=Path("results/soak"),
+                   help="where the per-piece JSON, junit files and logs go")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--timeout", type=float, default=4 * 3600,
+                   help="limit for each piece in seconds (default 4 h)")
+
+
+def _rundir(out: Path, tag: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"hvsoak-{tag}-", dir=os.environ.get("HARNESS_RUNDIR")))
+
+
+def _leaks(rundir: Path) -> dict[str, Any]:
+    """QEMU processes and files the child left under ``rundir`` (processes are killed)."""
+    from harness import faults
+
+    pids = faults.wait_gone(faults.find_qemu(rundir), timeout=5)
+    faults.kill_pids(pids)
+    files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*")) if rundir.exists() else []
+    return {"processes": pids, "files": files[:50], "file_count": len(files)}
+
+
+def _run(cmd: list[str], rundir: Path, log: Path, timeout: float) -> tuple[int, float]:
+    env = {**os.environ, "HARNESS_RUNDIR": str(rundir)}
+    t0 = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
+            rc = -9
+    return rc, time.monotonic() - t0
+
+
+def _cpr_piece(op: str, args: argparse.Namespace) -> dict[str, Any]:
+    rundir = _rundir(args.out, op)
+    out_json = args.out / f"{op}.json"
+    out_json.unlink(missing_ok=True)
+    cmd = [*HARNESS_CLI, "repro", op, "--cycles", str(args.cycles),
+           "--json", str(out_json), "--artifacts", str(args.out / f"{op}-artifacts")]  # fmt: skip
+    if args.qemu:
+        cmd += ["--qemu", args.qemu]
+    rc, wall = _run(cmd, rundir, args.out / f"{op}.log", args.timeout)
+    leaks = _leaks(rundir)
+    records: list[dict[str, Any]] = []
+    if out_json.is_file():
+        records = json.loads(out_json.read_text()).get("records", [])
+    cycles = [r for r in records if r.get("cycle") is not None]
+    pauses = [float(r["pause_s"]) for r in cycles if r.get("pause_s") is not None]
+    walls = [float(r["wall_s"]) for r in cycles if r.get("wall_s") is not None]
+    failed = [r for r in records if not r.get("ok")]
+    shutil.rmtree(rundir, ignore_errors=True)
+    return {
+        "piece": op, "exit_code": rc, "wall_s": round(wall, 1),
+        "cycles_asked": args.cycles, "cycles_done": len(cycles),
+        "failures": len(failed) + (args.cycles - len(cycles) if not failed and rc != 0 else 0),
+        "first_failure": (failed[0].get("error") or "; ".join(failed[0].get("problems") or []))[:500]
+        if failed else None,
+        "longest_pause_s": max(pauses) if pauses else None,
+        "median_pause_s": sorted(pauses)[len(pauses) // 2] if pauses else None,
+        "longest_cycle_s": max(walls) if walls else None,
+        "leaked_processes": len(leaks["processes"]), "leaked_files": leaks["file_count"],
+        "leaks": leaks,
+    }  # fmt: skip
+
+
+def _junit_counts(path: Path) -> dict[str, int]:
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return counts
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    for s in suites:
+        for k in counts:
+            counts[k] += int(s.get(k, "0"))
+    return counts
+
+
+def _suite_piece(i: int, args: argparse.Namespace) -> dict[str, Any]:
+    rundir = _rundir(args.out, f"suite{i}")
+    junit = args.out / f"suite-{i}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", str(args.jobs), args.suite,
+           "-p", "no:cacheprovider", f"--junitxml={junit}",
+           f"--harness-artifacts={args.out / f'suite-{i}-artifacts'}"]  # fmt: skip
+    rc, wall = _run(cmd, rundir, args.out / f"suite-{i}.log", args.timeout)
+    counts = _junit_counts(junit)
+    leaks = _leaks(rundir)
+    shutil.rmtree(rundir, ignore_errors=True)
+    return {
+        "piece": f"suite-{i}", "exit_code": rc, "wall_s": round(wall, 1), **counts,
+        "leaked_processes": len(leaks["processes"]), "leaked_files": leaks["file_count"],
+        "leaks": leaks,
+    }  # fmt: skip
+
+
+@command("soak")
+def _soak(args: argparse.Namespace) -> int:
+    from harness.errors import ConfigError
+
+    if args.cycles < 1 or args.suite_runs < 0:
+        raise ConfigError("--cycles must be positive and --suite-runs not negative")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    pieces: list[dict[str, Any]] = []
+    for op in args.op or DEFAULT_OPS:
+        piece = _cpr_piece(op, args)
+        pieces.append(piece)
+        print(f"soak {op}: {piece['cycles_done']}/{piece['cycles_asked']} cycles, "
+              f"{piece['failures']} failed, {piece['leaked_processes']} leaked processes, "
+              f"{piece['leaked_files']} leftover files, longest pause "
+              f"{piece['longest_pause_s']} s, {piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
+    for i in range(1, args.suite_runs + 1):
+        piece = _suite_piece(i, args)
+        pieces.append(piece)
+        print(f"soak suite run {i}: {piece['tests']} tests, {piece['failures']} failures, "
+              f"{piece['errors']} errors, {piece['leaked_processes']} leaked processes, "
+              f"{piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
+    pauses = [p["longest_pause_s"] for p in pieces if p.get("longest_pause_s") is not None]
+    summary = {
+        "duration_s": round(time.monotonic() - t0, 1),
+        "cycles": sum(p.get("cycles_done", 0) for p in pieces),
+        "suite_runs": args.suite_runs,
+        "failures": sum(p.get("failures", 0) + p.get("errors", 0) for p in pieces),
+        "leaked_processes": sum(p["leaked_processes"] for p in pieces),
+        "leaked_files": sum(p["leaked_files"] for p in pieces),
+        "longest_pause_s": max(pauses) if pauses else None,
+        "pieces": pieces,
+    }
+    (args.out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"soak: {summary['cycles']} cycles, {summary['suite_runs']} suite runs, "
+              f"{summary['failures']} failures, {summary['leaked_processes']} leaked processes, "
+              f"{summary['leaked_files']} leftover files, longest pause "
+              f"{summary['longest_pause_s']} s; {args.out / 'soak.json'}")  # fmt: skip
+    ok = summary["failures"] == 0 and summary["leaked_processes"] == 0 and all(
+        p["exit_code"] == 0 for p in pieces)  # fmt: skip
+    return 0 if ok else 1

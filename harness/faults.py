@@ -1,0 +1,503 @@
+"""Fault injection: break things on purpose, and find what a broken run left behind.
+
+The reliability tests (``tests/integration/test_faults.py``, ``test_orphans.py``) and the
+soak (``harness soak``) use these helpers; each does one thing to a guest, a QEMU process,
+a file or the host and says what it did:
+
+- migrations stopped on purpose: :func:`live_with_fault` drives a live migration to the
+  phase asked for (``setup``, ``active``, ``pre-switchover``) and then cancels it or kills
+  the destination, and :func:`cpr_transfer_kill_destination` kills a cpr-transfer
+  destination after the source has sent its CPR state;
+- processes: :func:`freeze`/:func:`thaw` (SIGSTOP/SIGCONT a QEMU), :func:`crash`
+  (SIGKILL without reaping), :func:`find_qemu` (QEMU processes whose command line names a
+  path: leaked ones after a run);
+- files: :func:`truncate_copy`, :func:`bitflip_copy` (corrupted state files beside the
+  original), :func:`sha256`;
+- the host: :func:`small_tmpfs` mounts a tiny tmpfs (root only) for "no space left" and
+  always unmounts it.
+
+Nothing here hides a failure: every helper raises :class:`~harness.errors.HarnessError`
+subclasses with the process, file or mount it was working on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError, HarnessError, HostError, MachineError, UnsupportedError
+from harness.machine import Incarnation, Machine
+from harness.migration import MigrationResult, machine_type
+
+log = logging.getLogger(__name__)
+
+LIVE_PHASES = ("setup", "active", "pre-switchover")
+FAULTS = ("cancel", "kill-destination")
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def find_qemu(marker: str | Path) -> list[int]:
+    """Live (non-zombie) QEMU processes whose command line contains ``marker`` (a work
+    directory, say): what a run that used that directory left behind."""
+    text = str(marker)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        args = _cmdline(pid)
+        if not args or "qemu-system" not in Path(args[0]).name:
+            continue
+        if any(text in a for a in args) and not _is_zombie(pid):
+            found.append(pid)
+    return sorted(found)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` is alive (zombies count as gone); return the survivors."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return alive
+
+
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL exactly these processes (cleanup of leaks a test found; never by name)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def freeze(inc: Incarnation) -> int:
+    """SIGSTOP a QEMU process (a hung guest: QMP and SSH stop answering); returns its pid."""
+    pid = inc.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def thaw(pid: int) -> None:
+    """SIGCONT a process stopped with :func:`freeze` (harmless if it is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def frozen(inc: Incarnation) -> Iterator[int]:
+    """The QEMU process stopped for the duration of the block, continued afterwards."""
+    pid = freeze(inc)
+    try:
+        yield pid
+    finally:
+        thaw(pid)
+
+
+def crash(inc: Incarnation) -> int:
+    """SIGKILL a QEMU process behind the harness's back (a crash); the owner still reaps it.
+    Waits until the process has died; returns its pid."""
+    pid = inc.process.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while inc.process.running:
+        if time.monotonic() > deadline:
+            raise MachineError(f"{inc.process.name} (pid {pid}) still running 10 s after SIGKILL")
+        time.sleep(0.05)
+    return pid
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256 (to prove a failed load left it untouched)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def truncate_copy(src: Path, dest: Path, keep: int | float = 0.5) -> Path:
+    """``dest`` = the first ``keep`` bytes (an int) or fraction (a float) of ``src``."""
+    size = src.stat().st_size
+    n = int(size * keep) if isinstance(keep, float) else int(keep)
+    if not 0 <= n < size:
+        raise HarnessError(f"truncate {src} ({size} bytes) to {n}: not shorter")
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        remaining = n
+        while remaining:
+            chunk = fin.read(min(1 << 20, remaining))
+            if not chunk:
+                break
+            fout.write(chunk)
+            remaining -= len(chunk)
+    os.chmod(dest, 0o600)
+    return dest
+
+
+def bitflip_copy(src: Path, dest: Path, offsets: tuple[int, ...] = (0,), bit: int = 0) -> Path:
+    """``dest`` = ``src`` with bit ``bit`` flipped at each offset (negative: from the end)."""
+    data = bytearray(src.read_bytes())
+    for off in offsets:
+        i = off if off >= 0 else len(data) + off
+        if not 0 <= i < len(data):
+            raise HarnessError(f"bit flip at {off} outside {src} ({len(data)} bytes)")
+        data[i] ^= 1 << bit
+    dest.write_bytes(bytes(data))
+    os.chmod(dest, 0o600)
+    return dest
+
+
+# --- host: a small tmpfs -------------------------------------------------------------
+
+
+def can_mount() -> str | None:
+    """None when this process can mount a tmpfs, else why not."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    if not Path("/bin/mount").exists() and not Path("/usr/bin/mount").exists():
+        return "mount(8) is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str = "8M", base: Path | None = None) -> Iterator[Path]:
+    """A freshly mounted tmpfs of ``size`` (mode 0700), unmounted and removed on exit."""
+    why = can_mount()
+    if why:
+        raise HostError(why)
+    point = Path(tempfile.mkdtemp(prefix="hv-tmpfs-", dir=base))
+    try:
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise HostError(f"mount tmpfs on {point} failed ({res.returncode}): {res.stderr.strip()}")
+        try:
+            yield point
+        finally:
+            um = subprocess.run(["umount", str(point)], capture_output=True, text=True,
+                                timeout=30, check=False)  # fmt: skip
+            if um.returncode != 0:  # busy: detach lazily so the test run never leaves it
+                subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30,
+                               check=False)  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            point.rmdir()
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Whether ``path`` is listed in /proc/self/mounts."""
+    text = Path("/proc/self/mounts").read_text()
+    return any(line.split()[1] == str(path) for line in text.splitlines() if len(line.split()) > 1)
+
+
+# --- migrations stopped on purpose -----------------------------------------------------
+
+#: max-bandwidth (bytes/s) that keeps a live migration of a 1 GiB guest "active" for
+#: many seconds, long enough to act on it
+SLOW_BANDWIDTH = 1 << 20
+_TERMINAL = ("completed", "failed", "cancelled")
+
+
+@contextlib.contextmanager
+def stalled_listener(path: Path) -> Iterator[Path]:
+    """A unix socket whose accept queue is full: a client's ``connect()`` blocks until the
+    listener closes, so a migration to it stays in ``setup``.  Proven full before use."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(str(path))
+        os.chmod(path, 0o600)
+        srv.listen(0)
+        filler.setblocking(False)
+        filler.connect(str(path))
+        probe.setblocking(False)
+        try:
+            probe.connect(str(path))
+        except BlockingIOError:
+            pass  # the queue is full: what we want
+        else:
+            raise HostError(f"{path}: a second connect was accepted; cannot stall a client")
+        yield path
+    finally:
+        for s in (probe, filler, srv):
+            s.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _status(inc: Incarnation) -> dict[str, Any]:
+    info = inc.process.qmp("query-migrate") or {}
+    return dict(info)
+
+
+def wait_status(inc: Incarnation, wanted: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    """Poll ``query-migrate`` on ``inc`` until its status is one of ``wanted`` (or a terminal
+    one); raise :class:`~harness.errors.GuestTimeout` naming the last status otherwise."""
+    from harness.errors import GuestTimeout
+
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = _status(inc)
+        if last.get("status") in wanted or last.get("status") in _TERMINAL:
+            return last
+        time.sleep(0.02)
+    raise GuestTimeout(f"migration status {' or '.join(wanted)} on {inc.process.name}", timeout,
+                       str(last.get("status")))
+
+
+def _source_running(inc: Incarnation) -> bool:
+    try:
+        return bool(inc.process.running and inc.process.qmp("query-status").get("running"))
+    except HarnessError:
+        return False
+
+
+def _result(vm: Machine, op: str, mode: str, dest: str) -> MigrationResult:
+    return MigrationResult(op=op, mode=mode, status="pending", source=vm.build.label,
+                           destination=dest, machine=machine_type(vm))
+
+
+def live_fault(
+    vm: Machine,
+    *,
+    phase: str,
+    fault: str,
+    dest_args: tuple[str, ...] = (),
+    capabilities: tuple[str, ...] = (),
+    timeout: float = 120.0,
+) -> MigrationResult:
+    """Start a live migration of ``vm`` and, once it reaches ``phase`` (``setup``,
+    ``active``, ``pre-switchover``), ``cancel`` it or ``kill-destination``.
+
+    ``setup`` migrates to a :func:`stalled_listener` (the connection never completes);
+    ``active`` throttles the source to :data:`SLOW_BANDWIDTH`; ``pre-switchover`` turns on
+    ``pause-before-switchover``.  Whatever happens, the source's parameters and
+    capabilities are put back and the destination is reaped.  The result records the
+    status the fault met (``extra['reached']``), the source's final migration status
+    (``status``), whether the guest still runs there (``source_running``), and QEMU's
+    error, classified."""
+    if phase not in LIVE_PHASES:
+        raise ConfigError(f"phase {phase!r}: expected one of {', '.join(LIVE_PHASES)}")
+    if fault not in FAULTS:
+        raise ConfigError(f"fault {fault!r}: expected one of {', '.join(FAULTS)}")
+    if phase == "setup" and fault != "cancel":
+        raise ConfigError("a migration in setup has no destination QEMU to kill (use cancel)")
+    src = vm.current
+    caps = list(capabilities)
+    if phase == "pre-switchover":
+        caps.append("pause-before-switchover")
+    for c in caps:
+        if not vm.build.capabilities.has_capability(c):
+            raise UnsupportedError(f"migration capability {c}", f"QEMU {vm.build.label}")
+    result = _result(vm, f"live-{fault}-at-{phase}", "normal",
+                     "stalled listener" if phase == "setup" else vm.build.label)
+    result.extra.update(fault=fault, phase=phase)
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        dest: Incarnation | None = None
+        if phase == "setup":
+            sock = stack.enter_context(stalled_listener(vm.workdir / f"stall-{time.monotonic_ns()}.sock"))
+            uri = f"unix:{sock}"
+        else:
+            dest = vm.spawn(machine=machine_type(vm), incoming=["defer"], extra_args=dest_args)
+            stack.callback(vm.release, dest, hard=True)
+            uri = f"unix:{vm.workdir / f'mig-{time.monotonic_ns()}.sock'}"
+            if caps:
+                dest.process.qmp("migrate-set-capabilities",
+                                 capabilities=[{"capability": c, "state": True} for c in caps])
+            dest.process.qmp("migrate-incoming", uri=uri)
+        params = src.process.qmp("query-migrate-parameters") or {}
+        restore: dict[str, Any] = {}
+        if "mode" in params:
+            restore["mode"] = params["mode"]
+            src.process.qmp("migrate-set-parameters", mode="normal")
+        if phase == "active":
+            restore["max-bandwidth"] = params.get("max-bandwidth")
+            src.process.qmp("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH})
+        stack.callback(_put_back, src, {k: v for k, v in restore.items() if v is not None}, caps)
+        if caps:
+            src.process.qmp("migrate-set-capabilities",
+                            capabilities=[{"capability": c, "state": True} for c in caps])
+        src.process.qmp("migrate", uri=uri)
+        seen = wait_status(src, (phase,), timeout)
+        result.extra["reached"] = seen.get("status")
+        if seen.get("status") != phase:
+            result.fail(f"migration went to {seen.get('status')} before reaching {phase}: "
+                        f"{seen.get('error-desc', '')}", status=str(seen.get("status")))
+            result.source_running = _source_running(src)
+            result.wall_s = time.monotonic() - t0
+            return result
+        if phase == "setup":
+            time.sleep(1.0)  # it really stays there
+            result.extra["still_setup_after_1s"] = _status(src).get("status") == "setup"
+        if fault == "cancel":
+            src.process.qmp("migrate_cancel")
+        else:
+            assert dest is not None
+            os.kill(dest.process.pid, signal.SIGKILL)
+        final = _settle(src, timeout)
+        result.extra["final"] = final
+        status = str(final.get("status"))
+        result.source_running = _source_running(src)
+        result.wall_s = time.monotonic() - t0
+        if status == "completed":
+            result.status = "completed"  # the fault came too late to matter
+        else:
+            result.fail(str(final.get("error-desc") or f"migration {status}"), status=status)
+        if dest is not None and not dest.process.running:
+            result.extra["destination_exit"] = dest.process.exitcode
+    return result
+
+
+def _settle(inc: Incarnation, timeout: float) -> dict[str, Any]:
+    """Wait for a terminal migration status; a migration that stays paused before
+    switchover (its destination is gone and nothing tells it) is cancelled at the end."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = _status(inc)
+        if last.get("status") in _TERMINAL:
+            return last
+        time.sleep(0.05)
+    inc.process.qmp("migrate_cancel")
+    after = wait_status(inc, _TERMINAL, 30)
+    return {**after, "stuck_in": last.get("status")}
+
+
+def _put_back(inc: Incarnation, params: dict[str, Any], caps: list[str]) -> None:
+    """Restore the source's migration parameters and turn off the capabilities we set."""
+    if not inc.process.running:
+        return
+    try:
+        if caps:
+            inc.process.qmp("migrate-set-capabilities",
+                            capabilities=[{"capability": c, "state": False} for c in caps])
+        if params:
+            inc.process.qmp("migrate-set-parameters", **params)
+    except HarnessError as exc:
+        log.warning("could not restore migration settings on %s: %s", inc.process.name, exc)
+
+
+def migrate_to_uri(vm: Machine, uri: str, *, timeout: float = 60.0) -> MigrationResult:
+    """A live migration of ``vm`` to ``uri`` with no destination of ours (a bad destination):
+    the result carries QEMU's error, classified, and whether the guest still runs."""
+    src = vm.current
+    result = _result(vm, "live-bad-destination", "normal", uri)
+    t0 = time.monotonic()
+    params = src.process.qmp("query-migrate-parameters") or {}
+    if "mode" in params and params["mode"] != "normal":
+        src.process.qmp("migrate-set-parameters", mode="normal")
+    try:
+        src.process.qmp("migrate", uri=uri)
+        final = _settle(src, timeout)
+    except HarnessError as exc:
+        final = {"status": "failed", "error-desc": str(exc)}
+    result.extra["final"] = final
+    result.source_running = _source_running(src)
+    result.wall_s = time.monotonic() - t0
+    if final.get("status") == "completed":
+        result.status = "completed"
+    else:
+        result.fail(str(final.get("error-desc") or f"migration {final.get('status')}"),
+                    status=str(final.get("status")))
+    return result
+
+
+def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> MigrationResult:
+    """cpr-transfer with the destination killed mid-transfer: the destination is frozen
+    (SIGSTOP) once its CPR socket listens, the source is told to migrate (it connects
+    the CPR channel, sends its CPR state including the guest-RAM memfds, and waits in
+    ``setup`` for the destination to hang up that channel before it connects the main
+    one), then the destination is SIGKILLed.
+
+    QEMU 10.0.2 (migration.c, qmp_migrate): the hang-up of the CPR channel is the signal to
+    connect the main channel; a dead destination hangs up too, so the source tries to
+    connect, fails, and the migration ends ``failed`` with the guest still running on the
+    source (it was never stopped: cpr-transfer stops the guest only at switchover)."""
+
+
+    src = vm.current
+    if not vm.build.capabilities.has_mode("cpr-transfer"):
+        raise UnsupportedError("migration mode cpr-transfer", f"QEMU {vm.build.label}")
+    result = _result(vm, "cpr-transfer-kill-destination", "cpr-transfer", vm.build.label)
+    stamp = time.monotonic_ns() % 10**9
+    main_sock = vm.workdir / f"cprm-{stamp}.sock"
+    cpr_sock = vm.workdir / f"cprc-{stamp}.sock"
+    cpr_channel = json.dumps({"channel-type": "cpr",
+                               "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
+    t0 = time.monotonic()
+    dest = vm.spawn(machine=machine_type(vm), incoming=[f"unix:{main_sock}", cpr_channel],
+                    defer_qmp=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not cpr_sock.exists():
+            if not dest.process.running or time.monotonic() > deadline:
+                raise MachineError(f"cpr-transfer destination never opened {cpr_sock}; "
+                                   f"log {dest.process.log_path}")
+            time.sleep(0.01)
+        dest_pid = freeze(dest)
+        src.process.qmp("migrate-set-parameters", mode="cpr-transfer")
+        try:
+            src.process.qmp("migrate", channels=[
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_sock)}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}},
+            ])  # fmt: skip
+            seen = _status(src)
+            result.extra["reached"] = seen.get("status")
+            time.sleep(1.0)
+            result.extra["status_after_1s"] = _status(src).get("status")
+            result.extra["running_while_waiting"] = _source_running(src)
+            os.kill(dest_pid, signal.SIGKILL)
+            thaw(dest_pid)
+            final = _settle(src, timeout)
+        finally:
+            with contextlib.suppress(HarnessError):
+                src.process.qmp("migrate-set-parameters", mode="normal")
+    finally:
+        vm.release(dest, hard=True)
+    result.extra["final"] = final
+    result.source_running = _source_running(src)
+    result.wall_s = time.monotonic() - t0
+    if final.get("status") == "completed":
+        result.status = "completed"
+    else:
+        result.fail(str(final.get("error-desc") or f"migration {final.get('status')}"),
+                    status=str(final.get("status")))
+    return result

@@ -1,0 +1,349 @@
+"""Security checks: no shell=True in harness/, restrictive file and directory modes, SSH
+host keys pinned (an unknown key rejected, a malformed pinned key refused), guest output
+(console and agent) parsed defensively, and - on a QEMU started paused from a real spec
+(no guest boots, about a second) - QMP over a socketpair, serial and migration sockets in
+0700 directories, and the forwarded SSH port bound to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import socket
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from harness import firmware, images, varstore
+from harness.console import MAX_LINE, Console, clean
+from harness.errors import GuestCommandError, GuestTimeout, MachineError
+from harness.factory import private_base
+from harness.machine import Incarnation, Machine
+from harness.qemu_process import QemuProcess
+from harness.spec import VmSpec
+from harness.ssh import CommandResult, SshClient, parse_host_key
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "harness"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    old = os.umask(0)  # the harness must not rely on the caller's umask
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+# --- no shell ------------------------------------------------------------------------------
+
+
+def shell_calls(source: str, filename: str = "<src>") -> list[str]:
+    """Calls that hand a string to a shell: ``shell=<anything but False>``, os.system,
+    os.popen, subprocess.getoutput/getstatusoutput."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        for kw in node.keywords:
+            if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                found.append(f"{filename}:{node.lineno}: shell={ast.unparse(kw.value)}")
+        name = ast.unparse(node.func)
+        if name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"):
+            found.append(f"{filename}:{node.lineno}: {name}")
+    return found
+
+
+def test_the_shell_scanner_finds_shells() -> None:
+    bad = "import os, subprocess\nsubprocess.run(cmd, shell=True)\nos.system('x')\nsubprocess.Popen(c, shell=flag)\n"
+    assert len(shell_calls(bad)) == 3
+    assert shell_calls("subprocess.run(['a'], shell=False)\n") == []
+
+
+def test_no_shell_anywhere_in_harness() -> None:
+    files = sorted(HARNESS.rglob("*.py"))
+    assert len(files) > 20
+    found = [hit for f in files for hit in shell_calls(f.read_text(), str(f.relative_to(ROOT)))]
+    assert found == []
+
+
+def test_ruff_shell_rules_pass_on_harness_and_fail_on_a_shell(tmp_path: Path) -> None:
+    ruff = ROOT / ".venv/bin/ruff"
+    if not ruff.exists():
+        pytest.skip("ruff is not installed in .venv")
+    rules = "S602,S604,S605"
+    ok = subprocess.run([str(ruff), "check", "--select", rules, str(HARNESS)],
+                        capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert ok.returncode == 0, ok.stdout
+    bad = tmp_path / "bad.py"
+    bad.write_text("import subprocess\n\nsubprocess.run('ls ' + x, shell=True)\n")
+    caught = subprocess.run([str(ruff), "check", "--isolated", "--select", rules, str(bad)],
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert caught.returncode != 0 and "S602" in caught.stdout
+
+
+# --- file and directory modes ----------------------------------------------------------------
+
+
+def test_private_varstore_copy_is_0600(tmp_path: Path, loose_umask: None) -> None:
+    template = firmware.get_firmware("2022.11").select().vars_template
+    assert template is not None and _mode(template) & 0o077  # the template itself is world-readable
+    copy = varstore.instantiate(template, tmp_path / "vars.fd")
+    assert _mode(copy) == 0o600
+
+
+def test_work_dirs_are_0700(tmp_path: Path, loose_umask: None) -> None:
+    base = private_base("-sec")
+    try:
+        assert _mode(base) == 0o700
+    finally:
+        base.rmdir()
+    from harness import builds
+
+    loose = tmp_path / "qemu-work"
+    loose.mkdir(mode=0o755)
+    QemuProcess(builds.get_build("10.0.2"), [], workdir=loose)  # constructed, not launched
+    assert _mode(loose) == 0o700
+    mdir = tmp_path / "machine"
+    mdir.mkdir(mode=0o777)
+    Machine(VmSpec(name="modes"), mdir)
+    assert _mode(mdir) == 0o700
+
+
+def test_image_keys_are_private() -> None:
+    img = images.ensure_image("minimal")
+    assert _mode(img.client_key) == 0o600
+    assert _mode(img.client_key.parent) == 0o700
+    dropbear = img.client_key.parent / images.HOST_KEY_DROPBEAR
+    if dropbear.exists():
+        assert _mode(dropbear) == 0o600
+
+
+# --- SSH host keys pinned ------------------------------------------------------------------
+
+
+class _Server(paramiko.ServerInterface):
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+
+@pytest.fixture
+def fake_sshd() -> Iterator[tuple[int, paramiko.PKey]]:
+    """A local SSH server with a fresh host key that refuses every login."""
+    key = paramiko.Ed25519Key.from_private_key_file(str(images.ensure_image("minimal").client_key))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(30)
+    stop = threading.Event()
+    transports: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            t = paramiko.Transport(conn)
+            t.add_server_key(key)
+            transports.append(t)
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                t.start_server(server=_Server())
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        yield srv.getsockname()[1], key
+    finally:
+        stop.set()
+        srv.close()
+        for t in transports:
+            t.close()
+        th.join(timeout=5)
+
+
+def _line(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def test_unknown_host_key_is_rejected(fake_sshd: tuple[int, paramiko.PKey]) -> None:
+    port, _served = fake_sshd
+    img = images.ensure_image("minimal")  # its pinned key is not the server's
+    client = SshClient("127.0.0.1", port, img.host_key, img.client_key, name="fake")
+    with pytest.raises(MachineError, match="host key mismatch"):
+        client.connect(timeout=20)
+
+
+def test_pinned_host_key_is_accepted(fake_sshd: tuple[int, paramiko.PKey]) -> None:
+    # the same server with its key pinned gets past the host key (and fails at login)
+    port, served = fake_sshd
+    img = images.ensure_image("minimal")
+    client = SshClient("127.0.0.1", port, _line(served), img.client_key, name="fake")
+    with pytest.raises(GuestTimeout) as exc:
+        client.connect(timeout=3)
+    assert "Authentication" in exc.value.last_seen
+
+
+@pytest.mark.parametrize("line", ["ssh-ed25519", "ssh-ed25519 !!!notbase64", "ssh-ed25519 AAAA",
+                                  "ssh-dss AAAAB3NzaC1kc3M=", "ecdsa-sha2-nistp256 Zm9v"])
+def test_malformed_pinned_key_is_our_error(line: str) -> None:
+    with pytest.raises(MachineError, match="pinned host key"):
+        parse_host_key(line)
+
+
+# --- guest output, parsed defensively ---------------------------------------------------------
+
+
+def test_escape_sequences_and_controls_are_stripped() -> None:
+    raw = "\x1b[2J\x1b[1;1HHARNESS-\x1b[1mREADY\x1b[0m\r\n\x00\x07bell\x1bc\x1b]0;evil title\x07!"
+    assert clean(raw) == "HARNESS-READY\nbell!"
+
+
+def test_console_survives_garbage_and_huge_lines(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    garbage = os.urandom(200_000).replace(b"\n", b"")
+    log.write_bytes(garbage + b"A" * (4 * MAX_LINE) + b"\n\x1b[32mHARNESS-READY\x1b[0m {\"boot_id\": \"x\"}\n")
+    con = Console(log)
+    m = con.wait_for(r"HARNESS-READY (\{[^\n]*\})", timeout=5, since=0)
+    assert m.group(1) == '{"boot_id": "x"}'
+    assert all(len(line) <= MAX_LINE for line in con._read_from(0).split("\n"))
+
+
+def test_console_wait_times_out_with_what_it_saw(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"\x1b[31mnot it\x1b[0m\n" + b"\xff" * 10)
+    with pytest.raises(GuestTimeout) as exc:
+        Console(log).wait_for("HARNESS-READY", timeout=0.5, since=0, what="the ready line")
+    assert "not it" in exc.value.last_seen and "\x1b" not in exc.value.last_seen
+
+
+def _ready_machine(log: Path) -> Machine:
+    m = Machine.__new__(Machine)  # only the console is needed to parse the ready line
+    m._current = Incarnation(process=None, resolved=None, varstore=None, console=Console(log))  # type: ignore[arg-type]
+    m.ready = None
+    return m
+
+
+@pytest.mark.parametrize("payload", [
+    '{"boot_id": ' + "[" * 3000 + "}",  # deep nesting: RecursionError in json
+    '{"boot_id": "x"',  # never closed: not a ready line at all -> timeout
+    '{"boot_id": 5}',  # wrong type
+    '{"other": "x"}',  # no boot_id
+])
+def test_malformed_ready_lines_are_our_errors(tmp_path: Path, payload: str) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text(f"HARNESS-READY {payload}\n")
+    with pytest.raises((MachineError, GuestTimeout)):
+        _ready_machine(log).wait_ready(timeout=0.5)
+
+
+@pytest.mark.parametrize("stdout", [
+    "",
+    "garbage\x00\xff",
+    "[" * 5000 + "]" * 5000,  # deep nesting
+    '\x1b[31m{"a": 1}\x1b[0m',  # escape codes around JSON
+    "{" + "x" * (4 << 20),  # a huge broken line
+    '{"ok": 1}\n{"broken": ',  # the last JSON line is broken
+])
+def test_agent_output_is_parsed_defensively(stdout: str) -> None:
+    with pytest.raises(GuestCommandError, match="not JSON"):
+        CommandResult("agent status", 0, stdout, "", 0.0).json()
+
+
+def test_agent_output_last_json_line_wins() -> None:
+    res = CommandResult("agent status", 0, 'noise\n{"a": 1}\n\x1b[0mtrailer\n{"b": [1, 2]}\n', "", 0.0)
+    assert res.json() == {"b": [1, 2]}
+    big = '{"blob": "' + "y" * (2 << 20) + '"}'
+    assert len(CommandResult("agent status", 0, big, "", 0.0).json()["blob"]) == 2 << 20
+
+
+# --- a paused QEMU from a real spec: QMP, sockets, forwarded port -----------------------------
+
+
+def _tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets in LISTEN state that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
+                continue
+            addr_hex, port_hex = f[1].split(":")
+            if width == 8:
+                addr = socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr_hex)[::-1])
+            else:
+                raw = bytes.fromhex(addr_hex)
+                addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            out.append((addr, int(port_hex, 16)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def paused_qemu() -> Iterator[Machine]:
+    base = private_base("-sec")
+    vm = Machine(VmSpec(name="secpaused"), base / "vm")
+    try:
+        inc = vm.spawn(extra_args=["-S"])  # the CPU never runs: nothing boots
+        vm.adopt(inc)
+        yield vm
+    finally:
+        vm.stop(hard=True)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_qmp_is_a_socketpair_not_a_path(paused_qemu: Machine) -> None:
+    args = Path(f"/proc/{paused_qemu.process.pid}/cmdline").read_bytes().split(b"\0")
+    text = [a.decode() for a in args]
+    mon = [a for a in text if a.startswith("socket,id=mon")]
+    assert mon and all("fd=" in a and "path=" not in a for a in mon), mon
+    assert not any(a.startswith("unix:") or ",server" in a for a in text if "mon" in a)
+    assert paused_qemu.qmp("query-status")["status"] == "prelaunch"
+
+
+@pytest.mark.integration
+def test_sockets_live_in_0700_directories(paused_qemu: Machine) -> None:
+    serial = paused_qemu.current.resolved.serial_sock
+    assert serial is not None and serial.exists()
+    assert _mode(serial.parent) == 0o700
+    assert _mode(paused_qemu.workdir) == 0o700 and serial.parent == paused_qemu.workdir
+    # migration and cpr sockets are made in the guest's work directory (harness.migration)
+    from harness import migration
+
+    assert "vm.workdir" in Path(migration.__file__).read_text().split("def live(")[1].split("def save(")[0]
+
+
+@pytest.mark.integration
+def test_forwarded_ssh_port_listens_on_loopback_only(paused_qemu: Machine) -> None:
+    listeners = _tcp_listeners(paused_qemu.process.pid)
+    assert (("127.0.0.1", paused_qemu.ssh_port)) in listeners, listeners
+    assert all(addr == "127.0.0.1" for addr, _ in listeners), listeners
+
+
+def test_listener_parser_sees_a_wildcard_bind() -> None:
+    # the check above must be able to fail: a 0.0.0.0 listener of our own is reported
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert ("0.0.0.0", port) in _tcp_listeners(os.getpid())
