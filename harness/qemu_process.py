@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -45,9 +46,13 @@ _LIVE: set[QemuProcess] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec
+def _child_setup(parent: int) -> None:  # runs in the child between fork and exec
+    # PR_SET_PDEATHSIG fires when the *thread* that forked us exits: QEMU is always
+    # launched from the thread that owns it (the test's or the CLI's main thread).
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class QmpError(MachineError):
@@ -79,7 +84,7 @@ class _Machine(QEMUMachine):
             close_fds=False,
             env=self._harness_env,
             start_new_session=True,
-            preexec_fn=_child_setup,  # noqa: PLW1509 - only prctl, async-signal-safe enough
+            preexec_fn=functools.partial(_child_setup, os.getpid()),  # noqa: PLW1509
         )
         self._launched = True
         self._post_launch()
