@@ -1,0 +1,255 @@
+"""Nested L1/L2 without guests: L1 specs and command lines on a TCG host and on real-KVM
+hosts (VMX and SVM, nested on and off, from fake /sys and /proc trees), the destination
+L2 command line of a migration inside L1, and reading nested state out of a migration
+stream's description."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import host, nested
+from harness.errors import HostError, MachineError, StateError, UnsupportedError
+from harness.spec import Resolved, VmSpec, qemu_args
+
+DATA = Path(__file__).parent / "data" / "nested"
+
+
+def _host(tmp_path: Path, flags: str, modules: dict[str, str | None], kvm: bool = True) -> host.KvmInfo:
+    sysfs, proc = tmp_path / "sys", tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sse2\n")
+    for mod, value in modules.items():
+        d = sysfs / "module" / mod / "parameters"
+        d.mkdir(parents=True)
+        if value is not None:
+            (d / "nested").write_text(value + "\n")
+    dev = tmp_path / "kvm"
+    if kvm:
+        dev.write_text("")
+    return host.probe_kvm(sysfs, proc, dev)
+
+
+def _args(spec: VmSpec, accel: str) -> list[str]:
+    r = Resolved(accel=accel, machine=spec.machine, code=Path("/fw/CODE.fd"), vars=Path("/w/vars.fd"),
+                 esp=Path("/img/esp.img"), data_disk=Path("/img/data.img"), serial_sock=Path("/w/s.sock"),
+                 serial_log=Path("/w/s.log"), fwcfg_file=Path("/w/cfg"), ssh_port=2200)  # fmt: skip
+    return qemu_args(spec, r)
+
+
+def _opt(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# --- L1 plans ---------------------------------------------------------------------------
+
+
+def test_pvm_host_gets_a_tcg_l1_with_emulated_svm(tmp_path: Path) -> None:
+    kvm = _host(tmp_path, "", {"kvm": None, "kvm_pvm": None})
+    plan = nested.l1_plan(kvm)
+    assert plan.accel == "tcg" and plan.spec.accel == "tcg" and plan.spec.cpu == "max"
+    assert plan.spec.image == "nested-l1" and plan.spec.nested
+    assert 1536 <= plan.spec.memory_mb <= 2048
+    assert not plan.nested_state_expected and plan.l2_irqchip == "user"
+    assert "TCG L0" in plan.reason and "PVM" in plan.reason
+    args = _args(plan.spec, plan.accel)
+    assert _opt(args, "-cpu") == "max"
+    assert _opt(args, "-machine").startswith("q35,accel=tcg")
+    # the payload disk rides along, read-only
+    assert "file=/img/data.img,if=none,id=data,format=raw,readonly=on" in args
+
+
+def test_vmx_host_with_nested_gets_cpu_host_plus_vmx(tmp_path: Path) -> None:
+    kvm = _host(tmp_path, "vmx", {"kvm": None, "kvm_intel": "Y"})
+    plan = nested.l1_plan(kvm)
+    assert plan.accel == "kvm" and plan.vendor == "intel"
+    assert plan.nested_state_expected and plan.l2_irqchip == "kernel"
+    args = _args(plan.spec, plan.accel)
+    assert _opt(args, "-cpu") == "host,+vmx"
+    assert _opt(args, "-machine").startswith("q35,accel=kvm")
+    assert "cpu/nested_state" in plan.reason
+
+
+def test_svm_host_with_nested_gets_cpu_host_plus_svm(tmp_path: Path) -> None:
+    kvm = _host(tmp_path, "svm", {"kvm": None, "kvm_amd": "1"})
+    plan = nested.l1_plan(kvm, qemu="7.2", machine="pc-q35-7.2", memory_backend="memfd", aux_ram_share=True)
+    args = _args(plan.spec, plan.accel)
+    assert _opt(args, "-cpu") == "host,+svm" and plan.vendor == "amd"
+    assert _opt(args, "-machine") == "pc-q35-7.2,accel=kvm,memory-backend=ram0,aux-ram-share=on"
+    assert plan.spec.qemu == "7.2"
+
+
+@pytest.mark.parametrize("flag,module", [("vmx", "kvm_intel"), ("svm", "kvm_amd")])
+def test_kvm_host_without_nested_is_refused_with_the_fix(tmp_path: Path, flag: str, module: str) -> None:
+    kvm = _host(tmp_path, flag, {"kvm": None, module: "N"})
+    assert kvm.usable and not kvm.nested
+    with pytest.raises(UnsupportedError, match=f"nested=1 \\(modprobe {module} nested=1\\)") as err:
+        nested.l1_plan(kvm)
+    assert err.value.capability == "nested virtualization"
+    # asking for TCG explicitly still works there
+    assert nested.l1_plan(kvm, accel="tcg").spec.cpu == "max"
+
+
+def test_kvm_asked_for_on_a_pvm_host_is_refused(tmp_path: Path) -> None:
+    kvm = _host(tmp_path, "", {"kvm": None, "kvm_pvm": None})
+    with pytest.raises(UnsupportedError, match="PVM"):
+        nested.l1_plan(kvm, accel="kvm")
+    with pytest.raises(HostError, match="auto, kvm or tcg"):
+        nested.l1_plan(kvm, accel="hvf")
+
+
+def test_l1_plan_json_round_trips_the_spec(tmp_path: Path) -> None:
+    plan = nested.l1_plan(_host(tmp_path, "", {"kvm": None}, kvm=False))
+    data = json.loads(json.dumps(plan.to_json()))
+    assert data["spec"]["cpu"] == "max" and data["accel"] == "tcg"
+    assert VmSpec(**{**data["spec"], "extra_args": tuple(data["spec"]["extra_args"])}) == plan.spec
+
+
+# --- the destination L2 of a migration inside L1 -----------------------------------------------
+
+# the argv of an L2 QEMU started by L1's agent, as read from /proc/PID/cmdline in L1
+AGENT_ARGV = [
+    "/data/qemu/lib/ld-linux-x86-64.so.2", "--library-path", "/data/qemu/lib",
+    "/data/qemu/bin/qemu-system-x86_64", "-machine", "q35,accel=kvm,kernel-irqchip=off",
+    "-cpu", "host,-kvm-poll-control,-kvm-pv-ipi,-kvm-asyncpf-int", "-m", "512", "-smp", "1",
+    "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-L", "/data/qemu/share",
+    "-serial", "file:/run/l2/serial.log", "-qmp", "unix:/run/l2/qmp.sock,server=on,wait=off",
+    "-fw_cfg", "name=opt/harness/config,file=/run/l2/config",
+    "-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22", "-device", "virtio-net-pci,netdev=n0,romfile=",
+    "-pidfile", "/run/l2/qemu.pid", "-daemonize",
+    "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/data/ovmf/OVMF_CODE_4M.fd",
+    "-drive", "if=pflash,format=raw,unit=1,file=/run/l2/vars.fd",
+    "-drive", "file=/data/l2/esp.img,if=virtio,format=raw,readonly=on",
+]  # fmt: skip
+
+
+def test_dest_l2_argv_gets_its_own_files_port_and_incoming() -> None:
+    out = nested.dest_l2_argv(AGENT_ARGV, 1)
+    assert out[:4] == AGENT_ARGV[:4]
+    assert _opt(out, "-qmp") == "unix:/run/l2/qmp-1.sock,server=on,wait=off"
+    assert _opt(out, "-pidfile") == "/run/l2/qemu-1.pid"
+    assert _opt(out, "-serial") == "file:/run/l2/serial-1.log"
+    assert _opt(out, "-netdev") == "user,id=n0,hostfwd=tcp:127.0.0.1:2223-:22"
+    assert "if=pflash,format=raw,unit=1,file=/run/l2/vars-1.fd" in out
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/data/ovmf/OVMF_CODE_4M.fd" in out  # CODE untouched
+    assert out[-2:] == ["-incoming", "unix:/run/l2/mig-1.sock"]
+    # the machine, CPU and devices are the source's: that is what makes it migratable
+    for opt in ("-machine", "-cpu", "-m", "-device", "-fw_cfg"):
+        assert _opt(out, opt) == _opt(AGENT_ARGV, opt)
+    assert AGENT_ARGV[AGENT_ARGV.index("-qmp") + 1] == "unix:/run/l2/qmp.sock,server=on,wait=off"  # not mutated
+    assert _opt(nested.dest_l2_argv(out[:-2], 2), "-netdev").endswith("127.0.0.1:2224-:22")
+
+
+@pytest.mark.parametrize("drop", ["-qmp", "-pidfile", "-serial", "-netdev"])
+def test_dest_l2_argv_refuses_a_command_line_without(drop: str) -> None:
+    i = AGENT_ARGV.index(drop)
+    argv = AGENT_ARGV[:i] + AGENT_ARGV[i + 2:]
+    with pytest.raises(MachineError, match=f"0 {drop} options"):
+        nested.dest_l2_argv(argv, 1)
+
+
+def test_dest_l2_argv_refuses_missing_varstore_forward_or_existing_incoming() -> None:
+    k = AGENT_ARGV.index("if=pflash,format=raw,unit=1,file=/run/l2/vars.fd")
+    no_vars = AGENT_ARGV[: k - 1] + AGENT_ARGV[k + 1:]
+    with pytest.raises(MachineError, match="lacks pflash"):
+        nested.dest_l2_argv(no_vars, 1)
+    no_fwd = [a.replace(",hostfwd=tcp:127.0.0.1:2222-:22", "") for a in AGENT_ARGV]
+    with pytest.raises(MachineError, match="lacks -netdev"):
+        nested.dest_l2_argv(no_fwd, 1)
+    with pytest.raises(MachineError, match="already has -incoming"):
+        nested.dest_l2_argv([*AGENT_ARGV, "-incoming", "defer"], 1)
+
+
+# --- nested state in the stream --------------------------------------------------------------
+
+
+def _stream(desc: dict[str, object], *, junk: bytes = b"\x00" * 100) -> bytes:
+    text = json.dumps(desc).encode()
+    return b"QEVM" + junk + b"\x07" + b"\x06" + len(text).to_bytes(4, "big") + text
+
+
+def _desc(*cpu_subs: str) -> dict[str, object]:
+    return {"page_size": 4096, "devices": [
+        {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "fields": []},
+        {"name": "cpu", "instance_id": 0, "vmsd_name": "cpu", "fields": [],
+         "subsections": [{"vmsd_name": s, "fields": [], "subsections": []} for s in cpu_subs]},
+    ]}  # fmt: skip
+
+
+def test_stream_sections_reads_the_trailing_description() -> None:
+    secs = nested.stream_sections(_stream(_desc("cpu/async_pf_msr", "cpu/svm_guest")))
+    assert secs["cpu"] == ["cpu/async_pf_msr", "cpu/svm_guest"] and secs["timer"] == []
+
+
+def test_stream_sections_finds_nested_subsections_of_subsections() -> None:
+    desc = _desc()
+    cpu = desc["devices"][1]  # type: ignore[index]
+    cpu["subsections"] = [{"vmsd_name": "cpu/nested_state", "subsections": [  # type: ignore[index]
+        {"vmsd_name": "cpu/kvm_nested_state", "subsections": [{"vmsd_name": "cpu/kvm_nested_state/vmx"}]}]}]
+    assert nested.stream_sections(_stream(desc))["cpu"] == [
+        "cpu/nested_state", "cpu/kvm_nested_state", "cpu/kvm_nested_state/vmx"]
+
+
+def test_stream_sections_refuses_a_stream_without_a_description() -> None:
+    with pytest.raises(StateError, match="no vmstate description"):
+        nested.stream_sections(b"QEVM" + b"\x00" * 64)
+    good = _stream(_desc())
+    # a wrong length field must not be taken for the description
+    i = good.rindex(b'{"page_size"')
+    bad = good[: i - 4] + (len(good) - i + 1).to_bytes(4, "big") + good[i:]
+    with pytest.raises(StateError, match="no vmstate description"):
+        nested.stream_sections(bad)
+    # nor a truncated stream
+    with pytest.raises(StateError):
+        nested.stream_sections(good[:-3])
+
+
+def test_file_sections_reads_only_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(b"\xff" * (nested._TAIL + 1000) + _stream(_desc("cpu/svn_npt")))
+    assert nested.file_sections(path)["cpu"] == ["cpu/svn_npt"]
+
+
+@pytest.mark.skipif(not (DATA / "probe-desc.json").exists(), reason="no recorded description")
+def test_recorded_tcg_l1_stream_has_no_kvm_nested_state() -> None:
+    """A description recorded from a real probe save of a TCG L1 running an L2."""
+    desc = json.loads((DATA / "probe-desc.json").read_text())
+    secs = nested.stream_sections(_stream(desc))
+    ev = nested.nested_evidence(secs, source="probe", l0_accel="tcg", l2_running=True)
+    assert not ev.kvm_nested_state
+    assert ev.verdict.startswith("nested state: absent (TCG L0)")
+    assert "cpu" in secs
+
+
+def test_evidence_verdicts() -> None:
+    kvm = nested.nested_evidence({"cpu": ["cpu/nested_state", "cpu/kvm_nested_state"]}, source="state file",
+                                 l0_accel="kvm", l2_running=True)  # fmt: skip
+    assert kvm.kvm_nested_state and "L2 survived with nested state" in kvm.verdict
+    guest = nested.nested_evidence({"cpu": ["cpu/svm_guest"]}, source="probe", l0_accel="tcg", l2_running=True)
+    assert not guest.kvm_nested_state and guest.guest_mode
+    assert guest.verdict.startswith("nested state: absent (TCG L0)") and "guest mode" in guest.verdict
+    host_mode = nested.nested_evidence({"cpu": ["cpu/async_pf_msr"]}, source="probe", l0_accel="tcg",
+                                       l2_running=True)  # fmt: skip
+    assert "L2 survived without nested state" in host_mode.verdict and not host_mode.guest_mode
+    idle = nested.nested_evidence({"cpu": []}, source="probe", l0_accel="tcg", l2_running=False)
+    assert "L2 idle" in idle.verdict
+    missing = nested.nested_evidence({"cpu": []}, source="probe", l0_accel="kvm", l2_running=True)
+    assert "absent although L2 ran on a KVM L0" in missing.verdict
+    unknown = nested.nested_evidence(None, source="none", l0_accel="tcg", l2_running=True)
+    assert "unknown" in unknown.verdict and not unknown.kvm_nested_state
+    # only the cpu device's subsections count
+    other = nested.nested_evidence({"kvmclock": ["cpu/nested_state"]}, source="probe", l0_accel="kvm",
+                                   l2_running=True)  # fmt: skip
+    assert not other.kvm_nested_state
+
+
+def test_helper_source_builds_a_static_binary() -> None:
+    try:
+        exe = nested.helper_binary()
+    except HostError as exc:
+        pytest.skip(str(exc))
+    head = exe.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF"
+    assert exe.stat().st_size > 10_000
