@@ -522,8 +522,8 @@ def new_results_dir(root: Path) -> Path:
     raise ConfigError(f"cannot create a new results directory under {root}")
 
 
-def prepare(opts: NightlyOptions) -> tuple[Matrix, Path]:
-    """Build (and shard) the matrix and write it into a new results directory."""
+def plan(opts: NightlyOptions) -> Matrix:
+    """The (sharded) matrix ``opts`` asks for, from the provisioned or given builds."""
     from harness import scenarios
 
     qlabels, flabels = default_builds() if not (opts.qemu and opts.ovmf) else ([], [])
@@ -540,6 +540,12 @@ def prepare(opts: NightlyOptions) -> tuple[Matrix, Path]:
         m.selected = [e.id for e in shard(m.entries, k, n)]
         m.shard = f"{k}/{n}"
     m.registrations = {k: [str(Path(p).resolve()) for p in v] for k, v in opts.registrations.items() if v}
+    return m
+
+
+def prepare(opts: NightlyOptions) -> tuple[Matrix, Path]:
+    """Build (and shard) the matrix and write it into a new results directory."""
+    m = plan(opts)
     out = opts.results_dir or new_results_dir(opts.results_root)
     out.mkdir(parents=True, exist_ok=True)
     (out / RECORDS_DIR).mkdir(exist_ok=True)

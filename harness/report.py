@@ -48,7 +48,7 @@ COLOURS = {"passed": "#1b9e3e", "failed": "#d7263d", "error": "#8e24aa", "xfaile
 TINTS = {"passed": "#e3f4e7", "failed": "#fbe0e3", "error": "#f1e1f5", "xfailed": "#fdf0d5",
          "skipped": "#eeeeee"}  # fmt: skip
 SEVERITY = {"failed": 4, "error": 5, "xfailed": 2, "skipped": 1, "passed": 3}
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+PALETTE = ("#1f77b4", "#ff7f0e", "#637939", "#393b79", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
 
 # timing regressions: worse than both the ratio and the absolute step

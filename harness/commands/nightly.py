@@ -48,6 +48,8 @@ def _parser(sub: Any) -> None:
                    help="register a QEMU build directory or unpacked packages")
     p.add_argument("--pytest-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for pytest (repeatable)")
+    p.add_argument("--list", action="store_true",
+                   help="print the matrix (this shard's entries) and exit without running it")
     # a deliberate failure for the harness's own tests
     p.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)
 
@@ -68,6 +70,17 @@ def _nightly(args: argparse.Namespace) -> int:
 
     def echo(line: str) -> None:
         print(line, flush=True)
+
+    if args.list:
+        matrix = nightly.plan(opts)
+        chosen = matrix.chosen()
+        for e in chosen:
+            print(f"{e.id:<55} {e.runner:<8} ~{e.cost_s:.0f} s  {' '.join(e.tests)}")
+        for note in matrix.not_applicable:
+            print(f"not run: {note}")
+        print(f"{len(chosen)} of {len(matrix.entries)} entries, ~{sum(e.cost_s for e in chosen) / 60:.0f} "
+              f"min of guest time" + (f" (shard {matrix.shard})" if matrix.shard else ""))  # fmt: skip
+        return 0
 
     def terminated(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # so the owned pytest process group is stopped on the way out
