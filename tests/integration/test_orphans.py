@@ -1,0 +1,166 @@
+"""No orphan QEMU: SIGINT (and SIGKILL) to a running ``harness repro`` / ``harness nightly``
+and a SIGKILLed xdist worker leave no QEMU behind.  QEMU runs in its own session (a
+terminal's Ctrl-C does not reach it) with PR_SET_PDEATHSIG=SIGKILL (it dies with the
+process that started it); the CLI reaps its guests on KeyboardInterrupt.
+
+Every child runs with its own ``HARNESS_RUNDIR``, so its QEMUs are found by path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import faults
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = (sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main())")
+BOOT_WAIT = 420.0  # a cold TCG boot on a loaded 2-core machine
+
+
+class Child:
+    """A child process in its own session, with its output in a file; killed (the whole
+    session) on exit whatever happened."""
+
+    def __init__(self, cmd: list[str], rundir: Path, out: Path) -> None:
+        self.out = out
+        self._fh = out.open("w")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "HARNESS_RUNDIR": str(rundir), "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._fh.close()
+
+
+@pytest.fixture
+def rundir(harness_rundir: Path) -> Path:
+    return harness_rundir
+
+
+def _wait_for(pred: object, timeout: float, what: str, child: Child) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        if child.proc.poll() is not None:
+            pytest.fail(f"{what}: the child exited ({child.proc.returncode}) first:\n{child.text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s:\n{child.text()[-3000:]}")
+
+
+@pytest.fixture
+def child_factory(tmp_path: Path, rundir: Path) -> Iterator[list[Child]]:
+    children: list[Child] = []
+    yield children
+    for c in children:
+        c.close()
+
+
+def _running_cycles(child: Child) -> bool:
+    return "cycle   2" in child.text()
+
+
+@pytest.mark.requires(mode="cpr-reboot")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_signal_to_harness_repro_leaves_no_qemu(
+    rundir: Path, tmp_path: Path, child_factory: list[Child], sig: signal.Signals,
+) -> None:
+    child = Child([*CLI, "repro", "cpr-reboot", "--cycles", "50"], rundir, tmp_path / "repro.out")
+    child_factory.append(child)
+    _wait_for(lambda: _running_cycles(child) and faults.find_qemu(rundir), BOOT_WAIT,
+              "repro running its second cycle", child)
+    assert faults.find_qemu(rundir), "no QEMU of the run found before the signal"
+    os.kill(child.proc.pid, sig)  # the harness only, as a job runner would
+    rc = child.wait(120)
+    assert rc is not None, "the harness did not exit within 120 s of the signal"
+    if sig == signal.SIGINT:
+        assert rc == 130, child.text()[-2000:]
+        assert "interrupted" in child.text()
+    left = faults.wait_gone(faults.find_qemu(rundir), timeout=15)
+    assert left == [], f"orphan QEMU {left} after {sig.name} to harness repro"
+    if sig == signal.SIGINT:  # an orderly exit also removes the guests' work directories
+        assert [p for p in rundir.rglob("*") if p.is_file()] == []
+
+
+def _nightly_exists() -> bool:
+    res = subprocess.run([*CLI, "nightly", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, check=False)  # fmt: skip
+    return res.returncode == 0
+
+
+@pytest.mark.requires(mode="cpr-reboot")
+def test_sigint_to_harness_nightly_leaves_no_qemu(
+    rundir: Path, tmp_path: Path, child_factory: list[Child],
+) -> None:
+    if not _nightly_exists():
+        pytest.skip("harness nightly is not available in this checkout")
+    cmd = [*CLI, "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
+           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results")]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "nightly.out")
+    child_factory.append(child)
+    _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "a nightly guest started", child)
+    time.sleep(5)
+    os.kill(child.proc.pid, signal.SIGINT)
+    rc = child.wait(180)
+    assert rc is not None, "harness nightly did not exit within 180 s of SIGINT"
+    left = faults.wait_gone(faults.find_qemu(rundir), timeout=30)
+    assert left == [], f"orphan QEMU {left} after SIGINT to harness nightly:\n{child.text()[-2000:]}"
+
+
+INNER = """
+import time
+from harness import snapshots
+from harness.machine import Machine
+
+def test_sleeps_with_a_guest(vm_factory, tmp_path):
+    vm = vm_factory(start=False, name="orphan")
+    snapshots.start_fast(vm, make_template=lambda: Machine(vm.spec, tmp_path / "t"))
+    print("GUEST-UP", flush=True)
+    time.sleep(900)
+"""
+
+
+def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
+                                            child_factory: list[Child]) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "test_inner.py").write_text(INNER)
+    cmd = [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-s",
+           "--rootdir", str(inner), str(inner / "test_inner.py")]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "inner.out")
+    child_factory.append(child)
+    _wait_for(lambda: len(faults.find_qemu(rundir)) == 1, BOOT_WAIT, "the worker's guest", child)
+    time.sleep(3)  # the restore has finished and the test sleeps
+    (qemu,) = faults.find_qemu(rundir)
+    worker = int(Path(f"/proc/{qemu}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    controller = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert worker != child.proc.pid and controller == child.proc.pid, \
+        "QEMU's parent should be an xdist worker of the controller"
+    os.kill(worker, signal.SIGKILL)
+    left = faults.wait_gone([qemu], timeout=10)
+    assert left == [], f"QEMU {qemu} outlived its killed xdist worker {worker}"
+    rc = child.wait(180)
+    assert rc is not None and rc != 0, "the controller should report the crashed worker"
+    assert faults.find_qemu(rundir) == []
