@@ -124,19 +124,21 @@ class Machine:
         desc = fw.variant(spec.flash) if spec.flash != "4m" else fw.select()
         return desc.code, desc.vars_template, None
 
-    def use_firmware(self, version: str) -> None:
+    def use_firmware(self, version: str, *, flash: str | None = None,
+                     allow_size_change: bool = False) -> None:
         """Processes spawned from now on use firmware build ``version`` (CODE and varstore
-        template of the spec's flash layout), as after a host's OVMF package upgrade; the
-        running process keeps its image.  The flash layout must stay the same."""
+        template of the spec's flash layout, or of ``flash``), as after a host's OVMF
+        package upgrade; the running process keeps its image.  The flash size must stay
+        the same unless ``allow_size_change`` (to provoke a size mismatch on purpose)."""
         from harness import firmware
 
         old_code = self._code
         if old_code is None or self.spec.firmware_mode != "split":
             raise FirmwareError(f"{self.spec.name}: only split-pflash guests can change firmware")
-        self.spec = self.spec.replace(firmware=version)
+        self.spec = self.spec.replace(firmware=version, flash=flash or self.spec.flash)
         code, template, _bios = self._firmware_files()
         assert code is not None and template is not None
-        if code.stat().st_size != old_code.stat().st_size:
+        if code.stat().st_size != old_code.stat().st_size and not allow_size_change:
             raise FirmwareError(
                 f"firmware {version} CODE {code} is {code.stat().st_size} bytes, the running "
                 f"guest's {old_code} is {old_code.stat().st_size}: a migration cannot change "

@@ -29,6 +29,8 @@ def _parser(sub: Any) -> None:
     p.add_argument("--until-fail", action="store_true",
                    help="keep cycling until a cycle fails (up to --cycles if given)")
     p.add_argument("--mode", default=None, help="scenario mode (nested: live|save-restore|cpr-reboot|cpr-transfer)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="scenario-specific setting (e.g. cpu=qemu64, parts=pairs,chains)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the records as JSON")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/repro"),
                    help="where logs are kept when a cycle fails")
@@ -61,9 +63,15 @@ def _repro(args: argparse.Namespace) -> int:
             parts.append(err.splitlines()[0][:200] if err else "")
         print("  ".join(p for p in parts if p), flush=True)
 
+    extra: dict[str, Any] = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = [v for v in value.split(",") if v] if "," in value else value
     opts = scenarios.ScenarioOptions(
         qemu=args.qemu, ovmf=args.ovmf, cycles=args.cycles, until_fail=args.until_fail,
-        mode=args.mode, artifacts=args.artifacts, on_record=show,
+        mode=args.mode, artifacts=args.artifacts, on_record=show, extra=extra,
     )  # fmt: skip
     report = scenarios.get(args.scenario)(opts)
     data = report.to_json()

@@ -129,10 +129,9 @@ def test_varstore_survives_firmware_upgrades_and_size_mismatch_migration_fails(
     # The newest guest (4M flash) migrates to a destination whose firmware is 2 MB.
     assert vm is not None and planted is not None
     small = firmware.get_firmware("2022.11").variant("2m")
-    # No public API yet switches a guest to a different flash size for its next process
-    # (Machine.use_firmware refuses size changes on purpose): set the two files directly.
-    monkeypatch.setattr(vm, "_code", small.code)
-    monkeypatch.setattr(vm, "_template", small.vars_template)
+    # the destination host's OVMF has 2 MB flash: a size change, provoked on purpose
+    vm.use_firmware("2022.11", flash="2m", allow_size_change=True)
+    assert vm.firmware_code == small.code and vm.varstore_template == small.vars_template
     result = migration.live(vm, check=False)
     assert not result.ok, result.summary()
     assert result.signature == "ramblock-length-mismatch", (result.signature, result.error)
