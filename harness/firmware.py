@@ -46,7 +46,10 @@ DEVICES = ("flash", "kernel", "memory")
 FORMATS = ("raw", "qcow2")
 SYNTHESIZED_TAG = "harness-synthesized"
 # QEMU's machine aliases, expanded to the versioned globs descriptors use.
-_MACHINE_ALIASES = {"q35": "pc-q35-*", "pc": "pc-i440fx-*"}
+_MACHINE_ALIASES = {"q35": "pc-q35-*", "pc": "pc-i440fx-*", "virt": "virt-*"}
+# The machine a build's firmware is selected for when the caller names none (AAVMF's
+# descriptors list only virt-*).
+DEFAULT_MACHINE = {"x86_64": "pc-q35-*", "aarch64": "virt-*"}
 
 
 @dataclass(frozen=True)
@@ -311,12 +314,12 @@ def load_descriptors(prefix: Path, arch: str = "x86_64") -> tuple[FirmwareDescri
     out = []
     for path in files:
         if path.stat().st_size == 0:
-            log.info("skipping %s: zero-length (hides a lower-priority descriptor)", path)
+            log.debug("skipping %s: zero-length (hides a lower-priority descriptor)", path)
             continue
         desc = parse_descriptor(path, prefix)
         reason = _unusable(desc, arch)
         if reason:
-            log.info("skipping %s: %s", path, reason)
+            log.debug("skipping %s: %s", path, reason)
             continue
         out.append(desc)
     return tuple(out)
@@ -417,14 +420,16 @@ class FirmwareBuild:
     def select(
         self,
         secure_boot: bool = False,
-        machine: str = "pc-q35-*",
+        machine: str | None = None,
         flash_size: int | None = None,
         mode: str = "split",
     ) -> FirmwareDescriptor:
         """The first descriptor (by file name) that matches; synthesized pairs come last.
 
+        ``machine`` defaults to the build's architecture's (``pc-q35-*``, ``virt-*``).
         ``flash_size`` is code + vars in bytes (``4 * MiB``, ``2 * MiB``), or None for any.
         """
+        machine = machine or DEFAULT_MACHINE.get(self.arch, "pc-q35-*")
         wanted = f"mode={mode} secure_boot={secure_boot} machine={machine}" + (
             f" flash_size={flash_size}" if flash_size is not None else ""
         )
@@ -456,7 +461,8 @@ class FirmwareBuild:
 
     @property
     def default(self) -> FirmwareDescriptor:
-        """The split-flash descriptor without Secure Boot for q35 (60-edk2-x86_64.json)."""
+        """The split-flash descriptor without Secure Boot for q35 (60-edk2-x86_64.json;
+        for aarch64, virt and 60-edk2-aarch64.json)."""
         return self.select()
 
     @property
@@ -654,6 +660,19 @@ def _fmt_layout(code: int, vars_: int) -> str:
     total = code + vars_
     size = f"{total // MiB} MiB" if total % MiB == 0 else f"{total} bytes"
     return f"code {code} + vars {vars_} = {size}"
+
+
+def is_blank(path: Path) -> bool:
+    """True for an all-zero file: Debian's AAVMF_VARS.fd before 2025.02 is one (AAVMF
+    formats the store on first boot), so it is a valid template that no parser reads."""
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                if chunk.count(0) != len(chunk):
+                    return False
+    except OSError as exc:
+        raise VarstoreError(path, f"cannot read: {exc.strerror}") from exc
+    return True
 
 
 def check_flash_pair(code: Path, vars: Path, build: FirmwareBuild | None = None) -> int:
