@@ -459,27 +459,22 @@ def _run_boot(entry: Entry, artifacts: Path | None, workdir: Path | None) -> Ent
     return EntryOutcome(entry, report)
 
 
-def apply_registrations(matrix: Matrix) -> None:
-    """Register the run's distro/user builds in this process (each pytest worker)."""
-    if not any(matrix.registrations.values()):
-        return
-    register_from_options(argparse.Namespace(**matrix.registrations))
-
-
 REGISTRATION_OPTIONS = ("qemu_deb", "ovmf_deb", "qemu_dir")
 
 
-def register_from_options(args: argparse.Namespace) -> None:
+def register_from_options(args: argparse.Namespace) -> Any:
     """The hook for distro validation: ``harness.registry.register_from_options(args)``
-    registers ``--qemu-deb``/``--ovmf-deb``/``--qemu-dir`` builds before the matrix is made."""
+    registers ``--qemu-deb``/``--ovmf-deb``/``--qemu-dir`` builds before the matrix is made
+    (it exports ``$HARNESS_REGISTRY``, which pytest and its workers inherit).  Returns its
+    registration, or None when no such option was given."""
     if not any(getattr(args, k, None) for k in REGISTRATION_OPTIONS):
-        return
+        return None
     try:
-        from harness import registry  # type: ignore[attr-defined,unused-ignore]
+        from harness import registry
     except ImportError as exc:
         raise ConfigError("--qemu-deb/--ovmf-deb/--qemu-dir need harness.registry (distro "
-                          "validation), which this checkout does not have yet") from exc  # fmt: skip
-    registry.register_from_options(args)
+                          "validation), which this checkout does not have") from exc  # fmt: skip
+    return registry.register_from_options(args)
 
 
 # --- running the matrix --------------------------------------------------------------------

@@ -58,7 +58,10 @@ def _parser(sub: Any) -> None:
 def _nightly(args: argparse.Namespace) -> int:
     from harness import nightly, report
 
-    nightly.register_from_options(args)
+    reg = nightly.register_from_options(args)
+    if reg is not None:
+        print(f"registered: QEMU {', '.join(reg.qemu) or '-'}; OVMF {', '.join(reg.firmware) or '-'}"
+              f" ({reg.path})", flush=True)  # fmt: skip
     scenarios = [s.strip() for v in args.scenario for s in v.split(",") if s.strip()]
     opts = nightly.NightlyOptions(
         results_root=args.results_root, results_dir=args.results, qemu=args.qemu,

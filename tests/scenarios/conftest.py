@@ -28,12 +28,6 @@ def _matrix(config: pytest.Config) -> tuple[nightly.Matrix, Path] | None:
     return nightly.Matrix.load(p), p.parent
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    loaded = _matrix(config)
-    if loaded is not None:  # distro/user builds must be known in every worker too
-        nightly.apply_registrations(loaded[0])
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "entry" not in metafunc.fixturenames:
         return
