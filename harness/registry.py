@@ -263,14 +263,9 @@ def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
 
     The label defaults to ``deb:<Debian version of qemu-system-x86>``.
     """
-    from harness.provision import (
-        deb_field,
-        staging,
-        unpack,
-        upstream_version,
-        verify_prefix,
-        write_manifest,
-    )
+    from filelock import FileLock
+
+    from harness.provision import deb_field, upstream_version, verify_prefix
 
     paths = [Path(d).expanduser().resolve() for d in debs]
     if not paths:
@@ -289,18 +284,28 @@ def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
     digest = hashlib.sha256("".join(sorted(_sha256(p) for p in paths)).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9.+~-]", "_", debver)
     prefix = cache_root() / "builds" / f"registered-qemu-{safe}-{digest}"
-    if verify_prefix(prefix) is not None:
-        with staging(prefix) as tmp:
-            unpack(paths, tmp)
-            write_manifest(tmp, {
-                "kind": "qemu", "registered": [str(p) for p in paths],
-                "packages": {k: v[1] for k, v in packages.items()}, "version": version,
-            })  # fmt: skip
+    ensure_dir(prefix.parent)
+    # xdist workers may register the same packages at once: one unpacks, the others wait
+    with FileLock(str(prefix) + ".lock", timeout=600):
+        if verify_prefix(prefix) is not None:
+            _unpack_qemu(paths, prefix, packages, version)
     default_label = f"deb:{debver.split(':', 1)[-1]}"  # without the epoch
     build = builds_mod.from_prefix(prefix, label or default_label, arch, f"deb:{debver}")
     if not build.binary.is_file():
         raise ProvisionError(f"{QEMU_PACKAGE} {debver} has no {build.binary.relative_to(prefix)}")
     return with_library_fallback(build, version)
+
+
+def _unpack_qemu(paths: Sequence[Path], prefix: Path, packages: dict[str, tuple[Path, str]],
+                 version: str) -> None:
+    from harness.provision import staging, unpack, write_manifest
+
+    with staging(prefix) as tmp:
+        unpack(paths, tmp)
+        write_manifest(tmp, {
+            "kind": "qemu", "registered": [str(p) for p in paths],
+            "packages": {k: v[1] for k, v in packages.items()}, "version": version,
+        })  # fmt: skip
 
 
 def register_qemu_dir(path: Path, label: str | None = None, arch: str = "x86_64") -> QemuBuild:

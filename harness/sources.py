@@ -261,8 +261,11 @@ def _unpack_source(src: Path, dest: Path) -> None:
     if proc.returncode != 0:
         raise ProvisionError(f"cannot unpack source tarball {src}: tar exited "
                              f"{proc.returncode}: {proc.stderr.strip()[-500:]}")  # fmt: skip
-    tops = {p.name for p in tmp.iterdir()}
-    (tmp / tops.pop()).rename(dest)
+    tops = sorted(p.name for p in tmp.iterdir())
+    if len(tops) != 1 or not (tmp / tops[0]).is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ProvisionError(f"{src}: expected one top-level directory, found {tops[:5]}")
+    (tmp / tops[0]).rename(dest)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
