@@ -593,17 +593,28 @@ def _scenario_tables(records: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
+def nice_ceiling(v: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``v`` (axis maxima that read well)."""
+    import math
+
+    exp = math.floor(math.log10(v))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if m * 10**exp >= v:
+            return float(m * 10.0**exp)
+    return 10.0 ** (exp + 1)
+
+
 def svg_line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str,
                    x_label: str, y_label: str, width: int = 720, height: int = 300) -> str:
     """A small inline SVG line chart: one polyline per series, axes with ticks, a legend."""
     if not series:
         return ""
-    left, right, top, bottom = 60, 190, 30, 40
+    left, right, top, bottom = 60, 250, 30, 40
     pw, ph = width - left - right, height - top - bottom
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     x0, x1 = min(xs), max(xs)
-    y1 = max(ys) * 1.1 if ys and max(ys) > 0 else 1.0
+    y1 = nice_ceiling(max(ys) * 1.05) if ys and max(ys) > 0 else 1.0
     x1 = x1 if x1 > x0 else x0 + 1
 
     def px(x: float) -> float:
@@ -633,7 +644,7 @@ def svg_line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, title
             parts.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='3' fill='{colour}'><title>{_e(name)}: {y:.0f}</title></circle>")
         ly = top + 14 * i
         parts.append(f"<rect x='{left + pw + 12}' y='{ly}' width='10' height='10' fill='{colour}'/>"
-                     f"<text x='{left + pw + 26}' y='{ly + 9}' class='a'>{_e(name[:26])}</text>")  # fmt: skip
+                     f"<text x='{left + pw + 26}' y='{ly + 9}' class='a'>{_e(name[:36])}</text>")  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
 

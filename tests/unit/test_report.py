@@ -350,6 +350,10 @@ def test_html_matrix_plots_and_escaping() -> None:
     assert "Downtime per pair" in page and "href='artifacts/xv/'" in page
 
 
+def test_nice_axis_maxima() -> None:
+    assert [report.nice_ceiling(v) for v in (0.7, 1.0, 1.3, 230, 751, 4100)] == [1.0, 1.0, 2.0, 250, 1000, 5000]
+
+
 def test_pair_cells_and_step_outcomes() -> None:
     r = rec("x", "failed", steps=[
         {"op": "live", "source": "7.2", "destination": "10.0.2", "ok": True},
