@@ -44,6 +44,7 @@ from harness.catalog import PackageRef
 from harness.errors import CatalogError, ConfigError, ImageBuildError, ProvisionError
 from harness.paths import GUESTS_DIR, cache_root, ensure_dir
 from harness.provision import (
+    AptArchive,
     deb_field,
     staging,
     unpack,
@@ -89,6 +90,18 @@ class NestedPayload:
 
 
 @dataclass(frozen=True)
+class CrossTools:
+    """Host-architecture packages that build an image for a foreign architecture: binutils
+    that know the target's PE format and a user-mode emulator to run target binaries."""
+
+    suite: str
+    debs: tuple[str, ...]
+    objcopy: str
+    objdump: str
+    emulator: str
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A guest image recipe, merged with the recipe it extends."""
 
@@ -109,6 +122,11 @@ class Recipe:
     hooks: tuple[str, ...]
     esp_size_mb: int
     nested: NestedPayload | None = None
+    # Target layout; the defaults are x86_64's (recipes for other architectures set them).
+    libdir: str = "lib/x86_64-linux-gnu"
+    loader: str = "lib64/ld-linux-x86-64.so.2"
+    boot_file: str = "BOOTX64.EFI"
+    tools: CrossTools | None = None  # None: the host's own tools build the image
 
 
 def list_images(recipes_dir: Path = RECIPES_DIR) -> list[str]:
@@ -199,6 +217,23 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> Recipe:
     esp_mb = _get(top, data, "esp.size_mb", int, default=0)
     if esp_mb < 0:
         raise CatalogError(top, "esp.size_mb must be >= 0")
+    tools = None
+    if "tools" in data:
+        tools = CrossTools(
+            suite=_get(top, data, "tools.suite", str),
+            debs=_get(top, data, "tools.debs", list),
+            objcopy=_get(top, data, "tools.objcopy", str),
+            objdump=_get(top, data, "tools.objdump", str),
+            emulator=_get(top, data, "tools.emulator", str),
+        )
+    layout = {
+        "libdir": _get(top, data, "files.libdir", str, default=Recipe.libdir),
+        "loader": _get(top, data, "files.loader", str, default=Recipe.loader),
+        "boot_file": _get(top, data, "esp.boot_file", str, default=Recipe.boot_file),
+    }
+    for key, value in layout.items():
+        if not re.match(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$", value) or ".." in value:
+            raise CatalogError(top, f"field {key!r} must be a relative path, got {value!r}")
     return Recipe(
         name=name,
         files=tuple(reversed(chain)),
@@ -217,6 +252,8 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> Recipe:
         hooks=_get(top, data, "agent.hooks", list, default=()),
         esp_size_mb=esp_mb,
         nested=nested,
+        tools=tools,
+        **layout,
     )
 
 
@@ -292,16 +329,36 @@ def read_image(root: Path) -> Image:
     )
 
 
-def ensure_image(name: str, arch: str = "x86_64", *, refresh: bool = False) -> Image:
+def recipe_for(name: str, arch: str | None = None, recipes_dir: Path = RECIPES_DIR) -> Recipe:
+    """Recipe ``name`` for ``arch`` (None: whatever arch it is for).
+
+    When ``name`` is for another architecture, its variant ``<name>-<arch>`` (say
+    ``minimal-aarch64``) is used if one exists, so specs say ``image="minimal"`` on
+    every architecture."""
+    recipe = load_recipe(name, recipes_dir)
+    if arch is None or recipe.arch == arch:
+        return recipe
+    variant = f"{name}-{arch}"
+    if (recipes_dir / f"{variant}.toml").is_file():
+        found = load_recipe(variant, recipes_dir)
+        if found.arch == arch:
+            return found
+        raise ConfigError(f"image recipe {variant!r} is for {found.arch}, not {arch}")
+    raise ConfigError(
+        f"image recipe {name!r} is for {recipe.arch}, not {arch}, and there is no "
+        f"{variant!r} recipe"
+    )
+
+
+def ensure_image(name: str, arch: str | None = None, *, refresh: bool = False) -> Image:
     """The image ``name`` for ``arch``, built (under a file lock) when absent or stale.
 
-    Returns at once when a complete image with the same inputs is cached.  ``refresh``
-    re-resolves the recipe's packages against Debian's archive first.
+    ``arch`` None takes the recipe as it is; another architecture than the recipe's
+    takes its ``<name>-<arch>`` variant (:func:`recipe_for`).  Returns at once when a
+    complete image with the same inputs is cached.  ``refresh`` re-resolves the recipe's
+    packages against Debian's archive first.
     """
-    recipe = load_recipe(name)
-    if recipe.arch != arch:
-        raise ConfigError(f"image recipe {name!r} is for {recipe.arch}, not {arch}")
-    return Builder(recipe).ensure(refresh=refresh)
+    return Builder(recipe_for(name, arch)).ensure(refresh=refresh)
 
 
 # --- .deb sets -------------------------------------------------------------------------
@@ -596,8 +653,6 @@ def ldd_libraries(binary: Path, library_path: Sequence[Path]) -> dict[str, Path]
 
 # --- the builder -----------------------------------------------------------------------
 
-LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
-
 
 def _inside(root: Path, rel: str) -> Path:
     """``root/rel`` resolved with symlinks interpreted inside ``root`` (a chroot view)."""
@@ -664,6 +719,8 @@ class Builder:
                 f"({', '.join(sorted(catalog.default().suites()))})"
             )
         archive = Provisioner(catalog.default()).archive()
+        if r.deb_arch != archive.arch:
+            archive = self._foreign_archive(archive)
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -688,6 +745,51 @@ class Builder:
         tmp.rename(dest)
         log.info("image %s: resolved %d packages (kernel %s)", r.name, len(record), kpkg)
         return DebSet(dest, kpkg, record)
+
+    def _foreign_archive(self, host: AptArchive) -> AptArchive:
+        """The recipe's suite for its (non-host) Debian architecture: own private lists."""
+        r = self.recipe
+        archive = AptArchive(host.root.with_name(f"{host.root.name}-{r.deb_arch}"), (r.suite,),
+                             mirror=host.mirror, arch=r.deb_arch)  # fmt: skip
+        try:
+            archive.update()
+        except ProvisionError as exc:
+            raise ImageBuildError(f"recipe {r.name}: apt lists for {r.deb_arch}: {exc}") from exc
+        return archive
+
+    def tools(self) -> Path | None:
+        """The unpacked cross-build tools of the recipe (provisioned once), or None."""
+        tools = self.recipe.tools
+        if tools is None:
+            return None
+        from harness import catalog
+        from harness.provision import Provisioner
+
+        listing = json.dumps([tools.suite, sorted(tools.debs)]).encode()
+        dest = images_dir() / "tools" / hashlib.sha256(listing).hexdigest()[:16]
+        if verify_prefix(dest) is None:
+            return dest
+        with FileLock(str(dest) + ".lock", timeout=LOCK_TIMEOUT):
+            if verify_prefix(dest) is None:
+                return dest
+            archive = Provisioner(catalog.default()).archive()
+            work = dest.with_name(dest.name + ".debs")
+            shutil.rmtree(work, ignore_errors=True)
+            try:
+                debs = archive.download([PackageRef(n, tools.suite) for n in tools.debs], work)
+            except ProvisionError as exc:
+                raise ImageBuildError(f"recipe {self.name}: fetching tools failed: {exc}") from exc
+            with staging(dest) as tmp:
+                unpack(debs, tmp)
+                for rel in (tools.objcopy, tools.objdump, tools.emulator):
+                    if not (tmp / rel).is_file():
+                        raise ImageBuildError(
+                            f"recipe {self.name}: tool {rel} is in none of {', '.join(tools.debs)}"
+                        )
+                write_manifest(tmp, {"kind": "tools", "packages": {
+                    deb_field(d, "Package"): deb_field(d, "Version") for d in debs}})  # fmt: skip
+            shutil.rmtree(work, ignore_errors=True)
+        return dest
 
     def agent_files(self) -> list[Path]:
         return sorted(p for p in AGENT_DIR.rglob("*") if p.is_file())
@@ -715,6 +817,13 @@ class Builder:
     def ensure(self, refresh: bool = False) -> Image:
         debs = self.debset(refresh=refresh)
         extra, context = self._nested_inputs()
+        tools = self.tools()
+        if tools is not None:
+            from harness.provision import read_manifest
+
+            pkgs = (read_manifest(tools) or {}).get("packages")
+            extra = [*extra, "tools:" + json.dumps(pkgs, sort_keys=True)]
+            context = {**context, "tools": tools}
         digest = self.inputs_hash(debs, extra)
         final = images_dir() / f"{self.name}-{digest[:16]}"
         if verify_prefix(final) is None:
@@ -798,14 +907,14 @@ class Builder:
                 shutil.copy2(l2.root / name, out / name)
             host_key = l2.host_key
         else:
-            host_key = self._make_keys(out, pkgs)
+            host_key = self._make_keys(out, pkgs, context.get("tools"))
 
         root = work / "root"
-        self._rootfs(root, pkgs, kver, out)
+        self._rootfs(root, pkgs, kver, out, context.get("tools"))
         initrd = out / INITRD
         self._initramfs(root, initrd)
         shutil.copy2(vmlinuz, out / KERNEL)
-        self._uki(pkgs / r.stub, out / KERNEL, initrd, out / UKI, work)
+        self._uki(pkgs / r.stub, out / KERNEL, initrd, out / UKI, work, context.get("tools"))
         self._esp(out / UKI, out / ESP_IMG)
         data_disk = False
         if r.nested is not None:
@@ -827,7 +936,22 @@ class Builder:
         (out / IMAGE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
         write_manifest(out, {"kind": "image", "name": r.name, "inputs_hash": digest})
 
-    def _make_keys(self, out: Path, pkgs: Path) -> str:
+    def _tool(self, tools: Path | None, which: str) -> tuple[list[str | Path], dict[str, str] | None]:
+        """argv prefix and environment of build tool ``which`` (objcopy, objdump, emulator):
+        the host's own, or the recipe's cross tool (its private libraries first)."""
+        if tools is None or self.recipe.tools is None:
+            return ([which] if which != "emulator" else []), None
+        rel = getattr(self.recipe.tools, which)
+        libs = [tools / "usr/lib/x86_64-linux-gnu", tools / "lib/x86_64-linux-gnu"]
+        env = dict(os.environ, LD_LIBRARY_PATH=":".join(str(d) for d in libs if d.is_dir()))
+        return [tools / rel], env
+
+    def _lib_dirs(self) -> tuple[str, ...]:
+        """Where the target's libraries may be in the unpacked packages."""
+        libdir = self.recipe.libdir
+        return (libdir, f"usr/{libdir}", "lib64", "lib", "usr/lib")
+
+    def _make_keys(self, out: Path, pkgs: Path, tools: Path | None = None) -> str:
         """Host key (dropbear format, made by the packaged dropbearkey) and client key."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -844,22 +968,26 @@ class Builder:
         _write_secret(out / CLIENT_KEY, private)
         (out / CLIENT_KEY_PUB).write_bytes(public + b" harness-client\n")
 
-        loader = _inside(pkgs, "lib64/ld-linux-x86-64.so.2")
-        libpath = ":".join(str(pkgs / d) for d in LIB_DIRS[:2])
+        loader = _inside(pkgs, self.recipe.loader)
+        libpath = ":".join(str(pkgs / d) for d in self._lib_dirs()[:2])
         keygen = pkgs / "usr/bin/dropbearkey"
         hostkey = out / HOST_KEY_DROPBEAR
-        run_tool([loader, "--library-path", libpath, keygen, "-t", "ed25519", "-f", hostkey])
+        emu, env = self._tool(tools, "emulator")  # runs a foreign dropbearkey
+        run_tool([*emu, loader, "--library-path", libpath, keygen, "-t", "ed25519", "-f", hostkey],
+                 env=env)  # fmt: skip
         os.chmod(hostkey, 0o600)
-        text = run_tool([loader, "--library-path", libpath, keygen, "-y", "-f", hostkey]).decode()
+        text = run_tool([*emu, loader, "--library-path", libpath, keygen, "-y", "-f", hostkey],
+                        env=env).decode()  # fmt: skip
         match = re.search(r"^(ssh-ed25519 \S+)", text, re.M)
         if not match:
             raise ImageBuildError(f"dropbearkey -y printed no ssh-ed25519 key: {text!r}")
         (out / HOST_KEY_PUB).write_text(match.group(1) + "\n")
         return match.group(1)
 
-    def _rootfs(self, root: Path, pkgs: Path, kver: str, out: Path) -> None:
+    def _rootfs(self, root: Path, pkgs: Path, kver: str, out: Path,
+                tools: Path | None = None) -> None:
         r = self.recipe
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "lib/x86_64-linux-gnu", "lib64",
+        for d in ("bin", "sbin", "usr/bin", "usr/sbin", r.libdir, str(Path(r.loader).parent),
                   "etc/harness/boot.d", "etc/dropbear", "proc", "sys", "dev", "run", "tmp",
                   "root", "var/log", "usr/lib/harness", "data", "mnt"):  # fmt: skip
             ensure_dir(root / d)
@@ -870,7 +998,8 @@ class Builder:
         shutil.copy2(_inside(pkgs, r.busybox), busybox)
         for rel in r.binaries:
             self._install_binary(root, pkgs, rel)
-        applets = run_tool([busybox, "--list-full"]).decode().split()
+        emu, env = self._tool(tools, "emulator")  # runs a foreign busybox
+        applets = run_tool([*emu, busybox, "--list-full"], env=env).decode().split()
         for applet in applets:
             link = root / applet
             if link.exists() or link.is_symlink() or applet in ("linuxrc",):
@@ -932,19 +1061,19 @@ class Builder:
                     continue
                 seen.add(soname)
                 lib = self._find_lib(pkgs, soname, rel)
-                _install(lib, root / "lib/x86_64-linux-gnu" / soname, 0o755)
+                _install(lib, root / self.recipe.libdir / soname, 0o755)
                 pending.append(lib)
-        loader = _inside(pkgs, "lib64/ld-linux-x86-64.so.2")
+        rloader, libdir = self.recipe.loader, self.recipe.libdir
+        loader = _inside(pkgs, rloader)
         if not loader.is_file():
-            raise ImageBuildError(f"recipe {self.name}: no lib64/ld-linux-x86-64.so.2 (add libc6)")
-        if not (root / "lib64/ld-linux-x86-64.so.2").exists():
-            _install(loader, root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 0o755)
-            (root / "lib64/ld-linux-x86-64.so.2").symlink_to(
-                "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-            )
+            raise ImageBuildError(f"recipe {self.name}: no {rloader} (add libc6)")
+        name = Path(rloader).name
+        if not (root / rloader).exists() and not (root / rloader).is_symlink():
+            _install(loader, root / libdir / name, 0o755)
+            (root / rloader).symlink_to(f"/{libdir}/{name}")
 
     def _find_lib(self, pkgs: Path, soname: str, needed_by: str) -> Path:
-        for d in LIB_DIRS:
+        for d in self._lib_dirs():
             path = _inside(pkgs, f"{d}/{soname}")
             if path.is_file():
                 return path
@@ -971,7 +1100,8 @@ class Builder:
         run_tool(["zstd", "-q", "-f", "-12", "-T0", "--no-check", raw, "-o", dest])
         raw.unlink()
 
-    def _uki(self, stub: Path, kernel: Path, initrd: Path, dest: Path, work: Path) -> None:
+    def _uki(self, stub: Path, kernel: Path, initrd: Path, dest: Path, work: Path,
+             tools: Path | None = None) -> None:
         """The stub plus .osrel/.cmdline/.initrd/.linux sections, each placed after the
         stub's image on a page boundary (the stub finds them by name in memory)."""
         if not stub.is_file():
@@ -980,9 +1110,11 @@ class Builder:
         osrel.write_text(self._os_release())
         cmdline = work / "cmdline"
         cmdline.write_bytes(self.recipe.cmdline.encode() + b"\0")
-        headers = run_tool(["objdump", "-p", "-h", stub]).decode()
+        objdump, env = self._tool(tools, "objdump")
+        headers = run_tool([*objdump, "-p", "-h", stub], env=env).decode()
         end = pe_image_end(headers)
-        args: list[str | Path] = ["objcopy"]
+        objcopy, env = self._tool(tools, "objcopy")
+        args: list[str | Path] = [*objcopy]
         vma = _align(end, 0x1000)
         for section, path in (
             (".osrel", osrel),
@@ -997,7 +1129,7 @@ class Builder:
                 f"{section}={vma:#x}",
             ]
             vma = _align(vma + path.stat().st_size, 0x1000)
-        run_tool([*args, stub, dest])
+        run_tool([*args, stub, dest], env=env)
 
     def _esp(self, uki: Path, dest: Path) -> None:
         size_mb = self.recipe.esp_size_mb or (uki.stat().st_size >> 20) + 8
@@ -1007,7 +1139,7 @@ class Builder:
         run_tool(["mkfs.vfat", "-C", "-n", "HARNESS-ESP", dest, str(size_mb * 1024)])
         env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
         run_tool(["mmd", "-i", dest, "::/EFI", "::/EFI/BOOT"], env=env)
-        run_tool(["mcopy", "-i", dest, uki, "::/EFI/BOOT/BOOTX64.EFI"], env=env)
+        run_tool(["mcopy", "-i", dest, uki, f"::/EFI/BOOT/{self.recipe.boot_file}"], env=env)
 
     def _data_disk(self, dest: Path, data: Path, context: Mapping[str, Any]) -> None:
         """QEMU (binary, libraries, blobs), OVMF and the L2 image on an ext2 disk."""

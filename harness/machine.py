@@ -93,6 +93,8 @@ class Machine:
         os.chmod(workdir, 0o700)
         self.build = build or builds.get_build(spec.qemu, spec.arch)
         self.accel = host.default_accel() if spec.accel == "auto" else spec.accel
+        if spec.accel == "auto" and spec.arch != os.uname().machine:
+            self.accel = "tcg"  # a guest of another architecture than the host's: emulated
         self.image = images.ensure_image(spec.image, spec.arch)
         self._code, self._template, self._bios = self._firmware_files()
         self._varstore_arg = varstore
@@ -161,8 +163,11 @@ class Machine:
 
         if self._template is None:
             raise VarstoreError(name, "this guest has no persistent varstore")
+        from harness import firmware
+
         dest = self.workdir / name
-        varstore.instantiate(self._template, dest)
+        # AAVMF's template may be blank (formatted on first boot): nothing to validate
+        varstore.instantiate(self._template, dest, validate=not firmware.is_blank(self._template))
         return dest
 
     def _resolve(self, gen: int, varstore: Path | None, incoming: Sequence[str],
@@ -314,11 +319,15 @@ class Machine:
                 assert self._template is not None
                 vs.instantiate(self._template, varstore)
             else:
+                from harness import firmware
                 from harness import varstore as vs
 
                 # a caller's varstore is input: refuse a corrupt one, naming it, before
-                # QEMU and OVMF see it (OVMF would silently reformat or misbehave)
-                vs.read_varstore(varstore)
+                # QEMU and OVMF see it (OVMF would silently reformat or misbehave); a
+                # blank one is as good as a blank template (AAVMF before 2025.02)
+                assert self._template is not None
+                if not (firmware.is_blank(self._template) and firmware.is_blank(varstore)):
+                    vs.read_varstore(varstore)
         t0 = time.monotonic()
         inc = self.spawn(varstore=varstore)
         self.adopt(inc)

@@ -22,12 +22,16 @@ BOOT_MODES = ("uefi", "direct")
 FIRMWARE_MODES = ("split", "stateless")
 FLASH_LAYOUTS = ("4m", "2m")
 ACCELS = ("auto", "kvm", "tcg")
+# aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).
+_AARCH64_MACHINE_RE = re.compile(r"^virt(-\d+\.\d+)?$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
 @dataclass(frozen=True)
 class VmSpec:
-    """What a guest is.  Every field has a default that boots the ``minimal`` UEFI guest."""
+    """What a guest is.  Every field has a default that boots the ``minimal`` UEFI guest.
+
+    ``machine`` left at its default ``q35`` means ``virt`` when ``arch`` is aarch64."""
 
     qemu: str = "10.0.2"
     arch: str = "x86_64"
@@ -55,6 +59,8 @@ class VmSpec:
     guest_config: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.arch == "aarch64" and self.machine == "q35":
+            object.__setattr__(self, "machine", "virt")  # the default, for this arch
         self.validate()
 
     def validate(self) -> None:
@@ -99,6 +105,8 @@ class VmSpec:
             raise bad("smp", "an integer from 1 to 64")
         if not isinstance(self.guest_mem_mb, int) or not 0 <= self.guest_mem_mb < self.memory_mb // 2:
             raise bad("guest_mem_mb", "an integer below half of memory_mb")
+        if self.arch == "aarch64" and not _AARCH64_MACHINE_RE.match(self.machine):
+            raise bad("machine", "virt or a versioned virt-X.Y for arch='aarch64'")
         if self.boot == "uefi" and self.firmware is None:
             raise bad("firmware", "a firmware version when boot='uefi' (None means SeaBIOS)")
         if self.uuid is not None and not _UUID_RE.match(self.uuid):

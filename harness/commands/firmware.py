@@ -12,7 +12,7 @@ from harness.cli import command, emit_json, register_parser
 def _firmware(args: argparse.Namespace) -> int:
     from harness.firmware import all_firmware
 
-    builds = all_firmware()
+    builds = all_firmware(args.arch)
     if args.json:
         emit_json([b.to_json() for b in builds])
         return 0
@@ -34,3 +34,5 @@ def _add_firmware(sub: Any) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="every firmware build and its (code, vars) pairs")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--arch", default="x86_64",
+                    help="guest architecture: x86_64 (OVMF, default) or aarch64 (AAVMF)")
