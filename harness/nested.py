@@ -871,7 +871,7 @@ def run_cycles(
         running = l2_running(l2)
         sections: dict[str, list[str]] | None = None
         source = "none"
-        if probe and op in ("live", "cpr-transfer", "nested-live"):
+        if probe and op in ("live", "cpr-transfer"):
             try:
                 sections, source = probe_sections(l1), "probe"
             except HarnessError as exc:
@@ -918,7 +918,12 @@ def run_cycles(
             except HarnessError as exc:
                 cyc.problems.append(f"check failed: {exc}")
             res.problems += [f"L2: {p}" for p in cyc.problems]
-        cyc.evidence = nested_evidence(sections, source=source, l0_accel=plan_accel, l2_running=running)
+        if op == "nested-live":
+            cyc.evidence = NestedEvidence("n/a", False, False, (), plan_accel, running,
+                                          "nested state: not applicable (L1's QEMU moved L2; "
+                                          "L2 runs no guest of its own)")  # fmt: skip
+        else:
+            cyc.evidence = nested_evidence(sections, source=source, l0_accel=plan_accel, l2_running=running)
         res.extra["l2"] = cyc.to_json()
         res.extra["nested_state"] = cyc.evidence.to_json()
         results.append(res)

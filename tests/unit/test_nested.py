@@ -253,3 +253,29 @@ def test_helper_source_builds_a_static_binary() -> None:
     head = exe.read_bytes()[:20]
     assert head[:4] == b"\x7fELF"
     assert exe.stat().st_size > 10_000
+
+
+# --- the scenario -------------------------------------------------------------------------------
+
+
+def test_nested_scenario_is_registered_with_its_modes() -> None:
+    from harness import scenarios
+
+    assert "nested" in scenarios.names()
+    assert "cpr-transfer" in scenarios.names()["nested"]
+
+
+def test_nested_scenario_refuses_an_unknown_mode_before_booting() -> None:
+    from harness import scenarios
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="live, save-restore, cpr-reboot, cpr-transfer, nested-live"):
+        scenarios.get("nested")(scenarios.ScenarioOptions(mode="cpr-exec"))
+
+
+def test_repro_command_line_carries_mode_cycles_and_json(tmp_path: Path) -> None:
+    from harness import cli
+
+    args = cli.build_parser().parse_args(["repro", "nested", "--mode", "cpr-transfer", "--cycles", "5",
+                              "--json", str(tmp_path / "out.json")])  # fmt: skip
+    assert (args.scenario, args.mode, args.cycles, args.json) == ("nested", "cpr-transfer", 5, tmp_path / "out.json")
