@@ -55,6 +55,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
+    """Remove guest-RAM directories (``hv-ram-<pid>-*``, up to the guest's RAM size in
+    /dev/shm) whose owning harness process is gone: a SIGKILLed run cannot clean up, and
+    its QEMU died with it (parent-death signal).  Returns what was removed."""
+    import shutil
+
+    removed = []
+    for d in base.glob("hv-ram-*-*"):
+        owner = d.name.split("-")[2]
+        if not owner.isdigit() or int(owner) == os.getpid() or Path(f"/proc/{owner}").exists():
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 @dataclass
 class Ready:
     """What the guest's agent said when it came up."""
@@ -205,7 +221,9 @@ class Machine:
 
             shm = Path("/dev/shm")
             base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
-            self._ram_dir = Path(tempfile.mkdtemp(prefix="hv-ram-", dir=base))
+            sweep_orphan_ram_dirs(base)
+            # the owner's pid in the name lets a later run remove it if we are SIGKILLed
+            self._ram_dir = Path(tempfile.mkdtemp(prefix=f"hv-ram-{os.getpid()}-", dir=base))
         return self._ram_dir
 
     # -- processes --------------------------------------------------------------------

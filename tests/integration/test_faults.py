@@ -294,14 +294,16 @@ def test_crash_during_a_wait_ends_the_wait(live_vm: Machine) -> None:
 # --- a whole test run with a crashed and a hung guest -----------------------------------------
 
 INNER = """
-import threading
+import os, tempfile, threading
+from pathlib import Path
 import pytest
 from harness import faults, snapshots
 from harness.machine import Machine
 
 def fast(vm_factory, tmp_path):
     vm = vm_factory(start=False, name="inner")
-    return snapshots.start_fast(vm, make_template=lambda: Machine(vm.spec, tmp_path / "t"))
+    short = Path(tempfile.mkdtemp(prefix="t", dir=os.environ["HARNESS_RUNDIR"]))  # socket paths
+    return snapshots.start_fast(vm, make_template=lambda: Machine(vm.spec, short / "t"))
 
 def test_guest_crashes(vm_factory, tmp_path):
     vm = fast(vm_factory, tmp_path)

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 
 from harness import faults
+from harness.machine import sweep_orphan_ram_dirs
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main())")
-BOOT_WAIT = 420.0  # a cold TCG boot on a loaded 2-core machine
+BOOT_WAIT = 420.0
+SHM = Path("/dev/shm")  # a cold TCG boot on a loaded 2-core machine
 
 
 class Child:
@@ -100,8 +102,28 @@ def test_signal_to_harness_repro_leaves_no_qemu(
         assert "interrupted" in child.text()
     left = faults.wait_gone(faults.find_qemu(rundir), timeout=15)
     assert left == [], f"orphan QEMU {left} after {sig.name} to harness repro"
-    if sig == signal.SIGINT:  # an orderly exit also removes the guests' work directories
+    ram_dirs = list(SHM.glob(f"hv-ram-{child.proc.pid}-*"))
+    if sig == signal.SIGINT:  # an orderly exit also removes the guests' work and RAM dirs
         assert [p for p in rundir.rglob("*") if p.is_file()] == []
+        assert ram_dirs == []
+    else:  # a SIGKILLed run cannot clean up: its file-backed guest RAM is swept by the next
+        assert ram_dirs, "expected the killed run's guest-RAM directory"
+        removed = sweep_orphan_ram_dirs(SHM)
+        assert set(ram_dirs) <= set(removed) and not any(d.exists() for d in ram_dirs)
+
+
+def test_sweep_removes_only_dead_owners_ram_dirs(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = tmp_path / f"hv-ram-{os.getpid()}-aaaa"
+    other_live = tmp_path / f"hv-ram-{os.getppid()}-bbbb"
+    orphan = tmp_path / f"hv-ram-{gone.pid}-cccc"
+    legacy = tmp_path / "hv-ram-dddd"
+    for d in (mine, other_live, orphan, legacy):
+        d.mkdir()
+        (d / "guest-ram").write_bytes(b"x")
+    assert sweep_orphan_ram_dirs(tmp_path) == [orphan]
+    assert mine.exists() and other_live.exists() and legacy.exists() and not orphan.exists()
 
 
 def _nightly_exists() -> bool:
@@ -130,13 +152,15 @@ def test_sigint_to_harness_nightly_leaves_no_qemu(
 
 
 INNER = """
-import time
+import os, tempfile, time
+from pathlib import Path
 from harness import snapshots
 from harness.machine import Machine
 
 def test_sleeps_with_a_guest(vm_factory, tmp_path):
     vm = vm_factory(start=False, name="orphan")
-    snapshots.start_fast(vm, make_template=lambda: Machine(vm.spec, tmp_path / "t"))
+    short = Path(tempfile.mkdtemp(prefix="t", dir=os.environ["HARNESS_RUNDIR"]))  # socket paths
+    snapshots.start_fast(vm, make_template=lambda: Machine(vm.spec, short / "t"))
     print("GUEST-UP", flush=True)
     time.sleep(900)
 """
@@ -151,9 +175,11 @@ def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
            "--rootdir", str(inner), str(inner / "test_inner.py")]  # fmt: skip
     child = Child(cmd, rundir, tmp_path / "inner.out")
     child_factory.append(child)
-    _wait_for(lambda: len(faults.find_qemu(rundir)) == 1, BOOT_WAIT, "the worker's guest", child)
+    # the restored guest, not the snapshot's template boot (its work dir is "<n>-orphan")
+    _wait_for(lambda: bool(faults.find_qemu("-orphan/")), BOOT_WAIT, "the worker's guest", child)
     time.sleep(3)  # the restore has finished and the test sleeps
-    (qemu,) = faults.find_qemu(rundir)
+    (qemu,) = faults.find_qemu("-orphan/")
+    assert faults.find_qemu(rundir) == [qemu]
     worker = int(Path(f"/proc/{qemu}/stat").read_text().rsplit(")", 1)[1].split()[1])
     controller = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert worker != child.proc.pid and controller == child.proc.pid, \
