@@ -15,6 +15,10 @@ from harness.paths import cache_root
 
 pytest_plugins = ["pytester"]
 
+# avocado-instrumented tests are run by avocado (tests/integration/test_avocado.py does),
+# never collected by pytest as unittest classes
+collect_ignore = ["avocado"]
+
 # pytester points HOME at its scratch directory; inner sessions must still find the
 # provisioned builds and images (otherwise they would provision everything again)
 CACHE = cache_root()
