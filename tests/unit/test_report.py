@@ -374,3 +374,18 @@ def test_summary_and_progress_lines() -> None:
     assert "FAILED" in lines[1] and "[section-footer]" in lines[1]
     assert any(line.startswith("  new failure:") for line in lines)
     assert report.progress_line(r).split()[:2] == ["FAIL", "live"]
+
+
+def test_expected_boot_failures_are_data_and_judged_both_ways() -> None:
+    known = nightly.expected_boot_failure("5.2.0", "2025.02")
+    assert known is not None and "5.2" in known.reason
+    assert nightly.expected_boot_failure("7.2.0", "2025.02") is None
+    assert nightly.expected_boot_failure("5.2.0", "2022.11") is None
+    failed = nightly.judge_boot({"op": "boot", "ok": False, "error": "timed out"}, known)
+    assert failed["expected_failure"] is True and failed["ok"] is False
+    booted = nightly.judge_boot({"op": "boot", "ok": True}, known)
+    assert booted["ok"] is False and "remove or narrow the entry" in booted["error"]
+    assert not booted.get("expected_failure")
+    assert nightly.judge_boot({"op": "boot", "ok": True}, None) == {"op": "boot", "ok": True}
+    with pytest.raises(ConfigError, match="version constraint"):
+        nightly.ExpectedBootFailure("~5", "1", "x").applies("5.2", "1")
