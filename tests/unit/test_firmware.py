@@ -299,7 +299,7 @@ def test_skipped_descriptors_are_logged_with_reason(
     qcow["mapping"]["executable"]["format"] = "qcow2"
     _write(prefix, "30-qcow.json", qcow)
     _write(prefix, "40-hidden.json", "")
-    with caplog.at_level(logging.INFO, logger="harness.firmware"):
+    with caplog.at_level(logging.DEBUG, logger="harness.firmware"):
         descs = load_descriptors(prefix)
     assert [d.name for d in descs] == ["60-test.json"]
     text = caplog.text
