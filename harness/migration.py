@@ -49,6 +49,7 @@ class MigrationResult:
     source: str
     destination: str
     machine: str
+    arch: str = "x86_64"
     wall_s: float = 0.0
     total_time_ms: float | None = None
     downtime_ms: float | None = None
@@ -105,7 +106,7 @@ def _check(result: MigrationResult, check: bool) -> MigrationResult:
 def _new_result(op: str, mode: str, vm: Machine, dest: QemuBuild | None, machine: str) -> MigrationResult:
     return MigrationResult(
         op=op, mode=mode, status="pending", source=vm.build.label,
-        destination=(dest or vm.build).label, machine=machine,
+        destination=(dest or vm.build).label, machine=machine, arch=vm.spec.arch,
     )  # fmt: skip
 
 
