@@ -510,6 +510,23 @@ def _matrix_html(records: Sequence[Mapping[str, Any]]) -> str:
     return "".join(rows)
 
 
+def _elsewhere_html(records: Sequence[Mapping[str, Any]]) -> str:
+    """Runs that are not failing/xfailed in a grid cell (no source -> destination step, not a
+    boot): a chip each, so no failure hides below the fold."""
+    chips = []
+    for r in records:
+        if r["outcome"] not in ("failed", "error", "xfailed") or r.get("kind") == "boot":
+            continue
+        if any(s.get("source") and s.get("destination") and s.get("op") != "boot" for s in r.get("steps") or []):
+            continue
+        o = r["outcome"]
+        chips.append(f"<div class='chip' style='background:{COLOURS[o]};display:inline-block' "
+                     f"title='{_e(r.get('error') or r.get('message') or '')}'>{_e(r.get('entry') or r['id'])}: {_e(o)}</div>")  # fmt: skip
+    if not chips:
+        return ""
+    return f"<h3>Outside the grids</h3><div id='elsewhere'>{''.join(chips)}</div>"
+
+
 def _boot_grid_html(records: Sequence[Mapping[str, Any]]) -> str:
     grid: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
@@ -594,11 +611,12 @@ def _scenario_tables(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def nice_ceiling(v: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 x 10^k at or above ``v`` (axis maxima that read well)."""
+    """The smallest 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^k at or above ``v`` (axis maxima
+    that read well)."""
     import math
 
     exp = math.floor(math.log10(v))
-    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+    for m in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0):
         if m * 10**exp >= v:
             return float(m * 10.0**exp)
     return 10.0 ** (exp + 1)
@@ -752,7 +770,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         f"<h1>Nightly {_e(run.get('id'))}</h1><p class='counts'>{counts}</p><p class='note'>{_e(meta)}</p>"
         f"<h2>Source x destination</h2>{_matrix_html(records)}"
         f"<p class='note'>Each chip: operation, passed/total steps; colour = worst outcome ({legend}).</p>"
-        f"{_boot_grid_html(records)}"
+        f"{_boot_grid_html(records)}{_elsewhere_html(records)}"
         f"<h2>Compared with the previous run</h2>{_comparison_html(results.get('comparison'))}"
         f"<h2>Plots</h2>{pause or '<p>No back-to-back runs with two or more cycles.</p>'}"
         f"{down or '<p>No downtime measured.</p>'}"

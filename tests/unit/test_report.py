@@ -348,10 +348,14 @@ def test_html_matrix_plots_and_escaping() -> None:
     assert "id='boot-grid'" in page and "passed 21 s" in page
     assert page.count("<polyline") == 1  # one back-to-back run with >= 2 cycles
     assert "Downtime per pair" in page and "href='artifacts/xv/'" in page
+    assert "Outside the grids" not in page  # every failure already sits in a grid
+    nested = rec("nested-live", "failed", scenario="nested", steps=[{"op": "live", "ok": False, "error": "L2 did not start"}])
+    page = report.render_html({"run": {"id": "t"}, "summary": {}, "records": [*records, nested]})
+    assert "Outside the grids" in page and f"background:{report.COLOURS['failed']};display:inline-block" in page
 
 
 def test_nice_axis_maxima() -> None:
-    assert [report.nice_ceiling(v) for v in (0.7, 1.0, 1.3, 230, 751, 4100)] == [1.0, 1.0, 2.0, 250, 1000, 5000]
+    assert [report.nice_ceiling(v) for v in (0.7, 1.0, 1.3, 230, 751, 2555, 4100)] == [0.8, 1.0, 1.5, 250, 800, 3000, 5000]
 
 
 def test_pair_cells_and_step_outcomes() -> None:
