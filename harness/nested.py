@@ -151,6 +151,18 @@ def l1_plan(
                   "no KVM nested state exists on a TCG L0")  # fmt: skip
 
 
+def pair_fields(qemu_builds: Sequence[QemuBuild]) -> dict[str, Any]:
+    """Spec fields one L1 needs to go through every operation the builds share: shared
+    memfd RAM (cpr-transfer's, and what lets a stream probe skip RAM), plus
+    ``aux_ram_share`` when every build offers cpr-transfer.  One set of fields for all
+    modes means one saved pair serves them all."""
+    if all(b.capabilities.has_mode("cpr-transfer") for b in qemu_builds):
+        return {"memory_backend": "memfd", "aux_ram_share": True}
+    if all(b.capabilities.has_capability("x-ignore-shared") for b in qemu_builds):
+        return {"memory_backend": "memfd"}
+    return {}
+
+
 def l1_spec(kvm: KvmInfo | None = None, **kw: Any) -> VmSpec:
     """Just the spec of :func:`l1_plan`."""
     return l1_plan(kvm, **kw).spec
@@ -544,20 +556,22 @@ def stream_sections(data: bytes) -> dict[str, list[str]]:
     enough).  Raises :class:`StateError` when there is none (postcopy, or a machine with
     ``suppress-vmdesc``)."""
     end = len(data)
-    i = data.rfind(b'{"page_size"')
+    i = data.rfind(b"{")
     while i >= 5:
         if data[i - 5] == QEMU_VM_VMDESCRIPTION and int.from_bytes(data[i - 4:i], "big") == end - i:
             try:
                 desc = json.loads(data[i:end])
             except ValueError as exc:
                 raise StateError(f"stream description at offset {i} is not JSON: {exc}") from exc
+            if not isinstance(desc, dict) or "devices" not in desc:
+                raise StateError(f"stream description at offset {i} has no devices: {str(desc)[:200]}")
             out: dict[str, list[str]] = {}
-            for dev in desc.get("devices", []):
+            for dev in desc["devices"]:
                 name = str(dev.get("name"))
                 subs = out.setdefault(name, [])
                 subs += [s for s in _subsections(dev) if s not in subs]
             return out
-        i = data.rfind(b'{"page_size"', 0, i)
+        i = data.rfind(b"{", 0, i)
     raise StateError("no vmstate description at the end of the stream (postcopy or suppress-vmdesc?)")
 
 

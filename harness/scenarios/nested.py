@@ -32,14 +32,15 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
     t0 = time.monotonic()
     versions = opts.qemu or ["10.0.2"]
     qbuilds = [builds.get_build(v) for v in versions]
-    caps = [b.capabilities for b in qbuilds]
-    machine = caps[0].resolve_machine("q35")
-    for other in caps[1:]:
-        machine = builds.newest_common_machine(caps[0], other)
+    # one build: the unversioned machine (the same L1 spec, and saved pair, as the tests);
+    # several: the newest machine type they all offer
+    machine = "q35"
+    for other in qbuilds[1:]:
+        machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities)
     dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
-    fields: dict[str, Any] = dict(migration.spec_fields_for(mode))
-    if mode in ("live", "nested-live") and qbuilds[0].capabilities.has_capability("x-ignore-shared"):
-        fields["memory_backend"] = "memfd"  # shared RAM: the stream probe skips it (short pause)
+    fields: dict[str, Any] = nested.pair_fields(qbuilds)
+    if mode in ("cpr-reboot", "cpr-transfer") and not all(b.capabilities.has_mode(mode) for b in qbuilds):
+        raise UnsupportedError(f"migration mode {mode}", "QEMU " + ", ".join(b.label for b in qbuilds))
     if opts.ovmf:
         fields["firmware"] = opts.ovmf[0]
     plan = nested.l1_plan(qemu=qbuilds[0].label, machine=machine, name=f"l1{mode.replace('-', '')}", **fields)

@@ -38,7 +38,7 @@ def _pair(plan: nested.L1Plan) -> Iterator[Pair]:
 @pytest.fixture
 def pair() -> Iterator[Pair]:
     """L1 on QEMU 10.0.2 (q35, memfd RAM shared for CPR) with its UEFI L2 running."""
-    yield from _pair(nested.l1_plan(**migration.spec_fields_for("cpr-transfer")))
+    yield from _pair(nested.l1_plan(**nested.pair_fields([builds.get_build("10.0.2")])))
 
 
 def _assert_cycles(results: list[migration.MigrationResult], n: int) -> None:
@@ -134,7 +134,7 @@ def test_cross_version_l1_migration_7_2_to_10_0_2() -> None:
     b72, b10 = builds.get_build("7.2"), builds.get_build("10.0.2")
     machine = builds.newest_common_machine(b72.capabilities, b10.capabilities)
     assert machine == "pc-q35-7.2"
-    plan = nested.l1_plan(qemu="7.2", machine=machine, name="l1x")
+    plan = nested.l1_plan(qemu="7.2", machine=machine, name="l1x", **nested.pair_fields([b72, b10]))
     for p in _pair(plan):
         results = nested.run_cycles(p.l1, p.l2, "live", 2, builds=[b10, b72])
         _assert_cycles(results, 2)

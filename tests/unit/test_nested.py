@@ -171,7 +171,8 @@ def _stream(desc: dict[str, object], *, junk: bytes = b"\x00" * 100) -> bytes:
 
 
 def _desc(*cpu_subs: str) -> dict[str, object]:
-    return {"page_size": 4096, "devices": [
+    # as QEMU writes it: the configuration section's description first
+    return {"configuration": {"vmsd_name": "configuration", "fields": []}, "page_size": 4096, "devices": [
         {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "fields": []},
         {"name": "cpu", "instance_id": 0, "vmsd_name": "cpu", "fields": [],
          "subsections": [{"vmsd_name": s, "fields": [], "subsections": []} for s in cpu_subs]},
@@ -197,7 +198,7 @@ def test_stream_sections_refuses_a_stream_without_a_description() -> None:
         nested.stream_sections(b"QEVM" + b"\x00" * 64)
     good = _stream(_desc())
     # a wrong length field must not be taken for the description
-    i = good.rindex(b'{"page_size"')
+    i = good.rindex(b'{"configuration"')
     bad = good[: i - 4] + (len(good) - i + 1).to_bytes(4, "big") + good[i:]
     with pytest.raises(StateError, match="no vmstate description"):
         nested.stream_sections(bad)
@@ -212,15 +213,24 @@ def test_file_sections_reads_only_the_tail(tmp_path: Path) -> None:
     assert nested.file_sections(path)["cpu"] == ["cpu/svn_npt"]
 
 
-@pytest.mark.skipif(not (DATA / "probe-desc.json").exists(), reason="no recorded description")
+@pytest.mark.skipif(not (DATA / "tcg-l1-with-l2.vmdesc.json").exists(), reason="no recorded description")
 def test_recorded_tcg_l1_stream_has_no_kvm_nested_state() -> None:
-    """A description recorded from a real probe save of a TCG L1 running an L2."""
-    desc = json.loads((DATA / "probe-desc.json").read_text())
+    """The stream description of a real save of a TCG L1 (QEMU 10.0.2) with its L2 running (recorded from the saved pair)."""
+    desc = json.loads((DATA / "tcg-l1-with-l2.vmdesc.json").read_text())
     secs = nested.stream_sections(_stream(desc))
-    ev = nested.nested_evidence(secs, source="probe", l0_accel="tcg", l2_running=True)
-    assert not ev.kvm_nested_state
+    assert secs["cpu"] == ["cpu/poll_control_msr", "cpu/msr_ia32_misc_enable", "cpu/pkru"]
+    assert "pflash_cfi01" in secs and "0000:00:03.0/virtio-net" in secs
+    ev = nested.nested_evidence(secs, source="state file", l0_accel="tcg", l2_running=True)
+    assert not ev.kvm_nested_state and not ev.guest_mode
     assert ev.verdict.startswith("nested state: absent (TCG L0)")
-    assert "cpu" in secs
+    assert "L2 survived without nested state" in ev.verdict
+    # the same description with KVM's nested state added is told apart
+    cpu = next(d for d in desc["devices"] if d["name"] == "cpu")
+    cpu["subsections"].append({"vmsd_name": "cpu/nested_state", "subsections": [
+        {"vmsd_name": "cpu/kvm_nested_state", "subsections": [{"vmsd_name": "cpu/kvm_nested_state/svm"}]}]})
+    ev = nested.nested_evidence(nested.stream_sections(_stream(desc)), source="state file", l0_accel="kvm",
+                                l2_running=True)  # fmt: skip
+    assert ev.kvm_nested_state and "L2 survived with nested state" in ev.verdict
 
 
 def test_evidence_verdicts() -> None:
