@@ -909,6 +909,8 @@ def run_cycles(
                     log.warning("state file %s: %s", res.state_file, exc)
             try:
                 l1_after = state.snapshot(l1)
+                res.pause_s = round(state.guest_pause(l1_before, l1_after), 4)
+                res.pause_uncertainty_s = round(state.pause_uncertainty(l1_before, l1_after), 4)
                 res.problems += [f"L1: {p}" for p in state.survival_problems(l1_before, l1_after)]
                 if l1.spec.firmware_mode == "split" and op != "nested-live":
                     res.problems += [f"L1: {p}" for p in _l1_efivar_problems(l1, v1)]
