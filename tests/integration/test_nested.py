@@ -42,8 +42,15 @@ def pair() -> Iterator[Pair]:
 
 
 def _assert_cycles(results: list[migration.MigrationResult], n: int) -> None:
-    assert [r.cycle for r in results] == list(range(1, n + 1)), [r.summary() for r in results]
+    done = [r for r in results if not r.extra.get("expected_failure")]
+    assert [r.cycle for r in done] == list(range(1, n + 1)), [r.summary() for r in results]
     for r in results:
+        if r.extra.get("expected_failure"):
+            # a vCPU caught in L2 guest mode: refused by the destination, nothing lost
+            assert nested.guest_mode_limitation(r) and r.extra["source_resumed"] and not r.problems
+            assert r.extra["l2"]["heartbeat"][1] > r.extra["l2"]["heartbeat"][0]
+            print(f"cycle {r.cycle}: {r.summary()}; known limitation, source resumed, L1 and L2 intact")
+            continue
         assert r.ok, f"cycle {r.cycle}: {r.summary()}: {r.problems}"
         l2 = r.extra["l2"]
         assert l2["pause_s"] is not None and l2["heartbeat"][1] > l2["heartbeat"][0]

@@ -289,3 +289,21 @@ def test_repro_command_line_carries_mode_cycles_and_json(tmp_path: Path) -> None
     args = cli.build_parser().parse_args(["repro", "nested", "--mode", "cpr-transfer", "--cycles", "5",
                               "--json", str(tmp_path / "out.json")])  # fmt: skip
     assert (args.scenario, args.mode, args.cycles, args.json) == ("nested", "cpr-transfer", 5, tmp_path / "out.json")
+
+
+def test_guest_mode_limitation_is_recognised_only_for_its_own_error() -> None:
+    from harness.migration import MigrationResult
+
+    def result(status: str, error: str) -> MigrationResult:
+        return MigrationResult(op="live", mode="normal", status=status, source="7.2", destination="10.0.2",
+                               machine="pc-q35-7.2", error=error)  # fmt: skip
+
+    # recorded from a real 7.2 -> 10.0.2 migration of a TCG L1 running an L2
+    real = ("migration failed\ndestination output:\nqemu-system-x86_64: vCPU set in guest-mode "
+            "inconsistent with migrated kernel nested state\nqemu-system-x86_64: error while loading "
+            "state for instance 0x0 of device 'cpu'\nqemu-system-x86_64: load of migration failed: "
+            "Invalid argument")  # fmt: skip
+    assert nested.guest_mode_limitation(result("failed", real))
+    other = real.replace("vCPU set in guest-mode inconsistent with migrated kernel nested state", "x")
+    assert not nested.guest_mode_limitation(result("failed", other))
+    assert not nested.guest_mode_limitation(result("completed", real))
