@@ -187,7 +187,7 @@ def test_stream_sections_reads_the_trailing_description() -> None:
 def test_stream_sections_finds_nested_subsections_of_subsections() -> None:
     desc = _desc()
     cpu = desc["devices"][1]  # type: ignore[index]
-    cpu["subsections"] = [{"vmsd_name": "cpu/nested_state", "subsections": [  # type: ignore[index]
+    cpu["subsections"] = [{"vmsd_name": "cpu/nested_state", "subsections": [
         {"vmsd_name": "cpu/kvm_nested_state", "subsections": [{"vmsd_name": "cpu/kvm_nested_state/vmx"}]}]}]
     assert nested.stream_sections(_stream(desc))["cpu"] == [
         "cpu/nested_state", "cpu/kvm_nested_state", "cpu/kvm_nested_state/vmx"]
