@@ -81,10 +81,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("harness_ovmf", "OVMF builds (whitespace separated)", type="args", default=[])
     parser.addini("harness_accel", "accelerator: auto, kvm or tcg", default="auto")
     parser.addini("harness_artifacts", "artifacts directory for failed tests", default="")
-    group.addoption("--cold-boot", action="store_true", default=None,
-                    help="boot the `vm` fixture's guest cold instead of restoring a saved boot")
+    group.addoption("--fast-start", action="store_true", default=None,
+                    help="restore the `vm` fixture's guest from a saved boot instead of booting it")
     parser.addini("harness_fast_start", "restore the `vm` fixture's guest from a saved boot",
-                  type="bool", default=True)
+                  type="bool", default=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -333,7 +333,7 @@ def _write_report(dest: Path, nodeid: str, failed: list[pytest.TestReport]) -> N
 def vm(request: pytest.FixtureRequest, vm_factory: MachineFactory) -> Machine:
     """A started default UEFI guest (split pflash, private varstore, SSH ready).
 
-    By default it is restored from a saved boot of the same inputs (fast start, see
-    :mod:`harness.snapshots`); ``--cold-boot`` or ``harness_fast_start = false`` boots it."""
-    fast = not request.config.getoption("--cold-boot") and bool(request.config.getini("harness_fast_start"))
+    It boots cold; ``--fast-start`` or ``harness_fast_start = true`` restores it from a
+    saved boot of the same inputs instead (:mod:`harness.snapshots`)."""
+    fast = bool(request.config.getoption("--fast-start")) or bool(request.config.getini("harness_fast_start"))
     return vm_factory(fast=fast)
