@@ -914,6 +914,27 @@ def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, s
     res.problems += [f"L2: {p}" for p in cyc.problems]
 
 
+def _escaped_failure(l1: Machine, op: str, dest: QemuBuild | None, exc: AssertionError) -> MigrationResult:
+    """A failed result for an operation that raised instead of returning one.
+
+    Workaround: qemu.qmp asserts (``runstate == RUNNING``) when a cpr-transfer destination
+    dies while its deferred QMP connects, and ``QemuProcess.connect_qmp`` lets that escape
+    ``migration.cpr_transfer``.  The dead destination's output is kept in the result and
+    the destination is reaped; the source stays the guest's process."""
+    from harness.migration import MigrationResult
+
+    res = MigrationResult(op=op, mode=op if op.startswith("cpr") else "normal", status="pending",
+                          source=l1.build.label, destination=(dest or l1.build).label,
+                          machine=l1.spec.machine)  # fmt: skip
+    text = f"{op} raised {type(exc).__name__}: {exc}"
+    for inc in list(getattr(l1, "_others", [])):
+        out = inc.process.output()
+        l1.release(inc, hard=True)
+        if out.strip():
+            text += "\ndestination output:\n" + out.strip()[-4000:]
+    return res.fail(text)
+
+
 def run_cycles(
     l1: Machine,
     l2: L2,
@@ -968,7 +989,10 @@ def run_cycles(
             kw: dict[str, Any] = {"to": dest, "check": False}
             if timeout is not None:
                 kw["timeout"] = timeout
-            res = migration.operation(op)(l1, **kw)
+            try:
+                res = migration.operation(op)(l1, **kw)
+            except AssertionError as exc:
+                res = _escaped_failure(l1, op, dest, exc)
         res.cycle = i
         cyc = NestedCycle()
         known = guest_mode_limitation(res)
