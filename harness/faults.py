@@ -338,7 +338,7 @@ def live_fault(
         else:
             dest = vm.spawn(machine=machine_type(vm), incoming=["defer"], extra_args=dest_args)
             stack.callback(vm.release, dest, hard=True)
-            uri = f"unix:{vm.workdir / f'mig-{time.monotonic_ns()}.sock'}"
+            uri = f"unix:{vm.sock_dir / f'mig-{time.monotonic_ns() % 10**9}.sock'}"
             if caps:
                 dest.process.qmp("migrate-set-capabilities",
                                  capabilities=[{"capability": c, "state": True} for c in caps])
@@ -458,8 +458,8 @@ def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> Mig
         raise UnsupportedError("migration mode cpr-transfer", f"QEMU {vm.build.label}")
     result = _result(vm, "cpr-transfer-kill-destination", "cpr-transfer", vm.build.label)
     stamp = time.monotonic_ns() % 10**9
-    main_sock = vm.workdir / f"cprm-{stamp}.sock"
-    cpr_sock = vm.workdir / f"cprc-{stamp}.sock"
+    main_sock = vm.sock_dir / f"cprm-{stamp}.sock"
+    cpr_sock = vm.sock_dir / f"cprc-{stamp}.sock"
     cpr_channel = json.dumps({"channel-type": "cpr",
                                "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
     t0 = time.monotonic()

@@ -121,6 +121,7 @@ class Machine:
         self.ready: Ready | None = None
         self.history: list[dict[str, Any]] = []
         self._ram_dir: Path | None = None
+        self._sock_dir: Path | None = None
         self._last_varstore: Path | None = varstore
 
     # -- resolution ---------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Machine:
             initrd=img.initrd,
             cmdline=img.cmdline,
             data_disk=img.data_disk,
-            serial_sock=self.workdir / f"qemu-{gen}.serial.sock",
+            serial_sock=self.sock_dir / f"qemu-{gen}.serial.sock",
             serial_log=self.workdir / f"qemu-{gen}.serial.log",
             fwcfg_file=fwcfg,
             ram_path=ram,
@@ -225,6 +226,17 @@ class Machine:
             # the owner's pid in the name lets a later run remove it if we are SIGKILLed
             self._ram_dir = Path(tempfile.mkdtemp(prefix=f"hv-ram-{os.getpid()}-", dir=base))
         return self._ram_dir
+
+    @property
+    def sock_dir(self) -> Path:
+        """A private 0700 directory with a short path for this guest's unix sockets
+        (serial, migration, CPR): socket paths are limited to 107 bytes, and work
+        directories under a test's tmp_path can be longer than that."""
+        if self._sock_dir is None:
+            import tempfile
+
+            self._sock_dir = Path(tempfile.mkdtemp(prefix="hvk-"))
+        return self._sock_dir
 
     # -- processes --------------------------------------------------------------------
 
@@ -394,6 +406,11 @@ class Machine:
 
             shutil.rmtree(self._ram_dir, ignore_errors=True)
             self._ram_dir = None
+        if self._sock_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
 
     def __enter__(self) -> Machine:
         return self

@@ -258,7 +258,7 @@ def live(
     for b in {vm.build.label: vm.build, dest_build.label: dest_build}.values():
         _caps(caps, b)  # UnsupportedError names the build and capability
     if transport == "unix":
-        uri = f"unix:{vm.workdir / f'mig-{os.getpid()}-{time.monotonic_ns()}.sock'}"
+        uri = f"unix:{vm.sock_dir / f'mig-{time.monotonic_ns() % 10**9}.sock'}"
     elif transport == "tcp":
         from harness.machine import free_port
 
@@ -551,8 +551,8 @@ def cpr_transfer(
             "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
     src = vm.current
     stamp = time.monotonic_ns() % 10**9
-    main_sock = vm.workdir / f"cprm-{stamp}.sock"
-    cpr_sock = vm.workdir / f"cprc-{stamp}.sock"
+    main_sock = vm.sock_dir / f"cprm-{stamp}.sock"
+    cpr_sock = vm.sock_dir / f"cprc-{stamp}.sock"
     cpr_channel = json.dumps({"channel-type": "cpr",
                               "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
     t0 = time.monotonic()

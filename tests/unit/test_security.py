@@ -326,11 +326,12 @@ def test_sockets_live_in_0700_directories(paused_qemu: Machine) -> None:
     serial = paused_qemu.current.resolved.serial_sock
     assert serial is not None and serial.exists()
     assert _mode(serial.parent) == 0o700
-    assert _mode(paused_qemu.workdir) == 0o700 and serial.parent == paused_qemu.workdir
-    # migration and cpr sockets are made in the guest's work directory (harness.migration)
+    assert _mode(paused_qemu.workdir) == 0o700 and serial.parent == paused_qemu.sock_dir
+    # migration and cpr sockets are made in the guest's private socket directory
     from harness import migration
 
-    assert "vm.workdir" in Path(migration.__file__).read_text().split("def live(")[1].split("def save(")[0]
+    assert "vm.sock_dir" in Path(migration.__file__).read_text().split("def live(")[1].split("def save(")[0]
+    assert "vm.sock_dir" in Path(migration.__file__).read_text().split("def cpr_transfer(")[1]
 
 
 @pytest.mark.integration
