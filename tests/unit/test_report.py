@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from harness import cli, nightly, report
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.results import RunRecord, builds_from_id, junit_key, nodeid_from_junit, summarize_steps
 
 pytestmark = pytest.mark.unit
@@ -115,14 +115,14 @@ def test_pytest_command_runs_scenario_file_and_pytest_rows(tmp_path: Path) -> No
     assert "-n" not in cmd0 and "--qemu" not in cmd0
 
 
-def test_registration_options_without_registry_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registration_options_reach_the_registry(tmp_path: Path) -> None:
     import argparse
-    import sys
 
     nightly.register_from_options(argparse.Namespace(qemu_deb=[], ovmf_deb=[], qemu_dir=[]))  # nothing asked
-    monkeypatch.setitem(sys.modules, "harness.registry", None)  # as if the module did not exist
-    with pytest.raises(ConfigError, match="--qemu-deb/--ovmf-deb/--qemu-dir need harness.registry"):
-        nightly.register_from_options(argparse.Namespace(qemu_deb=["x.deb"], ovmf_deb=[], qemu_dir=[]))
+    bogus = tmp_path / "x.deb"
+    bogus.write_text("not a package")
+    with pytest.raises(HarnessError, match="x.deb"):
+        nightly.register_from_options(argparse.Namespace(qemu_deb=[bogus], ovmf_deb=[], qemu_dir=[]))
 
 
 # --- records ----------------------------------------------------------------------------------
