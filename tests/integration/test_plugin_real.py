@@ -216,7 +216,7 @@ def test_control_without_parent_death_signal_qemu_is_orphaned(
     """The failing case of the test above: the same run with the parent-death signal
     disabled leaves an orphaned QEMU (which the ``harness_rundir`` fixture then kills)."""
     marker = str(harness_rundir)
-    no_pdeathsig = "\nimport harness.qemu_process\nharness.qemu_process._child_setup = lambda: None\n"
+    no_pdeathsig = "\nimport harness.qemu_process\nharness.qemu_process._child_setup = lambda *args: None\n"
     with inner_pytest(tmp_path, BOOT_ONE, conftest_extra=no_pdeathsig) as (proc, log):
         _wait_for("QEMU to start", lambda: bool(find_qemu(marker)), 180, proc, log)
         [qemu] = find_qemu(marker)
