@@ -32,6 +32,7 @@ HOST_TOOLS: dict[str, str] = {
     "mcopy": "mtools",
     "mmd": "mtools",
     "mke2fs": "e2fsprogs",
+    "cc": "gcc",  # a small static QMP client copied into nested L1 guests (harness.nested)
 }
 
 
