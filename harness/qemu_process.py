@@ -189,7 +189,12 @@ class QemuProcess:
 
     def connect_qmp(self) -> None:
         """Connect a deferred QMP monitor (cpr-transfer destinations)."""
-        self._vm.connect_deferred()
+        try:
+            self._vm.connect_deferred()
+        except Exception as exc:  # the QMP library asserts when QEMU dies mid-connect
+            raise MachineError(
+                f"{self.name}: QMP connection failed ({exc!r}); QEMU log: {self.log_path}"
+            ) from exc
         self._set_qmp_timeout()
 
     def _write_cmdline(self) -> None:
