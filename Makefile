@@ -34,7 +34,8 @@ $(DEPS_STAMP): pyproject.toml
 
 # qemu.machine is not on PyPI: install QEMU's own python/ tree (see README).
 $(VENV)/.qemu-python: $(DEPS_STAMP) harness/data/qemu.toml
-	src=$$($(HARNESS) provision --python-source) && \
+	@# not through the CLI: its commands import qemu.machine, which this step installs
+	src=$$($(PY) -c 'from harness import catalog; from harness.provision import Provisioner; print(Provisioner(catalog.default()).ensure_python_source())') && \
 	  $(PY) -m pip install -q --no-build-isolation "$$src/python"
 	@touch $@
 
