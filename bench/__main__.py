@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import migration, snapshots, state
+from harness import migration, snapshots
 from harness.machine import Machine
 from harness.spec import VmSpec, qemu_args
 

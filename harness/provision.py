@@ -195,7 +195,7 @@ def deb_field(deb: Path, field: str) -> str:
             capture_output=True, text=True, check=True, timeout=60,
         )  # fmt: skip
     except subprocess.CalledProcessError as exc:
-        raise ProvisionError(f"{deb} is not a readable Debian package: {exc.stderr.strip()}")
+        raise ProvisionError(f"{deb} is not a readable Debian package: {exc.stderr.strip()}") from exc
     return out.stdout.strip()
 
 

@@ -182,10 +182,8 @@ class QemuProcess:
         return self
 
     def _set_qmp_timeout(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the connection may be deferred
             self._vm._qmp.settimeout(self._qmp_timeout)
-        except Exception:  # noqa: BLE001 - connection may be deferred
-            pass
 
     def connect_qmp(self) -> None:
         """Connect a deferred QMP monitor (cpr-transfer destinations)."""

@@ -4,6 +4,7 @@ bounded waits, and jumps through a guest to reach a nested one."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -221,10 +222,8 @@ class SshClient:
 
     def close(self) -> None:
         if self._client is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead transport
                 self._client.close()
-            except Exception:  # noqa: BLE001 - closing a dead transport
-                pass
             self._client = None
 
     def __enter__(self) -> SshClient:
