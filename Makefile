@@ -12,7 +12,7 @@ HOST_PACKAGES := apt dpkg xz-utils zstd cpio binutils dosfstools mtools e2fsprog
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 JOBS ?= 2
 
-.PHONY: setup host-packages venv provision images test unit integration nightly lint bench soak clean doctor
+.PHONY: setup host-packages venv provision images test nested unit integration nightly lint bench soak clean doctor
 
 setup: host-packages venv provision images
 
@@ -50,8 +50,13 @@ doctor: setup
 
 # The nightly matrix (tests/scenarios, run by `harness nightly`) and the avocado wrappers
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
+# tests/integration/test_nested.py is run on its own (`make nested`) and by the nightly's nested
+# scenario: inside the full suite its SSH sessions into a loaded L1 time out (issue 8 note).
 test: setup
-	$(PYTEST) -n $(JOBS) --ignore=tests/scenarios tests
+	$(PYTEST) -n $(JOBS) --ignore=tests/scenarios --ignore=tests/integration/test_nested.py tests
+
+nested: setup
+	$(PYTEST) -n 1 tests/integration/test_nested.py
 
 unit: venv
 	$(PYTEST) -n $(JOBS) tests/unit
