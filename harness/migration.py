@@ -382,13 +382,31 @@ def restore(
         return _check(result.fail(f"state file {path} does not exist"), check)
     result.state_file_size = path.stat().st_size
     t0 = time.monotonic()
+    params = {"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}
+    return _load_into_new_qemu(vm, result, dest_build, mtype, path, capabilities, params,
+                               timeout=timeout, t0=t0, check=check)  # fmt: skip
+
+
+def _load_into_new_qemu(
+    vm: Machine,
+    result: MigrationResult,
+    dest_build: QemuBuild,
+    mtype: str,
+    path: Path,
+    caps: Sequence[str],
+    params: dict[str, Any],
+    *,
+    timeout: float,
+    t0: float,
+    check: bool,
+) -> MigrationResult:
+    """Start a QEMU with ``-incoming defer``, load ``path`` (only read) and adopt it."""
     dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
     if dest is None:
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
-        params = {"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}
-        _set_up(dest, capabilities, params)
+        _set_up(dest, caps, params)
         dest.process.qmp("migrate-incoming", uri=_incoming_uri(dest_build, path))
         why = _wait_incoming(dest, timeout)
     except HarnessError as exc:
@@ -507,24 +525,8 @@ def cpr_reboot(
     os.replace(tmp, path)
     result.state_file, result.state_file_size = str(path), path.stat().st_size
     vm.release(src)  # the old QEMU quits; RAM stays in the shared file
-    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
-    if dest is None:
-        result.wall_s = time.monotonic() - t0
-        return _check(result, check)
-    try:
-        _set_up(dest, caps, {"mode": mode})
-        dest.process.qmp("migrate-incoming", uri=_incoming_uri(dest_build, path))
-        why = _wait_incoming(dest, timeout)
-    except HarnessError as exc:
-        why = str(exc)
-    result.wall_s = time.monotonic() - t0
-    if why:
-        _dest_failure(vm, dest, result, why)
-        return _check(result, check)
-    vm.adopt(dest)
-    result.status = "completed"
-    _incomplete_load(dest, result)
-    return _check(result, check)
+    return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
+                               timeout=timeout, t0=t0, check=check)  # fmt: skip
 
 
 def cpr_transfer(
