@@ -66,6 +66,18 @@ class ScenarioReport:
         }
 
 
+def record_error(report: ScenarioReport, op: str, exc: Exception, opts: ScenarioOptions) -> None:
+    """Record a scenario that could not run or broke as one failed record (unsupported when
+    a build lacks a capability, which is named)."""
+    from harness.errors import UnsupportedError
+
+    if isinstance(exc, UnsupportedError):
+        report.add({"op": op, "status": "unsupported", "ok": False, "error": str(exc),
+                    "capability": exc.capability}, opts)  # fmt: skip
+    else:
+        report.add({"op": op, "status": "error", "ok": False, "error": str(exc)}, opts)
+
+
 ScenarioFn = Callable[[ScenarioOptions], ScenarioReport]
 _REGISTRY: dict[str, ScenarioFn] = {}
 _HELP: dict[str, str] = {}

@@ -17,7 +17,7 @@ from typing import Any
 from harness import builds, migration, nested
 from harness.errors import ConfigError, HarnessError, UnsupportedError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
 
 MODES = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "nested-live")
 
@@ -79,12 +79,8 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
                                     + ", ".join("?" if p is None else f"{p:.3f}" for p in pauses))  # fmt: skip
                 verdicts = sorted({str(r.extra.get("nested_state", {}).get("verdict")) for r in results})
                 report.notes += verdicts
-        except UnsupportedError as exc:
-            report.add({"op": mode, "status": "unsupported", "ok": False, "error": str(exc),
-                        "capability": exc.capability}, opts)  # fmt: skip
-            failed = True
-        except HarnessError as exc:
-            report.add({"op": mode, "status": "error", "ok": False, "error": str(exc)}, opts)
+        except HarnessError as exc:  # UnsupportedError included: recorded as such
+            record_error(report, mode, exc, opts)
             failed = True
         finally:
             if failed and opts.artifacts is not None:

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from harness import builds, migration
-from harness.errors import HarnessError, UnsupportedError
+from harness.errors import HarnessError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
 from harness.spec import VmSpec
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,8 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
             results = migration.back_to_back(vm, op, cycles, builds=dests, on_cycle=record,
                                               until_fail=opts.until_fail)  # fmt: skip
             failed = any(not r.ok for r in results)
-        except UnsupportedError as exc:
-            report.add({"op": op, "status": "unsupported", "ok": False, "error": str(exc),
-                        "capability": exc.capability}, opts)  # fmt: skip
-            failed = True
-        except HarnessError as exc:
-            report.add({"op": op, "status": "error", "ok": False, "error": str(exc)}, opts)
+        except HarnessError as exc:  # UnsupportedError included: recorded as such
+            record_error(report, op, exc, opts)
             failed = True
         finally:
             if failed and opts.artifacts is not None:
