@@ -6,8 +6,10 @@ a file or the host and says what it did:
 
 - migrations stopped on purpose: :func:`live_with_fault` drives a live migration to the
   phase asked for (``setup``, ``active``, ``pre-switchover``) and then cancels it or kills
-  the destination, and :func:`cpr_transfer_kill_destination` kills a cpr-transfer
-  destination after the source has sent its CPR state;
+  the destination, :func:`cpr_transfer_kill_destination` kills a cpr-transfer
+  destination after the source has sent its CPR state, and
+  :func:`live_to_vanishing_destination` lets the source complete into a
+  :func:`draining_listener` (a destination gone after the source called it done);
 - processes: :func:`freeze`/:func:`thaw` (SIGSTOP/SIGCONT a QEMU), :func:`crash`
   (SIGKILL without reaping), :func:`find_qemu` (QEMU processes whose command line names a
   path: leaked ones after a run);
@@ -31,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +41,7 @@ from typing import Any
 
 from harness.errors import ConfigError, HarnessError, HostError, MachineError, UnsupportedError
 from harness.machine import Incarnation, Machine
-from harness.migration import MigrationResult, machine_type
+from harness.migration import MigrationResult, guest_running, machine_type, recover_source
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +264,77 @@ def stalled_listener(path: Path) -> Iterator[Path]:
             path.unlink()
 
 
+@contextlib.contextmanager
+def draining_listener(path: Path) -> Iterator[dict[str, int]]:
+    """A unix socket that accepts one connection and reads everything sent to it, then
+    is gone: to the source QEMU, a destination that took the whole stream and died before
+    loading it.  Yields a dict whose ``bytes`` grows as data arrives."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    seen = {"bytes": 0}
+    stop = threading.Event()
+
+    def drain() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        chunk = conn.recv(1 << 20)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    seen["bytes"] += len(chunk)
+
+    srv.bind(str(path))
+    os.chmod(path, 0o600)
+    srv.listen(1)
+    worker = threading.Thread(target=drain, name=f"drain {path.name}", daemon=True)
+    worker.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        worker.join(5)
+        srv.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def live_to_vanishing_destination(vm: Machine, *, timeout: float = 120.0) -> MigrationResult:
+    """A live migration whose destination takes the whole stream and dies before loading
+    it (:func:`draining_listener`).  Precopy without a return path calls that
+    'completed': the source stops in 'postmigrate' with nobody running the guest, the
+    window a destination that refuses a late section falls into.  The harness's recovery
+    (:func:`harness.migration.recover_source`) then has to bring the guest back."""
+    src = vm.current
+    result = _result(vm, "live-vanishing-destination", "normal", "draining listener")
+    params = src.process.qmp("query-migrate-parameters") or {}
+    if "mode" in params and params["mode"] != "normal":
+        src.process.qmp("migrate-set-parameters", mode="normal")
+    t0 = time.monotonic()
+    sock = vm.sock_dir / f"drain-{time.monotonic_ns() % 10**9}.sock"
+    with draining_listener(sock) as seen:
+        src.process.qmp("migrate", uri=f"unix:{sock}")
+        final = _settle(src, timeout)
+    result.extra.update(final=final, bytes_taken=seen["bytes"],
+                        runstate_after=src.process.qmp("query-status").get("status"))
+    recover_source(src, result)
+    result.wall_s = time.monotonic() - t0
+    result.fail(f"the destination vanished after taking {seen['bytes']} bytes "
+                f"(source migration status {final.get('status')})", status=str(final.get("status")))
+    return result
+
+
 def _status(inc: Incarnation) -> dict[str, Any]:
     info = inc.process.qmp("query-migrate") or {}
     return dict(info)
@@ -280,13 +354,6 @@ def wait_status(inc: Incarnation, wanted: tuple[str, ...], timeout: float) -> di
         time.sleep(0.02)
     raise GuestTimeout(f"migration status {' or '.join(wanted)} on {inc.process.name}", timeout,
                        str(last.get("status")))
-
-
-def _source_running(inc: Incarnation) -> bool:
-    try:
-        return bool(inc.process.running and inc.process.qmp("query-status").get("running"))
-    except HarnessError:
-        return False
 
 
 def _result(vm: Machine, op: str, mode: str, dest: str) -> MigrationResult:
@@ -361,7 +428,7 @@ def live_fault(
         if seen.get("status") != phase:
             result.fail(f"migration went to {seen.get('status')} before reaching {phase}: "
                         f"{seen.get('error-desc', '')}", status=str(seen.get("status")))
-            result.source_running = _source_running(src)
+            result.source_running = guest_running(src)
             result.wall_s = time.monotonic() - t0
             return result
         if phase == "setup":
@@ -375,7 +442,7 @@ def live_fault(
         final = _settle(src, timeout)
         result.extra["final"] = final
         status = str(final.get("status"))
-        result.source_running = _source_running(src)
+        result.source_running = guest_running(src)
         result.wall_s = time.monotonic() - t0
         if status == "completed":
             result.status = "completed"  # the fault came too late to matter
@@ -430,7 +497,7 @@ def migrate_to_uri(vm: Machine, uri: str, *, timeout: float = 60.0) -> Migration
     except HarnessError as exc:
         final = {"status": "failed", "error-desc": str(exc)}
     result.extra["final"] = final
-    result.source_running = _source_running(src)
+    result.source_running = guest_running(src)
     result.wall_s = time.monotonic() - t0
     if final.get("status") == "completed":
         result.status = "completed"
@@ -483,7 +550,7 @@ def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> Mig
             result.extra["reached"] = seen.get("status")
             time.sleep(1.0)
             result.extra["status_after_1s"] = _status(src).get("status")
-            result.extra["running_while_waiting"] = _source_running(src)
+            result.extra["running_while_waiting"] = guest_running(src)
             os.kill(dest_pid, signal.SIGKILL)
             thaw(dest_pid)
             final = _settle(src, timeout)
@@ -493,7 +560,7 @@ def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> Mig
     finally:
         vm.release(dest, hard=True)
     result.extra["final"] = final
-    result.source_running = _source_running(src)
+    result.source_running = guest_running(src)
     result.wall_s = time.monotonic() - t0
     if final.get("status") == "completed":
         result.status = "completed"

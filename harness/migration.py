@@ -205,11 +205,52 @@ def _fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
     result.transferred_bytes = ram.get("transferred")
 
 
-def _source_running(inc: Incarnation) -> bool:
+def guest_running(inc: Incarnation) -> bool:
+    """True when this QEMU process is alive and its guest runs (not paused)."""
     try:
         return bool(inc.process.running and inc.process.qmp("query-status").get("running"))
     except HarnessError:
         return False
+
+
+def recover_source(inc: Incarnation, result: MigrationResult, *, was_running: bool = True,
+                    settle: float = 10.0) -> bool:
+    """After a failed migration, leave the guest running on the source as it was before.
+
+    QEMU restarts the source itself when it sees the failure, a moment after reporting
+    'failed'.  Precopy without a return path can instead report 'completed' before the
+    destination refuses a section; the source then sits in 'postmigrate' and only 'cont'
+    brings the guest back (libvirt does the same).  What was done goes into
+    ``result.extra['source_recovery']``; ``result.source_running`` is set."""
+    deadline = time.monotonic() + settle
+    resumed = False
+    while inc.process.running:
+        try:
+            st = inc.process.qmp("query-status")
+        except HarnessError:
+            break
+        if st.get("running"):
+            break
+        status = str(st.get("status", "?"))
+        if not was_running:
+            break  # paused before the migration: it stays paused
+        if not resumed and (status == "postmigrate" or
+                            (status == "paused" and time.monotonic() > deadline)):
+            try:
+                inc.process.qmp("cont")
+                result.extra["source_recovery"] = f"resumed with 'cont' from {status}"
+            except HarnessError as exc:
+                result.extra["source_recovery"] = f"'cont' from {status} failed: {exc}"
+                break
+            resumed, deadline = True, time.monotonic() + 5.0
+            continue
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    result.source_running = guest_running(inc)
+    if not inc.process.running:
+        result.extra.setdefault("source_recovery", f"source QEMU exited (code {inc.process.exitcode})")
+    return result.source_running
 
 
 def _dest_failure(vm: Machine, inc: Incarnation | None, result: MigrationResult, why: str) -> None:
@@ -265,10 +306,11 @@ def live(
         uri = f"tcp:127.0.0.1:{free_port()}"
     else:
         raise UnsupportedError(f"transport {transport!r}", "live migration", "use unix or tcp")
+    was_running = guest_running(src)
     t0 = time.monotonic()
     dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
     if dest is None:
-        result.source_running = _source_running(src)
+        result.source_running = guest_running(src)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
@@ -282,15 +324,15 @@ def live(
         info = {"status": "failed", "error-desc": str(exc)}
     _fill_stats(result, info)
     if info.get("status") != "completed":
-        result.source_running = _source_running(src)
         _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {info.get('status')}"))
+        recover_source(src, result, was_running=was_running)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     why = _wait_running(dest, 60)
     result.wall_s = time.monotonic() - t0
     if why:
-        result.source_running = _source_running(src)
         _dest_failure(vm, dest, result, why)
+        recover_source(src, result, was_running=was_running)
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
@@ -331,6 +373,7 @@ def save(
     result = _new_result("save", mode, vm, None, machine_type(vm))
     result.destination = str(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    was_running = guest_running(src)
     t0 = time.monotonic()
     try:
         params = {"mode": mode} if "mode" in vm.build.capabilities.migration_parameters else {}
@@ -344,13 +387,7 @@ def save(
     if info.get("status") != "completed":
         if tmp.is_file():
             tmp.unlink()
-        result.source_running = _source_running(src)
-        if not result.source_running and src.process.running:
-            try:  # a failed save must leave the source running
-                src.process.qmp("cont")
-                result.source_running = _source_running(src)
-            except HarnessError:
-                pass
+        recover_source(src, result, was_running=was_running)  # a failed save leaves it running
         return _check(result.fail(str(info.get("error-desc") or "save failed")), check)
     os.replace(tmp, path)
     result.state_file = str(path)
@@ -508,6 +545,7 @@ def cpr_reboot(
     path = path or vm.workdir / "cpr-reboot.state"
     src = vm.current
     tmp = path.with_name(f".{path.name}.partial")
+    was_running = guest_running(src)
     t0 = time.monotonic()
     try:
         _set_up(src, caps, {"mode": mode})
@@ -519,9 +557,10 @@ def cpr_reboot(
     if info.get("status") != "completed":
         if tmp.is_file():
             tmp.unlink()
-        result.source_running = _source_running(src)
+        result.fail(str(info.get("error-desc") or "cpr-reboot save failed"))
+        recover_source(src, result, was_running=was_running)
         result.wall_s = time.monotonic() - t0
-        return _check(result.fail(str(info.get("error-desc") or "cpr-reboot save failed")), check)
+        return _check(result, check)
     os.replace(tmp, path)
     result.state_file, result.state_file_size = str(path), path.stat().st_size
     vm.release(src)  # the old QEMU quits; RAM stays in the shared file
@@ -552,6 +591,7 @@ def cpr_transfer(
             "cpr-transfer needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
             "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
     src = vm.current
+    was_running = guest_running(src)
     stamp = time.monotonic_ns() % 10**9
     main_sock = vm.sock_dir / f"cprm-{stamp}.sock"
     cpr_sock = vm.sock_dir / f"cprc-{stamp}.sock"
@@ -561,13 +601,13 @@ def cpr_transfer(
     dest = _spawn_dest(vm, result, build=dest_build, machine=mtype,
                        incoming=[f"unix:{main_sock}", cpr_channel], defer_qmp=True)  # fmt: skip
     if dest is None:
-        result.source_running = _source_running(src)
+        result.source_running = guest_running(src)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     deadline = time.monotonic() + 60
     while not cpr_sock.exists():
         if not dest.process.running or time.monotonic() > deadline:
-            result.source_running = _source_running(src)
+            result.source_running = guest_running(src)
             _dest_failure(vm, dest, result, "destination never opened its CPR channel")
             result.wall_s = time.monotonic() - t0
             return _check(result, check)
@@ -583,8 +623,8 @@ def cpr_transfer(
         info = {"status": "failed", "error-desc": str(exc)}
     _fill_stats(result, info)
     if info.get("status") != "completed":
-        result.source_running = _source_running(src)
         _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"))
+        recover_source(src, result, was_running=was_running)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
@@ -594,8 +634,8 @@ def cpr_transfer(
         why = f"destination QMP did not come up: {exc}"
     result.wall_s = time.monotonic() - t0
     if why:
-        result.source_running = _source_running(src)
         _dest_failure(vm, dest, result, why)
+        recover_source(src, result, was_running=was_running)
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
