@@ -866,19 +866,6 @@ def guest_mode_limitation(res: MigrationResult) -> bool:
     return res.status != "completed" and GUEST_MODE_LOAD_ERROR in res.error
 
 
-def _resume_source(l1: Machine) -> bool:
-    """After a destination refused the stream, let the (paused) source run on."""
-    try:
-        st = l1.qmp("query-status")
-        if not st.get("running"):
-            l1.qmp("cont")
-            st = l1.qmp("query-status")
-        return bool(st.get("running"))
-    except HarnessError as exc:
-        log.warning("resuming %s's source failed: %s", l1.spec.name, exc)
-        return False
-
-
 def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, state.GuestState],
                 values: tuple[bytes, bytes], cyc: NestedCycle, res: MigrationResult,
                 max_pause: float | None) -> None:
@@ -1005,7 +992,7 @@ def run_cycles(
                     log.warning("state file %s: %s", res.state_file, exc)
             _check_pair(l1, l2, op, befores, values, cyc, res, max_pause)
         elif known:
-            res.extra["source_resumed"] = _resume_source(l1)
+            res.extra["source_resumed"] = migration.recover_source(l1.current, res)
             _check_pair(l1, l2, op, befores, values, cyc, res, max_pause)
             known = bool(res.extra["source_resumed"]) and not res.problems
             if known:

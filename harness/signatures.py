@@ -255,6 +255,17 @@ SIGNATURES: tuple[Signature, ...] = (
               "40 bytes"),
     ),
     signature(
+        "nested-guest-mode-without-nested-state",
+        [r"vCPU set in guest-mode inconsistent with migrated kernel nested state"],
+        "The source vCPU was running a nested (L2) guest when its state was saved, but the "
+        "stream has no cpu/nested_state to put it back in guest mode: the source's L0 is "
+        "TCG (or a KVM without nested-state support), and a destination built with KVM "
+        "support refuses the 'cpu' section. Timing-dependent with a TCG L0: retry, or "
+        "pause L2 first; on KVM hosts check the kernel's nested state support.",
+        "real run here: harness repro nested --mode live (a TCG L1 running an L2, "
+        "QEMU 7.2 -> 10.0.2; recorded in tests/unit/test_nested.py)",
+    ),
+    signature(
         "device-load-failed",
         [r"error while loading state for instance 0x[0-9a-fA-F]+ of device '[^']*'"],
         "One device's saved state was rejected by the destination (device named in the "

@@ -171,19 +171,34 @@ class SshClient:
         except (paramiko.SSHException, OSError) as exc:
             raise MachineError(f"{self.name}: tunnel to {host}:{port} failed: {exc}") from exc
 
+    def _connection_lost(self) -> bool:
+        t = self._client.get_transport() if self._client is not None else None
+        return t is None or not t.is_active()
+
+    def _open_session(self, command: str, opening: float) -> paramiko.Channel:
+        """A session channel.  A paused or frozen guest never answers the request: that
+        is a :class:`GuestTimeout` after ``opening`` s, and a fresh connection next time
+        (a late answer would confuse this transport).  A connection that died under us
+        (the server closed it, or refused the channel outright) is reconnected once."""
+        for attempt in (1, 2):
+            try:
+                return self.transport.open_session(timeout=opening)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                lost = self._connection_lost() or isinstance(exc, paramiko.ChannelException)
+                why = f"{type(exc).__name__}: {exc}"
+                self.close()
+                if attempt == 2 or not lost:
+                    raise GuestTimeout(f"an SSH session for {command!r} in {self.name}", opening,
+                                       why + (" (after a reconnect)" if attempt == 2 else "")) from exc
+                log.info("%s: SSH connection lost opening a session (%s); reconnecting", self.name, why)
+                self.connect(timeout=max(30.0, opening))
+        raise AssertionError("unreachable")
+
     def run(self, command: str, timeout: float = 120.0, check: bool = False,
             input: str | None = None) -> CommandResult:
         """Run ``command`` in the guest; bounded by ``timeout``."""
         t0 = time.monotonic()
-        opening = min(10.0, timeout)
-        try:
-            chan = self.transport.open_session(timeout=opening)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            # a paused or frozen guest never answers the channel request: our error, and a
-            # fresh connection next time (a late answer would confuse this transport)
-            self.close()
-            raise GuestTimeout(f"an SSH session for {command!r} in {self.name}", opening,
-                               f"{type(exc).__name__}: {exc}") from exc
+        chan = self._open_session(command, min(10.0, timeout))
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)

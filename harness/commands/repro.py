@@ -56,6 +56,8 @@ def _repro(args: argparse.Namespace) -> int:
             parts.append(f"downtime {rec['downtime_ms']:.0f} ms")
         if rec.get("pause_s") is not None:
             parts.append(f"pause {rec['pause_s'] * 1000:.0f} ms")
+        if rec.get("l2_pause_s") is not None:
+            parts.append(f"L2 pause {rec['l2_pause_s'] * 1000:.0f} ms")
         if not rec.get("ok"):
             sig = rec.get("signature")
             err = (rec.get("error") or "; ".join(rec.get("problems") or []) or "").strip()

@@ -1,0 +1,86 @@
+"""When SshClient.run reconnects and when it gives up (transport faked: the real paths
+run in every integration test, and the nested ones lose L1's connection for real)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paramiko
+import pytest
+
+from harness import images
+from harness.errors import GuestTimeout
+from harness.ssh import SshClient
+
+
+class FakeTransport:
+    def __init__(self, failure: Exception | None, *, dies: bool) -> None:
+        self.failure, self.dies, self.active = failure, dies, True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def open_session(self, timeout: float) -> Any:
+        if self.failure is not None:
+            if self.dies:
+                self.active = False
+            raise self.failure
+        return "channel"
+
+
+class Client(SshClient):
+    def __init__(self, transports: list[FakeTransport]) -> None:
+        img = images.ensure_image("minimal")
+        super().__init__("127.0.0.1", 2222, img.host_key, img.client_key, name="fake")
+        self.transports = transports
+        self.connects = 0
+        self._client = self._wrap(transports.pop(0))
+
+    @staticmethod
+    def _wrap(t: FakeTransport) -> Any:
+        class C:
+            def get_transport(self) -> FakeTransport:
+                return t
+
+            def close(self) -> None:
+                t.active = False
+
+        return C()
+
+    def connect(self, timeout: float = 60.0) -> SshClient:
+        self.connects += 1
+        self._client = self._wrap(self.transports.pop(0))
+        return self
+
+    @property
+    def transport(self) -> Any:
+        assert self._client is not None
+        return self._client.get_transport()
+
+
+def test_a_guest_that_does_not_answer_is_a_timeout_without_reconnecting() -> None:
+    c = Client([FakeTransport(paramiko.SSHException("Timeout opening channel."), dies=False)])
+    with pytest.raises(GuestTimeout) as exc:
+        c._open_session("true", 0.1)
+    assert c.connects == 0 and "Timeout opening channel" in exc.value.last_seen
+
+
+def test_a_connection_lost_under_us_is_reconnected_once() -> None:
+    c = Client([FakeTransport(paramiko.SSHException("Unable to open channel."), dies=True),
+                FakeTransport(None, dies=False)])  # fmt: skip
+    assert c._open_session("true", 0.1) == "channel"
+    assert c.connects == 1
+
+
+def test_a_refused_channel_is_retried_on_a_new_connection() -> None:
+    c = Client([FakeTransport(paramiko.ChannelException(4, "Resource shortage"), dies=False),
+                FakeTransport(None, dies=False)])  # fmt: skip
+    assert c._open_session("true", 0.1) == "channel" and c.connects == 1
+
+
+def test_a_second_loss_is_reported_with_the_reconnect() -> None:
+    lost = paramiko.SSHException("Unable to open channel.")
+    c = Client([FakeTransport(lost, dies=True), FakeTransport(lost, dies=True)])
+    with pytest.raises(GuestTimeout) as exc:
+        c._open_session("true", 0.1)
+    assert c.connects == 1 and "after a reconnect" in exc.value.last_seen
