@@ -72,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          f"default {DEFAULT_QEMU})")  # fmt: skip
     group.addoption("--ovmf", action="append", default=None, metavar="VERSION",
                     help=f"OVMF build to test (repeatable; default {DEFAULT_OVMF})")
+    group.addoption("--arch", default=None, metavar="ARCH",
+                    help="guest architecture: x86_64 (default) or aarch64; the QEMU and "
+                         "firmware versions are looked up for it")  # fmt: skip
     group.addoption("--accel", default=None, choices=list(ACCELS),
                     help="accelerator (default auto: KVM only where it can run guests)")
     group.addoption("--harness-artifacts", default=None, metavar="DIR",
@@ -80,6 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("harness_qemu", "QEMU builds (whitespace separated)", type="args", default=[])
     parser.addini("harness_ovmf", "OVMF builds (whitespace separated)", type="args", default=[])
     parser.addini("harness_accel", "accelerator: auto, kvm or tcg", default="auto")
+    parser.addini("harness_arch", "guest architecture: x86_64 or aarch64", default="x86_64")
     parser.addini("harness_artifacts", "artifacts directory for failed tests", default="")
     group.addoption("--fast-start", action="store_true", default=None,
                     help="restore the `vm` fixture's guest from a saved boot instead of booting it")
@@ -95,6 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "file_uri=True, kvm_host=True)",
     )
     config.stash[_ACCEL_KEY] = _accel_choice(config)
+    _check_arch(config)
     _check_versions(config)
     # library code that starts guests outside the fixtures (scenarios, helpers) follows
     # the same choice through HARNESS_ACCEL; restored in pytest_unconfigure
@@ -129,9 +134,25 @@ def _accel_choice(config: pytest.Config) -> host.AccelChoice:
         ) from None
 
 
+def arch(config: pytest.Config) -> str:
+    """The guest architecture of this run (``--arch``, else ``harness_arch``)."""
+    return str(config.getoption("--arch") or config.getini("harness_arch") or "x86_64").strip()
+
+
+def _check_arch(config: pytest.Config) -> None:
+    known = sorted({e.arch for e in catalog.default().qemu})
+    wanted = arch(config)
+    if wanted not in known:
+        source = "--arch" if config.getoption("--arch") else "harness_arch"
+        raise pytest.UsageError(f"{source} {wanted!r}: expected one of {', '.join(known)} "
+                                "(the architectures the QEMU catalogue has builds for)")
+
+
 def _check_versions(config: pytest.Config) -> None:
-    """Unknown versions stop the run now, naming the ones that exist."""
+    """Unknown versions (for this run's architecture) stop the run now, naming the ones
+    that exist."""
     cat = catalog.default()
+    a = arch(config)
     for label, versions, lookup in (
         ("--qemu", qemu_versions(config), cat.qemu_entry),
         ("--ovmf", ovmf_versions(config), cat.firmware_entry),
@@ -140,7 +161,7 @@ def _check_versions(config: pytest.Config) -> None:
             if label == "--qemu" and "/" in v:
                 continue  # a path to a build of the user's own
             try:
-                lookup(v)
+                lookup(v, a)
             except HarnessError as exc:
                 hint = " or a path to a QEMU build" if label == "--qemu" else ""
                 raise pytest.UsageError(
@@ -220,7 +241,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if _HOST_KEY not in config.stash:
         config.stash[_HOST_KEY] = host.probe(accel_choice(config).chosen)
     need_build = any(k not in ("accel", "kvm_host", "nested") for k in req)
-    build = builds.get_build(str(version)) if need_build else None
+    build = builds.get_build(str(version), arch(config)) if need_build else None
     why = requirements.unmet(build, config.stash[_HOST_KEY], **req)
     if why:
         pytest.skip(why)
@@ -266,25 +287,32 @@ def ovmf_version(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def qemu_build(qemu_version: str) -> builds.QemuBuild:
-    """The QEMU build under test, provisioned and probed."""
-    return builds.get_build(qemu_version)
+def guest_arch(request: pytest.FixtureRequest) -> str:
+    """The guest architecture of this run (``--arch``)."""
+    return arch(request.config)
 
 
 @pytest.fixture
-def firmware(ovmf_version: str) -> Any:
-    """The OVMF build under test (a :class:`harness.firmware.FirmwareBuild`)."""
+def qemu_build(qemu_version: str, guest_arch: str) -> builds.QemuBuild:
+    """The QEMU build under test, provisioned and probed."""
+    return builds.get_build(qemu_version, guest_arch)
+
+
+@pytest.fixture
+def firmware(ovmf_version: str, guest_arch: str) -> Any:
+    """The UEFI build under test (OVMF, or AAVMF for aarch64; a
+    :class:`harness.firmware.FirmwareBuild`)."""
     from harness import firmware as fw
 
-    return fw.get_firmware(ovmf_version)
+    return fw.get_firmware(ovmf_version, guest_arch)
 
 
 @pytest.fixture
-def guest_image() -> Any:
-    """The ``minimal`` guest image (built and cached on first use)."""
+def guest_image(guest_arch: str) -> Any:
+    """The ``minimal`` guest image for this architecture (built and cached on first use)."""
     from harness import images
 
-    return images.ensure_image("minimal")
+    return images.ensure_image("minimal", guest_arch)
 
 
 @pytest.fixture(scope="session")
@@ -298,14 +326,14 @@ def _harness_base(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest, _harness_base: Path, qemu_version: str,
-               ovmf_version: str) -> Iterator[MachineFactory]:
+               ovmf_version: str, guest_arch: str) -> Iterator[MachineFactory]:
     """``vm_factory(**spec)`` starts guests; every one is torn down at the end of the test,
     and a failed test keeps their artifacts under ``--harness-artifacts``."""
     node = request.node
     dest = artifacts_root(request.config) / safe_name(node.nodeid)
     shutil.rmtree(dest, ignore_errors=True)  # a previous run's artifacts of this test
     base = Path(tempfile.mkdtemp(prefix=f"{safe_name(node.name, 24)}-", dir=_harness_base))
-    defaults = VmSpec(qemu=qemu_version, firmware=ovmf_version,
+    defaults = VmSpec(qemu=qemu_version, firmware=ovmf_version, arch=guest_arch,
                       accel=accel_choice(request.config).chosen)  # fmt: skip
     factory = MachineFactory(defaults, base=base)
     node.stash[_FACTORY_KEY] = (factory, dest)

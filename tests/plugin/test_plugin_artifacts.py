@@ -60,3 +60,16 @@ def test_failed_test_keeps_artifacts_passed_test_none(
     # the worker's private directories are gone and no QEMU is left
     assert list(harness_rundir.iterdir()) == []
     assert find_qemu(str(harness_rundir)) == []
+
+
+def test_vm_fixture_boots_the_arch_asked_for(
+    pytester: pytest.Pytester, harness_rundir: Path, find_qemu: Callable[[str], list[int]],
+) -> None:
+    pytester.makepyfile(test_inner="""
+        def test_uname(vm, guest_arch):
+            assert vm.spec.arch == guest_arch == "aarch64"
+            assert vm.ssh.run("uname -m").stdout.strip() == "aarch64"
+    """)
+    res = pytester.runpytest("-v", "--arch", "aarch64")
+    res.assert_outcomes(passed=1)
+    assert find_qemu(str(harness_rundir)) == []

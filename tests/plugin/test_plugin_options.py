@@ -283,3 +283,38 @@ def test_artifacts_dir_default_and_relative(pytester: pytest.Pytester, harness_r
     res = pytester.runpytest("-k", "test_guest_fails")
     res.assert_outcomes(failed=1)
     res.stdout.fnmatch_lines([f"kept in {pytester.path}/kept/here/*test_guest_fails*"])
+
+
+def test_arch_option_picks_the_builds_of_that_arch(pytester: pytest.Pytester, harness_rundir: Path) -> None:
+    pytester.makepyfile("""
+        def test_arch(qemu_build, firmware, guest_arch, vm_factory, guest_image):
+            assert guest_arch == "aarch64"
+            assert qemu_build.arch == "aarch64" and qemu_build.binary.name == "qemu-system-aarch64"
+            assert firmware.arch == "aarch64"
+            spec = vm_factory.spec()
+            assert (spec.arch, spec.machine) == ("aarch64", "virt")
+            assert guest_image.arch == "aarch64"
+    """)
+    res = pytester.runpytest("-v", "--arch", "aarch64", "--qemu", "7.2", "--qemu", "10.0.2")
+    res.assert_outcomes(passed=2)
+
+
+def test_arch_ini_key(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nharness_arch = aarch64\n")
+    pytester.makepyfile("def test_a(guest_arch, qemu_build):\n"
+                        "    assert guest_arch == qemu_build.arch == 'aarch64'\n")  # fmt: skip
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_unknown_arch_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    res = pytester.runpytest("--arch", "riscv64")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*--arch 'riscv64': expected one of aarch64, x86_64*"])
+
+
+def test_a_version_missing_for_the_arch_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    res = pytester.runpytest("--arch", "aarch64", "--qemu", "5.2")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*--qemu 5.2:*"])
