@@ -1067,11 +1067,11 @@ def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any
 
     key = pair_snapshot_key(template, l2_opts)
     root = snapshots.snapshots_dir() / key
-    snap = snapshots._valid(root)
+    snap = snapshots.valid(root)
     if snap is not None:
         return snap
     with FileLock(str(snapshots.snapshots_dir() / f".{key}.lock"), timeout=7200):
-        snap = snapshots._valid(root)
+        snap = snapshots.valid(root)
         if snap is not None:
             return snap
         tmp = snapshots.snapshots_dir() / f".{key}.partial-{os.getpid()}"
@@ -1100,7 +1100,7 @@ def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any
         finally:
             template.stop(timeout=10)
             shutil.rmtree(tmp, ignore_errors=True)
-    snap = snapshots._valid(root)
+    snap = snapshots.valid(root)
     if snap is None:
         raise MachineError(f"pair snapshot {root} was written but does not validate")
     return snap

@@ -94,7 +94,7 @@ def snapshots_dir() -> Path:
     return ensure_dir(cache_root() / "snapshots")
 
 
-def _valid(root: Path) -> Snapshot | None:
+def valid(root: Path) -> Snapshot | None:
     try:
         meta = json.loads((root / META).read_text())
         if (root / STATE).stat().st_size != meta["state_size"]:
@@ -115,11 +115,11 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
 
     key = snapshot_key(template_machine)
     root = snapshots_dir() / key
-    snap = _valid(root)
+    snap = valid(root)
     if snap is not None:
         return snap
     with FileLock(str(snapshots_dir() / f".{key}.lock"), timeout=1800):
-        snap = _valid(root)
+        snap = valid(root)
         if snap is not None:
             return snap
         t0 = time.monotonic()
@@ -163,7 +163,7 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
         finally:
             template_machine.stop(timeout=5)
             shutil.rmtree(tmp, ignore_errors=True)
-    snap = _valid(root)
+    snap = valid(root)
     if snap is None:
         raise MachineError(f"snapshot {root} was written but does not validate")
     return snap
@@ -218,12 +218,9 @@ def start_fast(machine: Machine, *, make_template: Any) -> Machine:
     """Start ``machine`` from its snapshot, making the snapshot first with ``make_template()``
     (a fresh, unstarted Machine of the same spec in its own work directory)."""
     key = snapshot_key(machine)
-    snap = _valid(snapshots_dir() / key)
+    snap = valid(snapshots_dir() / key)
     if snap is None:
-        try:
-            snap = ensure_snapshot(make_template())
-        except HarnessError:
-            raise
+        snap = ensure_snapshot(make_template())
     return restore_machine(machine, snap)
 
 

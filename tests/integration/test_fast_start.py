@@ -44,7 +44,7 @@ def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
         # its own varstore copy, never the snapshot's file
         assert a.varstore_path != b.varstore_path
         assert a.varstore_path.parent == a.workdir
-        snap = snapshots._valid(snapshots.snapshots_dir() / b.ready.info["restored_from"])
+        snap = snapshots.valid(snapshots.snapshots_dir() / b.ready.info["restored_from"])
         assert snap is not None and snap.varstore is not None
         assert a.varstore_path.stat().st_size == snap.varstore.stat().st_size
         # a variable written in one restored guest is not in the other
