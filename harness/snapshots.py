@@ -33,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from harness.errors import HarnessError, MachineError
+from harness.errors import MachineError
 from harness.machine import Machine, Ready
 from harness.paths import cache_root, ensure_dir
 from harness.spec import VmSpec
