@@ -17,6 +17,7 @@ Usage: ``python -m bench [--quick] [--xdist] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ from harness.machine import Machine
 from harness.spec import VmSpec, qemu_args
 
 OUT = Path(__file__).resolve().parent / "out"
+#: the raw scripts poll QMP as often as harness.migration does in its first second
+RAW_POLL_S = 0.004
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -131,9 +134,9 @@ def raw_live(vm: Machine) -> float:
         q.cmd("migrate-incoming", uri=f"unix:{msock}")
         vm.process.qmp("migrate", uri=f"unix:{msock}")
         while vm.process.qmp("query-migrate").get("status") not in ("completed", "failed"):
-            time.sleep(0.02)
+            time.sleep(RAW_POLL_S)
         while q.cmd("query-status").get("status") != "running":
-            time.sleep(0.02)
+            time.sleep(RAW_POLL_S)
         dt = time.monotonic() - t0
         q.close()
     finally:
@@ -143,16 +146,106 @@ def raw_live(vm: Machine) -> float:
     return dt
 
 
+def _raw_qemu(vm: Machine, tag: str, machine: str) -> tuple[subprocess.Popen[bytes], Any]:
+    """A QEMU with the guest's command line and ``-incoming defer``, and its QMP."""
+    r = vm._resolve(900 + int(time.monotonic_ns()) % 100, vm.new_varstore(f"raw-{time.monotonic_ns()}.fd"),
+                    ["defer"], machine, vm.build)  # fmt: skip
+    qsock = vm.workdir / f"rawq-{tag}-{time.monotonic_ns() % 10**6}.sock"
+    cmd = [str(vm.build.binary), *vm.build.data_args(), "-display", "none", "-vga", "none",
+           "-qmp", f"unix:{qsock},server=on,wait=off", *qemu_args(vm.spec, r)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=vm.build.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc, raw_qmp(qsock)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _wait_status(cmd: Callable[..., Any], wanted: tuple[str, ...], what: str) -> str:
+    deadline = time.monotonic() + 120
+    while True:
+        status = cmd()
+        if status in wanted:
+            return str(status)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: still {status} after 120 s")
+        time.sleep(RAW_POLL_S)
+
+
+def raw_cpr_reboot_chain(vm: Machine, cycles: int) -> list[float]:
+    """The same cpr-reboot cycles as migration.cpr_reboot(), driven by a minimal script.
+
+    The first source is the harness's QEMU (released, as the harness does); every later
+    source is the previous raw destination.  Each cycle: x-ignore-shared and mode
+    cpr-reboot on the source, migrate to a file, the source quits, a new QEMU loads the
+    file and runs.  The guest is left in the last raw QEMU, which is killed at the end."""
+    times: list[float] = []
+    machine = migration.machine_type(vm)
+    path = vm.workdir / "raw-cpr.state"
+    caps = [{"capability": "x-ignore-shared", "state": True}]
+
+    def src_cmd(cmd: str, **args: Any) -> Any:
+        return vm.process.qmp(cmd, **args)
+
+    src_proc: subprocess.Popen[bytes] | None = None
+    src_q: Any = None
+    try:
+        for i in range(cycles):
+            t0 = time.monotonic()
+            src_cmd("migrate-set-capabilities", capabilities=caps)
+            src_cmd("migrate-set-parameters", mode="cpr-reboot")
+            src_cmd("migrate", uri=f"file:{path}")
+            _wait_status(lambda: src_cmd("query-migrate").get("status"), ("completed",), "raw cpr-reboot save")
+            if src_proc is None:
+                vm.release(vm.current)
+            else:
+                src_cmd("quit")
+                src_proc.wait()
+                src_q.close()
+            proc, q = _raw_qemu(vm, f"c{i}", machine)
+            q.cmd("migrate-set-capabilities", capabilities=caps)
+            q.cmd("migrate-set-parameters", mode="cpr-reboot")
+            q.cmd("migrate-incoming", uri=f"file:{path}")
+
+            def dest_status(q: Any = q) -> str:
+                st = q.cmd("query-status").get("status")
+                if st in ("paused", "postmigrate") and q.cmd("query-migrate").get("status") == "completed":
+                    q.cmd("cont")
+                return str(st)
+
+            _wait_status(dest_status, ("running",), "raw cpr-reboot load")
+            times.append(time.monotonic() - t0)
+            src_proc, src_q = proc, q
+
+            def src_cmd(cmd: str, q: Any = q, **args: Any) -> Any:  # the next cycle's source
+                return q.cmd(cmd, **args)
+    finally:
+        if src_proc is not None:
+            src_proc.kill()
+            src_proc.wait()
+            with contextlib.suppress(Exception):  # its QEMU is gone
+                src_q.close()
+    return times
+
+
 def bench_overhead(b: Bench, results: dict[str, Any]) -> None:
+    n = 3 if b.quick else 5
     vm = b.fast(VmSpec(name="bover"))
     harness_t, raw_t = [], []
-    for _ in range(3 if b.quick else 5):
+    for _ in range(n):
         raw_t.append(raw_live(vm))
         res = migration.live(vm)
         harness_t.append(res.wall_s)
     vm.stop()
     h, r = statistics.median(harness_t), statistics.median(raw_t)
     results["overhead_live"] = {"harness_s": harness_t, "raw_s": raw_t, "ratio": h / r, "target": 1.15}
+    vm = b.fast(VmSpec(name="bcpr", **migration.spec_fields_for("cpr-reboot")))
+    harness_t = [migration.cpr_reboot(vm).wall_s for _ in range(n)]
+    raw_t = raw_cpr_reboot_chain(vm, n)
+    vm.stop()
+    h, r = statistics.median(harness_t), statistics.median(raw_t)
+    results["overhead_cpr_reboot"] = {"harness_s": harness_t, "raw_s": raw_t, "ratio": h / r, "target": 1.15}
 
 
 def bench_pause(b: Bench, results: dict[str, Any]) -> None:
@@ -205,6 +298,8 @@ def main() -> int:
     print(f"restore-to-ready vs cold boot: {fs['restore_median_s']:.2f} s vs {fs['cold_median_s']:.2f} s "
           f"= {fs['speedup']:.1f}x faster (target >= 10x)")
     print(f"harness live migration vs raw QMP script: {ov['ratio']:.2f}x (target <= 1.15x)")
+    oc = results["overhead_cpr_reboot"]
+    print(f"harness cpr-reboot cycle vs raw QMP script: {oc['ratio']:.2f}x (target <= 1.15x)")
     for op, d in results["pause_vs_downtime"].items():
         print(f"{op}: pause {d['pause_ms']} ms, QEMU downtime {d['downtime_ms']} ms")
     if "xdist" in results:

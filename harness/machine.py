@@ -123,6 +123,7 @@ class Machine:
         self._ram_dir: Path | None = None
         self._sock_dir: Path | None = None
         self._last_varstore: Path | None = varstore
+        self._fitting_pairs: set[tuple[str, int, int]] = set()
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -165,6 +166,20 @@ class Machine:
             )
         firmware.check_flash_pair(code, template)
         self._code, self._template = code, template
+
+    def _check_flash_pair(self, code: Path, vars: Path) -> None:
+        """firmware.check_flash_pair, remembered per (code, sizes): it reads every
+        firmware build's descriptors, and each migration spawns a QEMU."""
+        from harness import firmware
+
+        try:
+            key = (str(code), code.stat().st_size, vars.stat().st_size)
+        except OSError:
+            key = None
+        if key is None or key not in self._fitting_pairs:
+            firmware.check_flash_pair(code, vars)  # raises, naming the file, if it does not fit
+            if key is not None:
+                self._fitting_pairs.add(key)
 
     @property
     def firmware_code(self) -> Path | None:
@@ -260,9 +275,7 @@ class Machine:
         if self._code is not None and varstore is None:
             varstore = self.new_varstore(f"vars-{gen}.fd")
         if self._code is not None and varstore is not None:
-            from harness import firmware
-
-            firmware.check_flash_pair(self._code, varstore)
+            self._check_flash_pair(self._code, varstore)
         last: LaunchError | None = None
         for _attempt in range(3):
             resolved = self._resolve(gen, varstore, incoming, machine, build)
