@@ -537,11 +537,18 @@ def cpr_reboot(
     path: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
+    keep_source_until_loaded: bool = False,
 ) -> MigrationResult:
     """cpr-reboot: stop and save to a file, quit the old QEMU, load in a new one.
 
     With file-backed shared RAM the ``x-ignore-shared`` capability saves RAM in place;
-    otherwise all RAM is copied to the state file."""
+    otherwise all RAM is copied to the state file.
+
+    ``keep_source_until_loaded`` leaves the old QEMU paused (its disks released, as after
+    any completed migration) until the new one runs the guest, and resumes it if the
+    load is refused: for a failure that depends on the instant of the stop (a TCG L1
+    caught in L2 guest mode), where losing the guest would end the run.  The state file
+    is the same; only the old process quits after the load instead of before it."""
     dest_build = to or vm.build
     mode = "cpr-reboot"
     mtype = machine_type(vm)
@@ -573,9 +580,16 @@ def cpr_reboot(
         return _check(result, check)
     os.replace(tmp, path)
     result.state_file, result.state_file_size = str(path), path.stat().st_size
-    vm.release(src)  # the old QEMU quits; RAM stays in the shared file
-    return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
-                               timeout=timeout, t0=t0, check=check)  # fmt: skip
+    if not keep_source_until_loaded:
+        vm.release(src)  # the old QEMU quits; RAM stays in the shared file
+        return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
+                                   timeout=timeout, t0=t0, check=check)  # fmt: skip
+    result.extra["source_kept_until_loaded"] = True
+    _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
+                        timeout=timeout, t0=t0, check=False)  # fmt: skip
+    if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
+        recover_source(src, result, was_running=was_running)
+    return _check(result, check)
 
 
 def cpr_transfer(

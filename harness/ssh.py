@@ -178,13 +178,16 @@ class SshClient:
     def _open_session(self, command: str, opening: float) -> paramiko.Channel:
         """A session channel.  A paused or frozen guest never answers the request: that
         is a :class:`GuestTimeout` after ``opening`` s, and a fresh connection next time
-        (a late answer would confuse this transport).  A connection that died under us
-        (the server closed it, or refused the channel outright) is reconnected once."""
+        (a late answer would confuse this transport).  Any other failure (the connection
+        died under us, or the server refused the channel: paramiko says "Unable to open
+        channel." for both, seen with a busy nested L1's dropbear) is retried once on a
+        new connection."""
         for attempt in (1, 2):
             try:
                 return self.transport.open_session(timeout=opening)
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                lost = self._connection_lost() or isinstance(exc, paramiko.ChannelException)
+                unanswered = "Timeout opening channel" in str(exc) and not self._connection_lost()
+                lost = not unanswered
                 why = f"{type(exc).__name__}: {exc}"
                 self.close()
                 if attempt == 2 or not lost:

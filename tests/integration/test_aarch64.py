@@ -4,8 +4,9 @@
   AAVMF formats the store, finds the removable-media path \\EFI\\BOOT\\BOOTAA64.EFI on the
   ESP and builds a default boot order;
 - an OS-set BootOrder (a new Boot0100 first) and an OS-written variable persist across a
-  guest reboot, live migration, save/restore and cpr-reboot (10.0.2); the last
-  process's varstore file carries them and the next boot takes Boot0100;
+  guest reboot, live migration, save/restore and cpr-reboot (10.0.2), and two
+  cpr-transfers in a row; the last process's varstore file carries them and the next boot
+  takes Boot0100;
 - cross-version 7.2 -> 10.0.2 on the versioned virt-7.2 machine with a named CPU model
   (cortex-a57, not -cpu max): QEMU refuses the CPU state in both directions (listed in
   firmware/expected-incompatibilities.toml); the guest keeps running on the source, and
@@ -173,6 +174,25 @@ def test_os_state_persists_across_reboot_migration_save_restore_cpr(vm_factory: 
     mark = state.reboot(vm)
     bootorder.assert_booted(vm, bootorder.USER_ENTRY, since=mark)
     _assert_persisted(vm, order, "after a reboot following the migrations")
+
+
+def test_os_state_persists_across_back_to_back_cpr_transfer(vm_factory: MachineFactory) -> None:
+    """cpr-transfer on aarch64 (10.0.2): guest RAM in a memfd handed to the new QEMU, twice
+    in a row; the OS-set BootOrder and variable survive, and the next boot takes them."""
+    build = builds.get_build("10.0.2", ARCH)
+    if not build.capabilities.has_mode("cpr-transfer"):
+        pytest.fail(f"QEMU {build.label} ({ARCH}) lost cpr-transfer")
+    vm = vm_factory(arch=ARCH, qemu="10.0.2", cpu=CPU, firmware="2022.11", name="arm-cprt",
+                    **migration.spec_fields_for("cpr-transfer"))  # fmt: skip
+    machine = migration.machine_type(vm)
+    order = _set_os_state(vm)
+    for n in (1, 2):
+        _step(vm, f"cpr-transfer #{n} 10.0.2",
+              lambda: migration.cpr_transfer(vm, to=build, check=True), order)  # fmt: skip
+        assert migration.machine_type(vm) == machine
+    mark = state.reboot(vm)
+    bootorder.assert_booted(vm, bootorder.USER_ENTRY, since=mark)
+    _assert_persisted(vm, order, "after a reboot following two cpr-transfers")
 
 
 def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: MachineFactory) -> None:

@@ -86,6 +86,35 @@ def test_failed_live_migration_leaves_source_running() -> None:
         state.assert_survived(before, state.snapshot(vm))
 
 
+def test_refused_cpr_reboot_load_with_the_source_kept_resumes_the_guest() -> None:
+    # The guest has a virtio-rng the new QEMU lacks: the load is refused ("Unknown savevm
+    # section").  By default the old QEMU has quit and the state file is all that is
+    # left; with keep_source_until_loaded the old QEMU, paused, takes the guest back.
+    spec = VmSpec(name="cprkeep", extra_args=("-device", "virtio-rng-pci,id=rng0"),
+                  **migration.spec_fields_for("cpr-reboot"))  # fmt: skip
+    with MachineFactory(spec, fast=True) as factory:
+        vm = factory()
+        state.write_efivar(vm, "KeptSource", b"kept")
+        before = state.snapshot(vm)
+        pid = vm.process.pid
+        vm.spec = spec.replace(extra_args=())  # the new QEMU is started without the device
+        try:
+            res = migration.cpr_reboot(vm, check=False, keep_source_until_loaded=True)
+            assert not res.ok and "rng" in res.error, res.summary()
+            assert res.extra["source_kept_until_loaded"] is True
+            assert res.extra["source_recovery"] == "resumed with 'cont' from postmigrate", res.extra
+            assert res.source_running and vm.process.pid == pid
+            state.assert_survived(before, state.snapshot(vm))
+            state.assert_efivar(vm, "KeptSource", b"kept")
+            assert vm.ssh.run("echo ok > /root/after-cpr && sync", timeout=30).rc == 0
+
+            lost = migration.cpr_reboot(vm, check=False)  # the default: the old QEMU quits first
+            assert not lost.ok and not vm.running, lost.summary()
+            assert lost.state_file and Path(lost.state_file).stat().st_size == lost.state_file_size
+        finally:
+            vm.spec = spec
+
+
 def test_failed_save_keeps_previous_state_file(tmp_path: Path) -> None:
     with MachineFactory(VmSpec(name="failsave")) as factory:
         vm = factory()

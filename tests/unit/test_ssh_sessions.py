@@ -84,3 +84,11 @@ def test_a_second_loss_is_reported_with_the_reconnect() -> None:
     with pytest.raises(GuestTimeout) as exc:
         c._open_session("true", 0.1)
     assert c.connects == 1 and "after a reconnect" in exc.value.last_seen
+
+
+def test_a_refusal_on_a_live_connection_is_retried_too() -> None:
+    # paramiko's "Unable to open channel." with the transport still up (a nested L1, in
+    # the full suite): not a guest that stopped answering
+    c = Client([FakeTransport(paramiko.SSHException("Unable to open channel."), dies=False),
+                FakeTransport(None, dies=False)])  # fmt: skip
+    assert c._open_session("true", 0.1) == "channel" and c.connects == 1
