@@ -80,7 +80,10 @@ def _repro(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
     passed = sum(1 for r in report.records if r.get("ok"))
-    print(f"{args.scenario}: {passed} passed, {len(report.records) - passed} failed"
-          f" in {report.duration_s:.1f} s" + (f"; artifacts: {report.artifacts}" if report.artifacts else ""),
+    expected = sum(1 for r in report.records if not r.get("ok") and r.get("expected_failure"))
+    failed = len(report.records) - passed - expected
+    print(f"{args.scenario}: {passed} passed, {failed} failed"
+          + (f", {expected} expected failures (known limitation, retried)" if expected else "")
+          + f" in {report.duration_s:.1f} s" + (f"; artifacts: {report.artifacts}" if report.artifacts else ""),
           file=sys.stderr)  # fmt: skip
     return 0 if report.ok else 1
