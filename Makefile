@@ -50,10 +50,11 @@ doctor: setup
 
 # The nightly matrix (tests/scenarios, run by `harness nightly`) and the avocado wrappers
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
-# tests/integration/test_nested.py is run on its own (`make nested`) and by the nightly's nested
-# scenario: inside the full suite its SSH sessions into a loaded L1 time out (issue 8 note).
+# `--durations` lists the slowest tests: what to move to fast start next.
 test: setup
-	$(PYTEST) -n $(JOBS) --ignore=tests/scenarios --ignore=tests/integration/test_nested.py tests
+	$(PYTEST) -n $(JOBS) --ignore=tests/scenarios --durations=25 tests
+
+# The nested L1/L2 tests alone (they are part of `make test` too).
 
 nested: setup
 	$(PYTEST) -n 1 tests/integration/test_nested.py
