@@ -50,12 +50,12 @@ doctor: setup
 
 # The nightly matrix (tests/scenarios, run by `harness nightly`) and the avocado wrappers
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
-# `--durations` lists the slowest tests: what to move to fast start next.
+# `--durations` lists the slowest tests: what to move to fast start next.  `worksteal` lets
+# an idle worker take queued tests from a busy one (the long nested tests end the run).
 test: setup
-	$(PYTEST) -n $(JOBS) --ignore=tests/scenarios --durations=25 tests
+	$(PYTEST) -n $(JOBS) --dist worksteal --ignore=tests/scenarios --durations=25 tests
 
 # The nested L1/L2 tests alone (they are part of `make test` too).
-
 nested: setup
 	$(PYTEST) -n 1 tests/integration/test_nested.py
 

@@ -88,7 +88,7 @@ def test_live_migrate_l1_twice(pair: Pair) -> None:
 def test_save_restore_l1(pair: Pair) -> None:
     results = nested.run_cycles(pair.l1, pair.l2, "save-restore", 1)
     _assert_cycles(results, 1)
-    ev = results[0].extra["nested_state"]
+    ev = next(r for r in results if r.ok).extra["nested_state"]  # a retried refusal has none
     assert ev["source"] == "state file" and ev["verdict"].startswith("nested state: absent (TCG L0)")
 
 
@@ -145,7 +145,8 @@ def test_cross_version_l1_migration_7_2_to_10_0_2() -> None:
     for p in _pair(plan):
         results = nested.run_cycles(p.l1, p.l2, "live", 2, builds=[b10, b72])
         _assert_cycles(results, 2)
-        assert [(r.source, r.destination) for r in results] == [("7.2", "10.0.2"), ("10.0.2", "7.2")]
+        done = [r for r in results if not r.extra.get("expected_failure")]  # retried refusals apart
+        assert [(r.source, r.destination) for r in done] == [("7.2", "10.0.2"), ("10.0.2", "7.2")]
 
 
 @pytest.mark.requires(kvm_host=True)
