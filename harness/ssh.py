@@ -197,14 +197,32 @@ class SshClient:
                 self.connect(timeout=max(30.0, opening))
         raise AssertionError("unreachable")
 
+    def _start(self, command: str, opening: float, timeout: float) -> paramiko.Channel:
+        """A session channel running ``command``.  A server that closes the channel
+        before answering the exec request (seen from a busy nested L1's dropbear) did not
+        run the command: that is retried once on a new connection."""
+        for attempt in (1, 2):
+            chan = self._open_session(command, opening)
+            chan.settimeout(timeout)
+            try:
+                chan.exec_command(command)
+                return chan
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                chan.close()
+                self.close()
+                if attempt == 2 or isinstance(exc, TimeoutError):
+                    raise GuestTimeout(f"starting {command!r} in {self.name}", timeout,
+                                       f"{type(exc).__name__}: {exc}") from exc
+                log.info("%s: channel closed before %r started (%s); retrying on a new connection",
+                         self.name, command, exc)
+        raise AssertionError("unreachable")
+
     def run(self, command: str, timeout: float = 120.0, check: bool = False,
             input: str | None = None) -> CommandResult:
         """Run ``command`` in the guest; bounded by ``timeout``."""
         t0 = time.monotonic()
-        chan = self._open_session(command, min(10.0, timeout))
+        chan = self._start(command, min(10.0, timeout), timeout)
         try:
-            chan.settimeout(timeout)
-            chan.exec_command(command)
             if input is not None:
                 chan.sendall(input.encode())
                 chan.shutdown_write()

@@ -54,6 +54,8 @@ class Client(SshClient):
 
     @property
     def transport(self) -> Any:
+        if self._client is None:  # as SshClient.transport: connect on first use
+            self.connect()
         assert self._client is not None
         return self._client.get_transport()
 
@@ -92,3 +94,42 @@ def test_a_refusal_on_a_live_connection_is_retried_too() -> None:
     c = Client([FakeTransport(paramiko.SSHException("Unable to open channel."), dies=False),
                 FakeTransport(None, dies=False)])  # fmt: skip
     assert c._open_session("true", 0.1) == "channel" and c.connects == 1
+
+
+class FakeChannel:
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.closed, self.ran = fail, False, None
+
+    def settimeout(self, t: float) -> None:
+        pass
+
+    def exec_command(self, command: str) -> None:
+        if self.fail:
+            raise paramiko.SSHException("Channel closed.")
+        self.ran = command
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ChannelTransport(FakeTransport):
+    def __init__(self, chan: FakeChannel) -> None:
+        super().__init__(None, dies=False)
+        self.chan = chan
+
+    def open_session(self, timeout: float) -> Any:
+        return self.chan
+
+
+def test_a_channel_closed_before_the_command_started_is_retried_once() -> None:
+    bad, good = FakeChannel(fail=True), FakeChannel(fail=False)
+    c = Client([ChannelTransport(bad), ChannelTransport(good)])
+    assert c._start("agent status", 0.1, 5.0) is good
+    assert bad.closed and good.ran == "agent status" and c.connects == 1
+
+
+def test_a_second_closed_channel_is_our_error() -> None:
+    c = Client([ChannelTransport(FakeChannel(fail=True)), ChannelTransport(FakeChannel(fail=True))])
+    with pytest.raises(GuestTimeout) as exc:
+        c._start("agent status", 0.1, 5.0)
+    assert "Channel closed" in exc.value.last_seen and c.connects == 1
