@@ -145,6 +145,22 @@ def _nap(since: float) -> None:
     time.sleep(0.004 if waited < 1.0 else 0.02 if waited < 10.0 else 0.05)
 
 
+def _clear_settings(inc: Incarnation, caps: Sequence[str]) -> None:
+    """Put a source that keeps the guest after a failed CPR back to plain migration
+    settings (mode normal, ``caps`` off), so the next operation starts clean."""
+    if not inc.process.running:
+        return
+    build = inc.process.build
+    try:
+        if caps:
+            inc.process.qmp("migrate-set-capabilities",
+                            capabilities=[{"capability": c, "state": False} for c in caps])
+        if "mode" in build.capabilities.migration_parameters:
+            inc.process.qmp("migrate-set-parameters", mode="normal")
+    except HarnessError as exc:
+        log.warning("could not reset migration settings on %s: %s", inc.process.name, exc)
+
+
 def _poll_source(inc: Incarnation, timeout: float, *, on_active: Callable[[], None] | None = None) -> dict[str, Any]:
     """Poll ``query-migrate`` until completed/failed/cancelled; cancel on timeout."""
     since = time.monotonic()
@@ -498,8 +514,12 @@ def save_restore(
     to: QemuBuild | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
+    keep_source_until_loaded: bool = False,
 ) -> MigrationResult:
-    """Save to a file, quit, and restore into a new QEMU (``to``, default the same build)."""
+    """Save to a file, quit, and restore into a new QEMU (``to``, default the same build).
+
+    ``keep_source_until_loaded``: as for :func:`cpr_reboot`, the saved QEMU quits only
+    once the new one runs the guest, and resumes it if the load is refused."""
     path = path or vm.workdir / f"state-{time.monotonic_ns()}.bin"
     t0 = time.monotonic()
     saved = save(vm, path, timeout=timeout, check=False)
@@ -515,13 +535,19 @@ def save_restore(
         result.status = saved.status
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
-    vm.release(vm.current)  # the saved source is not needed any more
+    src = vm.current
+    if keep_source_until_loaded:
+        result.extra["source_kept_until_loaded"] = True
+    else:
+        vm.release(src)  # the saved source is not needed any more
     loaded = restore(vm, path, to=to, timeout=timeout, check=False)
     result.wall_s = time.monotonic() - t0
     if not loaded.ok:
         result.error, result.signature = loaded.error, loaded.signature
         result.signature_explanation = loaded.signature_explanation
         result.status = loaded.status
+        if keep_source_until_loaded:
+            recover_source(src, result)  # the new QEMU never ran the guest
         return _check(result, check)
     result.status = "completed"
     return _check(result, check)
@@ -576,6 +602,7 @@ def cpr_reboot(
             tmp.unlink()
         result.fail(str(info.get("error-desc") or "cpr-reboot save failed"))
         recover_source(src, result, was_running=was_running)
+        _clear_settings(src, caps)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     os.replace(tmp, path)
@@ -589,6 +616,7 @@ def cpr_reboot(
                         timeout=timeout, t0=t0, check=False)  # fmt: skip
     if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
         recover_source(src, result, was_running=was_running)
+        _clear_settings(src, caps)
     return _check(result, check)
 
 
@@ -649,6 +677,7 @@ def cpr_transfer(
     if info.get("status") != "completed":
         _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"))
         recover_source(src, result, was_running=was_running)
+        _clear_settings(src, [])
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
@@ -660,6 +689,7 @@ def cpr_transfer(
     if why:
         _dest_failure(vm, dest, result, why)
         recover_source(src, result, was_running=was_running)
+        _clear_settings(src, [])
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"

@@ -948,7 +948,7 @@ def run_cycles(
     ``known_limitation``, ``expected_failure``), the source is resumed and both levels are
     checked on it; if nothing was lost the cycle is tried again, up to ``known_retries``
     times in all (default: as many as there are cycles; it hit 3 of 18 cpr-transfer
-    attempts here).  With a TCG L1, cpr-reboot keeps the old QEMU until the new one runs
+    attempts here).  With a TCG L1, cpr-reboot and save-restore keep the old QEMU until the new one runs
     (``keep_source_until_loaded``) so that such a refusal can be resumed too."""
     from harness import migration
 
@@ -978,7 +978,7 @@ def run_cycles(
             kw: dict[str, Any] = {"to": dest, "check": False}
             if timeout is not None:
                 kw["timeout"] = timeout
-            if op == "cpr-reboot" and plan_accel == "tcg":
+            if op in ("cpr-reboot", "save-restore") and plan_accel == "tcg":
                 # a stop in L2 guest mode makes the state file unloadable (see
                 # guest_mode_limitation): keep the old QEMU until the new one runs
                 kw["keep_source_until_loaded"] = True

@@ -86,7 +86,7 @@ def test_failed_live_migration_leaves_source_running() -> None:
         state.assert_survived(before, state.snapshot(vm))
 
 
-def test_refused_cpr_reboot_load_with_the_source_kept_resumes_the_guest() -> None:
+def test_refused_load_with_the_source_kept_resumes_the_guest() -> None:
     # The guest has a virtio-rng the new QEMU lacks: the load is refused ("Unknown savevm
     # section").  By default the old QEMU has quit and the state file is all that is
     # left; with keep_source_until_loaded the old QEMU, paused, takes the guest back.
@@ -107,6 +107,12 @@ def test_refused_cpr_reboot_load_with_the_source_kept_resumes_the_guest() -> Non
             state.assert_survived(before, state.snapshot(vm))
             state.assert_efivar(vm, "KeptSource", b"kept")
             assert vm.ssh.run("echo ok > /root/after-cpr && sync", timeout=30).rc == 0
+
+            again = migration.save_restore(vm, check=False, keep_source_until_loaded=True)
+            assert not again.ok and "rng" in again.error, again.summary()
+            assert again.extra["source_recovery"] == "resumed with 'cont' from postmigrate", again.extra
+            assert vm.process.pid == pid
+            state.assert_efivar(vm, "KeptSource", b"kept")
 
             lost = migration.cpr_reboot(vm, check=False)  # the default: the old QEMU quits first
             assert not lost.ok and not vm.running, lost.summary()
