@@ -321,6 +321,12 @@ def live(
     mtype = machine_type(vm)
     result = _new_result("live", "normal", vm, dest_build, mtype)
     caps = list(capabilities) + (["multifd"] if multifd else []) + (["postcopy-ram"] if postcopy else [])
+    if vm.spec.memory_backend == "file" and "x-ignore-shared" not in caps:
+        # The destination maps the same RAM file (share=on).  Copying RAM into it would
+        # overwrite the running source's memory with stale pages (seen: a corrupted
+        # aarch64 guest); on one host the file is shared, so the stream carries no RAM.
+        caps.append("x-ignore-shared")
+        result.extra["ram"] = "shared file, not copied (x-ignore-shared)"
     for b in {vm.build.label: vm.build, dest_build.label: dest_build}.values():
         _caps(caps, b)  # UnsupportedError names the build and capability
     if transport == "unix":
@@ -360,6 +366,7 @@ def live(
         recover_source(src, result, was_running=was_running)
         return _check(result, check)
     vm.adopt(dest)
+    _clear_settings(dest, caps)  # the next operation on this process starts clean
     result.status = "completed"
     _incomplete_load(dest, result)
     return _check(result, check)
