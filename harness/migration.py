@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.builds import QemuBuild
-from harness.errors import HarnessError, LaunchError, MachineError, MigrationError, UnsupportedError
+from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
 from harness.machine import Incarnation, Machine
-from harness.qemu_process import QmpError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ def guest_running(inc: Incarnation) -> bool:
 
 
 def recover_source(inc: Incarnation, result: MigrationResult, *, was_running: bool = True,
-                    settle: float = 10.0) -> bool:
+                    settle: float = 10.0, reset_caps: Sequence[str] | None = None) -> bool:
     """After a failed migration, leave the guest running on the source as it was before.
 
     QEMU restarts the source itself when it sees the failure, a moment after reporting
@@ -272,6 +271,8 @@ def recover_source(inc: Incarnation, result: MigrationResult, *, was_running: bo
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    if reset_caps is not None:  # it keeps the guest: plain settings for the next operation
+        _clear_settings(inc, reset_caps)
     result.source_running = guest_running(inc)
     if not inc.process.running:
         result.extra.setdefault("source_recovery", f"source QEMU exited (code {inc.process.exitcode})")
@@ -608,8 +609,7 @@ def cpr_reboot(
         if tmp.is_file():
             tmp.unlink()
         result.fail(str(info.get("error-desc") or "cpr-reboot save failed"))
-        recover_source(src, result, was_running=was_running)
-        _clear_settings(src, caps)
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     os.replace(tmp, path)
@@ -622,8 +622,7 @@ def cpr_reboot(
     _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
                         timeout=timeout, t0=t0, check=False)  # fmt: skip
     if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
-        recover_source(src, result, was_running=was_running)
-        _clear_settings(src, caps)
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
     return _check(result, check)
 
 
@@ -683,8 +682,7 @@ def cpr_transfer(
     _fill_stats(result, info)
     if info.get("status") != "completed":
         _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"))
-        recover_source(src, result, was_running=was_running)
-        _clear_settings(src, [])
+        recover_source(src, result, was_running=was_running, reset_caps=[])
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
@@ -695,8 +693,7 @@ def cpr_transfer(
     result.wall_s = time.monotonic() - t0
     if why:
         _dest_failure(vm, dest, result, why)
-        recover_source(src, result, was_running=was_running)
-        _clear_settings(src, [])
+        recover_source(src, result, was_running=was_running, reset_caps=[])
         return _check(result, check)
     vm.adopt(dest)
     result.status = "completed"
@@ -830,7 +827,4 @@ def _host_varstore_problems(vm: Machine, value: bytes) -> list[str]:
 
 def source_still_running(vm: Machine) -> bool:
     """True when the guest's current QEMU is running the guest (after a failed migration)."""
-    try:
-        return bool(vm.running and vm.qmp("query-status").get("running"))
-    except (HarnessError, MachineError, QmpError):
-        return False
+    return vm.running and guest_running(vm.current)
