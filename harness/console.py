@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.errors import GuestTimeout, MachineError
+from harness.errors import ConsoleSilent, GuestTimeout, MachineError
 
 MAX_LINE = 64 * 1024
 # CSI sequences, OSC strings (window titles), other two-byte escapes, control characters
@@ -65,19 +65,29 @@ class Console:
         *,
         since: int | None = None,
         what: str | None = None,
+        silence: float | None = None,
     ) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) appears in the log after ``since`` (default: the
         last :meth:`mark`).  Raises :class:`GuestTimeout` with the last lines seen, or
-        :class:`MachineError` when QEMU exits first."""
+        :class:`MachineError` when QEMU exits first.  With ``silence``, a console that has
+        printed nothing at all after ``since`` for that many seconds gives up early with
+        :class:`ConsoleSilent` (firmware that hangs before its console comes up)."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         start = self._offset if since is None else since
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        quiet_until = t0 + silence if silence is not None and silence < timeout else None
         text = ""
         while True:
             text = self._read_from(start)
             m = rx.search(text)
             if m:
                 return m
+            if quiet_until is not None:
+                if text:
+                    quiet_until = None
+                elif time.monotonic() >= quiet_until and (self._alive is None or self._alive()):
+                    raise ConsoleSilent(what or rx.pattern, silence or 0.0, self.log_path)
             if self._alive is not None and not self._alive():
                 text = self._read_from(start)
                 m = rx.search(text)

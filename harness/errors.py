@@ -131,6 +131,16 @@ class GuestTimeout(MachineError):
         super().__init__(msg)
 
 
+class ConsoleSilent(GuestTimeout):
+    """Not one byte on the console: the guest's firmware never reached it."""
+
+    def __init__(self, what: str, seconds: float, log: object) -> None:
+        self.what, self.timeout, self.last_seen, self.log = what, seconds, "", log
+        MachineError.__init__(
+            self, f"no output at all on the serial console ({log}) in {seconds:.0f}s while waiting "
+                  f"for {what}: the firmware hung before its console came up")  # fmt: skip
+
+
 class GuestCommandError(MachineError):
     """A command run in the guest failed."""
 

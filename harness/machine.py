@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 READY_RE = re.compile(r"HARNESS-READY (\{[^\n]{0,4096}\})")
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("HARNESS_BOOT_TIMEOUT", "240"))
+# OVMF and AAVMF print their first console line within ~2-10 s under TCG here (more under
+# load); firmware that prints nothing for this long has hung before its console came up
+# (OVMF 2025.02 on QEMU 5.2), and the boot gives up then instead of at the full timeout.
+FIRMWARE_SILENCE_S = float(os.environ.get("HARNESS_FIRMWARE_SILENCE", "90"))
 
 
 def free_port() -> int:
@@ -384,10 +388,14 @@ class Machine:
         return self
 
     def wait_ready(self, timeout: float = DEFAULT_BOOT_TIMEOUT, *, t0: float | None = None,
-                   since: int = 0) -> Ready:
-        """Wait for the agent's ready line on the current console."""
+                   since: int = 0, silence: float | None = None) -> Ready:
+        """Wait for the agent's ready line on the current console (a console still empty
+        after ``silence`` seconds, default :data:`FIRMWARE_SILENCE_S`, fails early with
+        :class:`~harness.errors.ConsoleSilent`)."""
         start = time.monotonic() if t0 is None else t0
-        m = self.console.wait_for(READY_RE, timeout, since=since, what="the agent's HARNESS-READY line")
+        silence = FIRMWARE_SILENCE_S if silence is None else silence
+        m = self.console.wait_for(READY_RE, timeout, since=since, silence=silence,
+                                  what="the agent's HARNESS-READY line")
         try:
             info = json.loads(m.group(1))
         except (ValueError, RecursionError) as exc:  # guest output: deep nesting too

@@ -263,6 +263,20 @@ class Incompatibility:
         )
 
 
+@dataclass(frozen=True)
+class BootIncompatibility:
+    """A QEMU x firmware pair that does not boot: the boot must fail, showing ``signature``."""
+
+    qemu: str
+    firmware: str
+    signature: str
+    reason: str
+    where: str = ""
+
+    def applies(self, qemu: Version, firmware: Version) -> bool:
+        return _version_ok(qemu, self.qemu) and _version_ok(firmware, self.firmware)
+
+
 def _version_ok(have: Version, constraint: str) -> bool:
     m = _CONSTRAINT_RE.match(constraint)
     if not m:  # validated on load; a hand-made entry with a bad constraint matches nothing
@@ -282,11 +296,19 @@ class Incompatibilities:
 
     path: Path
     entries: tuple[Incompatibility, ...] = ()
+    boots: tuple[BootIncompatibility, ...] = ()
 
     def lookup(self, source: Version, destination: Version, op: str, machine: str) -> Incompatibility | None:
         """The first entry covering this hop, or None (the hop must then succeed)."""
         for entry in self.entries:
             if entry.applies(source, destination, op, machine):
+                return entry
+        return None
+
+    def lookup_boot(self, qemu: Version, firmware: Version) -> BootIncompatibility | None:
+        """The first ``[[boot]]`` entry covering this pair, or None (it must then boot)."""
+        for entry in self.boots:
+            if entry.applies(qemu, firmware):
                 return entry
         return None
 
@@ -302,32 +324,58 @@ def _text(path: Path, where: str, table: Mapping[str, Any], key: str, *, require
     return value.strip()
 
 
-def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibilities:
-    """Validate parsed TOML: every entry needs version constraints, a known signature and
-    a reason; ``ops`` (optional) must name matrix operations."""
-    from harness import signatures
-
-    unknown = sorted(set(data) - {"incompatible"})
-    if unknown:
-        raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; expected [[incompatible]] tables")
-    raw = data.get("incompatible", [])
+def _tables(path: Path, data: Mapping[str, Any], key: str, fields: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    raw = data.get(key, [])
     if not isinstance(raw, list):
-        raise CatalogError(path, "'incompatible' must be an array of tables ([[incompatible]])")
+        raise CatalogError(path, f"{key!r} must be an array of tables ([[{key}]])")
     out = []
     for i, table in enumerate(raw):
-        where = f"[[incompatible]] entry {i + 1}"
+        where = f"[[{key}]] entry {i + 1}"
         if not isinstance(table, dict):
             raise CatalogError(path, f"{where}: expected a table")
-        extra = sorted(set(table) - {"source", "destination", "ops", "machine", "signature", "reason"})
+        extra = sorted(set(table) - fields)
         if extra:
             raise CatalogError(path, f"{where}: unknown field(s) {', '.join(extra)}")
-        src = _text(path, where, table, "source")
-        dst = _text(path, where, table, "destination")
-        assert src is not None and dst is not None
-        for key, value in (("source", src), ("destination", dst)):
-            if not _CONSTRAINT_RE.match(value):
-                raise CatalogError(path, f"{where}: {key} {value!r} is not a version constraint "
-                                         "such as '10.0', '>=8.2' or '<6'")  # fmt: skip
+        out.append((where, table))
+    return out
+
+
+def _constraint(path: Path, where: str, table: Mapping[str, Any], key: str) -> str:
+    value = _text(path, where, table, key)
+    assert value is not None
+    if not _CONSTRAINT_RE.match(value):
+        raise CatalogError(path, f"{where}: {key} {value!r} is not a version constraint "
+                                 "such as '10.0', '>=8.2' or '<6'")  # fmt: skip
+    return value
+
+
+def _signature_and_reason(path: Path, where: str, table: Mapping[str, Any]) -> tuple[str, str]:
+    from harness import signatures
+
+    sig = _text(path, where, table, "signature")
+    assert sig is not None
+    try:
+        signatures.by_name(sig)
+    except ConfigError as exc:
+        raise CatalogError(path, f"{where}: {exc}") from exc
+    reason = _text(path, where, table, "reason")
+    assert reason is not None
+    return sig, reason
+
+
+def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibilities:
+    """Validate parsed TOML: every entry needs version constraints, a known signature and
+    a reason; ``ops`` (optional) must name matrix operations.  ``[[incompatible]]`` tables
+    are migration hops, ``[[boot]]`` tables QEMU x firmware pairs that do not boot."""
+    unknown = sorted(set(data) - {"incompatible", "boot"})
+    if unknown:
+        raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; "
+                                 "expected [[incompatible]] and [[boot]] tables")  # fmt: skip
+    hops = []
+    fields = {"source", "destination", "ops", "machine", "signature", "reason"}
+    for i, (where, table) in enumerate(_tables(path, data, "incompatible", fields)):
+        src = _constraint(path, where, table, "source")
+        dst = _constraint(path, where, table, "destination")
         ops = table.get("ops", [])
         if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
             raise CatalogError(path, f"{where}: field 'ops' must be a list of strings")
@@ -335,18 +383,17 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         if bad:
             raise CatalogError(path, f"{where}: unknown operation(s) {', '.join(bad)}; "
                                      f"known: {', '.join(MATRIX_OPS)}")  # fmt: skip
-        sig = _text(path, where, table, "signature")
-        assert sig is not None
-        try:
-            signatures.by_name(sig)
-        except ConfigError as exc:
-            raise CatalogError(path, f"{where}: {exc}") from exc
-        reason = _text(path, where, table, "reason")
-        assert reason is not None
+        sig, reason = _signature_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
-        out.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
-                                   f"{path.name} entry {i + 1}"))  # fmt: skip
-    return Incompatibilities(path, tuple(out))
+        hops.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
+                                    f"{path.name} entry {i + 1}"))  # fmt: skip
+    boots = []
+    for i, (where, table) in enumerate(_tables(path, data, "boot", {"qemu", "firmware", "signature", "reason"})):
+        qemu = _constraint(path, where, table, "qemu")
+        firmware = _constraint(path, where, table, "firmware")
+        sig, reason = _signature_and_reason(path, where, table)
+        boots.append(BootIncompatibility(qemu, firmware, sig, reason, f"{path.name} boot entry {i + 1}"))
+    return Incompatibilities(path, tuple(hops), tuple(boots))
 
 
 def load_incompatibilities(path: Path = INCOMPATIBILITIES) -> Incompatibilities:
@@ -375,7 +422,8 @@ class Verdict:
     note: str = ""
 
 
-def judge(failed: bool, signature: str | None, expected: Incompatibility | None) -> Verdict:
+def judge(failed: bool, signature: str | None,
+          expected: Incompatibility | BootIncompatibility | None) -> Verdict:
     """A hop that fails as its entry says is an expected failure; a listed hop that passes
     is a failure too (the data is stale); anything else that fails fails."""
     if expected is None:

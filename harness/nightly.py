@@ -43,7 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from harness import matrix, signatures
 from harness.errors import ConfigError, HarnessError
+from harness.matrix import BootIncompatibility
 from harness.paths import REPO_ROOT
 from harness.scenarios import ScenarioOptions, ScenarioReport
 
@@ -96,65 +98,18 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ExpectedBootFailure:
-    """A QEMU x OVMF pair that is known not to boot: the boot must fail (then it is an
-    expected failure), and if it boots the entry is stale and the run fails."""
-
-    qemu: str  # version constraint: "<7", ">=8.2", "7.2"
-    ovmf: str
-    reason: str
-
-    def applies(self, qemu: str, ovmf: str) -> bool:
-        return _satisfies(qemu, self.qemu) and _satisfies(ovmf, self.ovmf)
-
-
-def _satisfies(version: str, constraint: str) -> bool:
-    from harness.catalog import Version
-
-    m = re.fullmatch(r"\s*(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)\s*", constraint)
-    if m is None:
-        raise ConfigError(f"version constraint {constraint!r}: expected e.g. '<7', '>=2025', '7.2'")
-    try:
-        have = Version.parse(version)
-    except (ValueError, HarnessError):
-        return False
-    want = Version.parse(m.group(2))
-    op = m.group(1)
-    if op is None:
-        return have.matches(want)
-    return {">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want,
-            "==": have == want}[op]  # fmt: skip
-
-
-# Observed here: OVMF 2025.02's CODE_4M on QEMU 5.2 (q35, TCG) writes nothing to the serial
-# console or debugcon within 240 s, while QEMU 7.2 and 10.0.2 boot it in ~30-70 s and QEMU 5.2
-# boots 2020.11 and 2022.11.
-EXPECTED_BOOT_FAILURES: tuple[ExpectedBootFailure, ...] = (
-    ExpectedBootFailure("<6", ">=2025", "OVMF 2025.02 does not start on QEMU 5.2 (no serial or "
-                        "debugcon output in 240 s; 7.2 and 10.0.2 boot it)"),
-)  # fmt: skip
-
-
-def expected_boot_failure(qemu_version: str, ovmf: str,
-                          table: Sequence[ExpectedBootFailure] = EXPECTED_BOOT_FAILURES) -> ExpectedBootFailure | None:
-    for e in table:
-        if e.applies(qemu_version, ovmf):
-            return e
-    return None
-
-
-def judge_boot(step: dict[str, Any], expected: ExpectedBootFailure | None) -> dict[str, Any]:
-    """Mark a boot step against the expectation (like :func:`harness.matrix.judge`)."""
+def judge_boot(step: dict[str, Any], expected: BootIncompatibility | None) -> dict[str, Any]:
+    """Mark a boot step against its ``[[boot]]`` entry (see :func:`harness.matrix.judge`)."""
     if expected is None:
         return step
+    verdict = matrix.judge(not step.get("ok"), step.get("signature"), expected)
     step["reason"] = expected.reason
-    if step.get("ok"):
-        step.update(ok=False, status="failed", signature="unexpected-pass",
-                    error=f"listed as an expected boot failure ({expected.qemu} x {expected.ovmf}: "
-                          f"{expected.reason}) but it booted: remove or narrow the entry")  # fmt: skip
-    else:
+    if verdict.expected_failure:
         step["expected_failure"] = True
+    else:
+        step.update(ok=False, status="failed", error=f"{verdict.note}; {step.get('error') or 'booted'}")
+        if step.get("signature") is None:
+            step["signature"] = "unexpected-pass"
     return step
 
 
@@ -513,19 +468,29 @@ def _run_boot(entry: Entry, artifacts: Path | None, workdir: Path | None) -> Ent
             step.update(ok=True, status="completed")
             failed = False
     except HarnessError as exc:
-        step.update(ok=False, status="error", error=str(exc))
+        sig = signatures.classify(str(exc))
+        step.update(ok=False, status="error", error=str(exc), signature=sig.name if sig else None)
     finally:
         kept = factory.close(failed=failed, artifacts=artifacts)
         report.artifacts = str(kept) if kept else None
-    try:
-        from harness import builds
-
-        version = str(builds.get_build(qemu).version)
-    except HarnessError:
-        version = qemu
-    report.add(judge_boot(step, expected_boot_failure(version, fw)))
+    report.add(judge_boot(step, _boot_incompatibility(qemu, fw)))
     report.duration_s = time.monotonic() - t0
     return EntryOutcome(entry, report)
+
+
+def _boot_incompatibility(qemu: str, firmware: str) -> BootIncompatibility | None:
+    from harness import builds
+    from harness.catalog import Version
+
+    try:
+        fw_version = Version.parse(firmware)
+        try:
+            version = builds.get_build(qemu).version
+        except HarnessError:
+            version = Version.parse(qemu)
+    except (ValueError, HarnessError):  # a label that is no version matches no entry
+        return None
+    return matrix.load_incompatibilities().lookup_boot(version, fw_version)
 
 
 REGISTRATION_OPTIONS = ("qemu_deb", "ovmf_deb", "qemu_dir")

@@ -265,6 +265,17 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness repro nested --mode live (a TCG L1 running an L2, "
         "QEMU 7.2 -> 10.0.2; recorded in tests/unit/test_nested.py)",
     ),
+    # --- not migration: a guest that never comes up ------------------------------------
+    signature(
+        "firmware-silent",
+        [r"no output at all on the serial console .* the firmware hung before its console came up"],
+        "The guest's firmware printed nothing on the serial console within the harness's "
+        "silence limit (HARNESS_FIRMWARE_SILENCE, default 90 s): it hung before its console "
+        "came up. Usually a firmware build the QEMU build cannot run (the firmware needs a "
+        "newer machine or device model); try the firmware on a newer QEMU, or an older "
+        "firmware on this QEMU.",
+        "real run here: harness boot --qemu 5.2 --ovmf 2025.02 (OVMF 2025.02 on QEMU 5.2, q35, TCG)",
+    ),
     signature(
         "device-load-failed",
         [r"error while loading state for instance 0x[0-9a-fA-F]+ of device '[^']*'"],

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from harness.errors import GuestTimeout, LaunchError
+from harness import machine
+from harness.errors import ConsoleSilent, GuestTimeout, LaunchError
 from harness.factory import MachineFactory
 from harness.machine import Machine
+from harness.signatures import classify
 from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration
@@ -94,3 +97,17 @@ def test_launch_failure_names_command_and_output() -> None:
         text = str(err.value)
         assert "no-such-device" in text and "exit code" in text and "command:" in text
         assert not vm.running
+
+
+def test_firmware_that_never_prints_fails_at_the_silence_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real pair that hangs in firmware (firmware/expected-incompatibilities.toml, [[boot]])
+    monkeypatch.setattr(machine, "FIRMWARE_SILENCE_S", 15.0)
+    with MachineFactory(VmSpec(qemu="5.2", firmware="2025.02", name="silent")) as factory:
+        vm = factory(start=False)
+        t0 = time.monotonic()
+        with pytest.raises(ConsoleSilent) as err:
+            vm.start()
+        assert time.monotonic() - t0 < 120  # not the 240 s boot timeout
+        assert classify(str(err.value)).name == "firmware-silent"  # type: ignore[union-attr]
+        pids = [h["pid"] for h in vm.history]
+        assert pids and not any(pid_alive(p) for p in pids)

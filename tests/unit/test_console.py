@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.console import MAX_LINE, Console, clean
-from harness.errors import GuestTimeout, MachineError
+from harness.errors import ConsoleSilent, GuestTimeout, MachineError
 
 
 def test_wait_finds_text_written_later(tmp_path: Path) -> None:
@@ -43,6 +43,34 @@ def test_dead_qemu_stops_the_wait_early(tmp_path: Path) -> None:
     with pytest.raises(MachineError, match="QEMU exited"):
         Console(log, alive=lambda: False).wait_for("READY", timeout=30)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_silent_console_gives_up_at_the_silence_limit(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("output of the previous boot\n")
+    c = Console(log, alive=lambda: True)
+    c.mark()
+    t0 = time.monotonic()
+    with pytest.raises(ConsoleSilent) as err:
+        c.wait_for("READY", timeout=30, silence=0.3, what="the ready line")
+    assert time.monotonic() - t0 < 5
+    assert "no output at all" in str(err.value) and "the ready line" in str(err.value)
+    assert str(log) in str(err.value) and isinstance(err.value, GuestTimeout)
+
+
+def test_any_output_lifts_the_silence_limit(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_text("")
+
+    def later() -> None:
+        time.sleep(0.1)
+        with log.open("ab") as fh:
+            fh.write(b"BdsDxe: loading Boot0001\n")
+
+    threading.Thread(target=later).start()
+    with pytest.raises(GuestTimeout) as err:
+        Console(log, alive=lambda: True).wait_for("READY", timeout=0.8, silence=0.4)
+    assert not isinstance(err.value, ConsoleSilent) and "timed out after 0.8s" in str(err.value)
 
 
 def test_mark_skips_old_output(tmp_path: Path) -> None:

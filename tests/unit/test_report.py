@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from harness import cli, nightly, report
-from harness.errors import ConfigError, HarnessError
+from harness.catalog import Version
+from harness.errors import CatalogError, ConfigError, HarnessError
+from harness.matrix import load_incompatibilities, parse_incompatibilities
 from harness.results import RunRecord, builds_from_id, junit_key, nodeid_from_junit, summarize_steps
 
 pytestmark = pytest.mark.unit
@@ -381,15 +383,30 @@ def test_summary_and_progress_lines() -> None:
 
 
 def test_expected_boot_failures_are_data_and_judged_both_ways() -> None:
-    known = nightly.expected_boot_failure("5.2.0", "2025.02")
-    assert known is not None and "5.2" in known.reason
-    assert nightly.expected_boot_failure("7.2.0", "2025.02") is None
-    assert nightly.expected_boot_failure("5.2.0", "2022.11") is None
-    failed = nightly.judge_boot({"op": "boot", "ok": False, "error": "timed out"}, known)
+    data = load_incompatibilities()
+    known = data.lookup_boot(Version.parse("5.2.0"), Version.parse("2025.02"))
+    assert known is not None and "5.2" in known.reason and known.signature == "firmware-silent"
+    assert data.lookup_boot(Version.parse("7.2.0"), Version.parse("2025.02")) is None
+    assert data.lookup_boot(Version.parse("5.2.0"), Version.parse("2022.11")) is None
+    silent = {"op": "boot", "ok": False, "error": "no output at all", "signature": "firmware-silent"}
+    failed = nightly.judge_boot(dict(silent), known)
     assert failed["expected_failure"] is True and failed["ok"] is False
+    other = nightly.judge_boot({"op": "boot", "ok": False, "error": "QEMU exited", "signature": None}, known)
+    assert not other.get("expected_failure") and "not the expected firmware-silent" in other["error"]
     booted = nightly.judge_boot({"op": "boot", "ok": True}, known)
     assert booted["ok"] is False and "remove or narrow the entry" in booted["error"]
-    assert not booted.get("expected_failure")
+    assert not booted.get("expected_failure") and booted["signature"] == "unexpected-pass"
     assert nightly.judge_boot({"op": "boot", "ok": True}, None) == {"op": "boot", "ok": True}
-    with pytest.raises(ConfigError, match="version constraint"):
-        nightly.ExpectedBootFailure("~5", "1", "x").applies("5.2", "1")
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"qemu": "~5", "firmware": "1", "signature": "firmware-silent", "reason": "r"}, "not a version constraint"),
+    ({"qemu": "5", "firmware": "1", "signature": "nope", "reason": "r"}, "unknown failure signature"),
+    ({"qemu": "5", "firmware": "1", "signature": "firmware-silent"}, "missing field 'reason'"),
+    ({"qemu": "5", "firmware": "1", "signature": "firmware-silent", "reason": "r", "ops": []},
+     "unknown field"),
+])  # fmt: skip
+def test_boot_entries_are_validated(table: dict[str, object], message: str) -> None:
+    with pytest.raises(CatalogError, match=message) as info:
+        parse_incompatibilities(Path("x.toml"), {"boot": [table]})
+    assert "[[boot]] entry 1" in str(info.value) and "x.toml" in str(info.value)
