@@ -33,7 +33,7 @@ HARNESS_CLI = (sys.executable, "-c", "import sys; from harness.cli import main; 
 def _parser(sub: Any) -> None:
     p = sub.add_parser("soak", help="CPR cycles back to back and repeated integration runs; "
                        "counts failures and leaked processes")  # fmt: skip
-    p.add_argument("--cycles", type=int, default=50, help="cycles per operation (default 50)")
+    p.add_argument("--cycles", type=int, default=50, help="cycles per operation (default 50; 0 skips the CPR pieces)")
     p.add_argument("--op", action="append", default=[], metavar="OP",
                    help=f"operation to cycle (repeatable; default {' and '.join(DEFAULT_OPS)})")
     p.add_argument("--suite-runs", type=int, default=10,
@@ -125,7 +125,7 @@ def _junit_counts(path: Path) -> dict[str, int]:
 def _suite_piece(i: int, args: argparse.Namespace) -> dict[str, Any]:
     rundir = _rundir(args.out, f"suite{i}")
     junit = args.out / f"suite-{i}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", str(args.jobs), args.suite,
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", str(args.jobs), "--dist", "worksteal", args.suite,
            "-p", "no:cacheprovider", f"--junitxml={junit}",
            f"--harness-artifacts={args.out / f'suite-{i}-artifacts'}"]  # fmt: skip
     rc, wall = _run(cmd, rundir, args.out / f"suite-{i}.log", args.timeout)
@@ -143,12 +143,12 @@ def _suite_piece(i: int, args: argparse.Namespace) -> dict[str, Any]:
 def _soak(args: argparse.Namespace) -> int:
     from harness.errors import ConfigError
 
-    if args.cycles < 1 or args.suite_runs < 0:
-        raise ConfigError("--cycles must be positive and --suite-runs not negative")
+    if args.cycles < 0 or args.suite_runs < 0 or args.cycles + args.suite_runs == 0:
+        raise ConfigError("--cycles and --suite-runs must not be negative, and one of them positive")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     pieces: list[dict[str, Any]] = []
-    for op in args.op or DEFAULT_OPS:
+    for op in (args.op or DEFAULT_OPS) if args.cycles else ():
         piece = _cpr_piece(op, args)
         pieces.append(piece)
         print(f"soak {op}: {piece['cycles_done']}/{piece['cycles_asked']} cycles, "
