@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -285,10 +286,15 @@ def main() -> int:
     args = ap.parse_args()
     b = Bench(args.quick)
     results: dict[str, Any] = {"machine": machine_info(), "started": time.time()}
-    for name, fn in (("fast_start", bench_fast_start), ("overhead", bench_overhead), ("pause", bench_pause)):
-        t0 = time.monotonic()
-        fn(b, results)
-        print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    try:
+        for name, fn in (("fast_start", bench_fast_start), ("overhead", bench_overhead), ("pause", bench_pause)):
+            t0 = time.monotonic()
+            fn(b, results)
+            print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    except BaseException:
+        print(f"bench failed; its guests' logs are kept in {b.base}", file=sys.stderr)
+        raise
+    shutil.rmtree(b.base, ignore_errors=True)
     if args.xdist:
         bench_xdist(results)
     args.out.mkdir(parents=True, exist_ok=True)
