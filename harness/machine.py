@@ -59,20 +59,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
-    """Remove guest-RAM directories (``hv-ram-<pid>-*``, up to the guest's RAM size in
-    /dev/shm) whose owning harness process is gone: a SIGKILLed run cannot clean up, and
-    its QEMU died with it (parent-death signal).  Returns what was removed."""
+def sweep_orphan_dirs(base: Path, prefix: str) -> list[Path]:
+    """Remove the directories ``<prefix>-<pid>-*`` under ``base`` whose owning harness
+    process is gone: a SIGKILLed run cannot clean up, and its QEMU died with it
+    (parent-death signal).  Returns what was removed."""
     import shutil
 
     removed = []
-    for d in base.glob("hv-ram-*-*"):
-        owner = d.name.split("-")[2]
+    for d in base.glob(f"{prefix}-*-*"):
+        owner = d.name[len(prefix) + 1 :].split("-")[0]
         if not owner.isdigit() or int(owner) == os.getpid() or Path(f"/proc/{owner}").exists():
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
     return removed
+
+
+def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
+    """Guest-RAM directories (``hv-ram-<pid>-*``, up to the guest's RAM size in /dev/shm)
+    of dead owners: see :func:`sweep_orphan_dirs`."""
+    return sweep_orphan_dirs(base, "hv-ram")
+
+
+def _socket_root() -> Path:
+    """Where guests' socket directories go: the run directory (``HARNESS_RUNDIR``) when its
+    path is short enough for unix sockets inside it (107 bytes), else the temp directory."""
+    import tempfile
+
+    rundir = os.environ.get("HARNESS_RUNDIR")
+    if rundir and len(rundir) <= 48 and Path(rundir).is_dir():
+        return Path(rundir)
+    return Path(tempfile.gettempdir())
 
 
 @dataclass
@@ -254,7 +271,10 @@ class Machine:
         if self._sock_dir is None:
             import tempfile
 
-            self._sock_dir = Path(tempfile.mkdtemp(prefix="hvk-"))
+            root = _socket_root()
+            sweep_orphan_dirs(root, "hvk")
+            # the owner's pid in the name lets a later run remove it if we are SIGKILLed
+            self._sock_dir = Path(tempfile.mkdtemp(prefix=f"hvk-{os.getpid()}-", dir=root))
         return self._sock_dir
 
     # -- processes --------------------------------------------------------------------

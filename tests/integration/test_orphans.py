@@ -8,9 +8,11 @@ Every child runs with its own ``HARNESS_RUNDIR``, so its QEMUs are found by path
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from harness import faults
-from harness.machine import sweep_orphan_ram_dirs
+from harness.machine import Machine, sweep_orphan_dirs, sweep_orphan_ram_dirs
+from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +127,31 @@ def test_sweep_removes_only_dead_owners_ram_dirs(tmp_path: Path) -> None:
         (d / "guest-ram").write_bytes(b"x")
     assert sweep_orphan_ram_dirs(tmp_path) == [orphan]
     assert mine.exists() and other_live.exists() and legacy.exists() and not orphan.exists()
+    sockets = tmp_path / f"hvk-{gone.pid}-eeee"
+    sockets.mkdir()
+    assert sweep_orphan_dirs(tmp_path, "hvk") == [sockets]
+
+
+def test_socket_dirs_are_private_named_by_owner_and_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rundir = Path(tempfile.mkdtemp(prefix="hvr-"))  # short: socket paths stay < 107 bytes
+    try:
+        monkeypatch.setenv("HARNESS_RUNDIR", str(rundir))
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        (rundir / f"hvk-{gone.pid}-zzzz").mkdir()  # left by a SIGKILLed run
+        vm = Machine(VmSpec(name="socks"), tmp_path / "vm")
+        d = vm.sock_dir
+        assert d.parent == rundir and d.name.startswith(f"hvk-{os.getpid()}-")
+        assert d.stat().st_mode & 0o777 == 0o700
+        assert [p.name for p in rundir.iterdir()] == [d.name]  # the dead owner's is gone
+        vm.stop()
+        assert not d.exists()
+        monkeypatch.setenv("HARNESS_RUNDIR", str(tmp_path / ("x" * 60)))
+        long_root = Machine(VmSpec(name="socks2"), tmp_path / "vm2").sock_dir
+        assert long_root.parent == Path(tempfile.gettempdir())
+        long_root.rmdir()
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 def _nightly_exists() -> bool:
