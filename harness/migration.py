@@ -795,7 +795,9 @@ def back_to_back(
                         )
                     res.problems += _host_varstore_problems(vm, value)
             except HarnessError as exc:
-                res.problems.append(f"guest check failed: {exc}")
+                diag = state.diagnose(vm)
+                res.extra["diagnosis"] = diag
+                res.problems.append(f"guest check failed: {exc} [{state.describe_diagnosis(diag)}]")
         results.append(res)
         if on_cycle is not None:
             on_cycle(res)

@@ -283,3 +283,71 @@ def poweroff(vm: Machine, timeout: float = 120.0) -> None:
     vm.ssh.run(_DETACHED.format(cmd="poweroff -f"), timeout=30, check=True)
     vm.ssh.close()
     vm.wait_poweroff(timeout)
+
+
+# --- a guest that stopped answering --------------------------------------------------------
+
+_REG = {
+    "pc": r"\b(?:RIP|EIP|PC)=([0-9a-fA-F]+)",
+    "halted": r"\bHLT=([01])",
+    "flags": r"\b(?:RFL|EFL)=([0-9a-fA-F]+)",
+}
+
+
+def _registers(text: str) -> dict[str, Any]:
+    import re
+
+    out: dict[str, Any] = {}
+    m = re.search(_REG["pc"], text)
+    if m:
+        out["pc"] = "0x" + m.group(1).lower().lstrip("0").rjust(1, "0")
+    m = re.search(_REG["halted"], text)
+    if m:
+        out["halted"] = m.group(1) == "1"
+    m = re.search(_REG["flags"], text)
+    if m:  # x86 EFLAGS.IF: a vCPU halted with interrupts off never wakes up (cli; hlt)
+        out["interrupts"] = bool(int(m.group(1), 16) & 0x200)
+    return out
+
+
+def diagnose(vm: Machine, interval: float = 1.0, console_tail: int = 800) -> dict[str, Any]:
+    """What QEMU says about a guest that stopped answering SSH: the run state, the first
+    vCPU's program counter sampled twice ``interval`` apart (moving, halted, or stuck), and
+    the end of the console since the last mark.  Never raises: a failure to ask is
+    recorded as ``error``.  For records and artifacts of failed guest checks."""
+    out: dict[str, Any] = {}
+    try:
+        out["status"] = vm.qmp("query-status").get("status")
+        samples = []
+        for i in range(2):
+            if i:
+                time.sleep(interval)
+            text = vm.qmp("human-monitor-command", **{"command-line": "info registers"})
+            samples.append(_registers(str(text)))
+        out["vcpu"] = samples
+        pcs = [s.get("pc") for s in samples]
+        if None not in pcs:
+            out["pc_moving"] = pcs[0] != pcs[1]
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the failure it explains
+        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
+        out["console_tail"] = vm.console.read_log()[-console_tail:]
+    except Exception as exc:  # noqa: BLE001
+        out.setdefault("error", f"console: {exc}"[:300])
+    return out
+
+
+def describe_diagnosis(diag: Mapping[str, Any]) -> str:
+    """One line for a problem list: ``QEMU status running; vCPU pc 0x.. -> 0x.. (moving)``."""
+    parts = [f"QEMU status {diag.get('status', '?')}"]
+    vcpu = diag.get("vcpu") or []
+    if vcpu:
+        pcs = " -> ".join(str(s.get("pc", "?")) for s in vcpu)
+        if all(s.get("halted") for s in vcpu):
+            how = "halted, interrupts off" if not any(s.get("interrupts", True) for s in vcpu) else "halted"
+        else:
+            how = "moving" if diag.get("pc_moving") else "stuck"
+        parts.append(f"vCPU pc {pcs} ({how})")
+    if diag.get("error"):
+        parts.append(f"diagnosis incomplete: {diag['error']}")
+    return "; ".join(parts)

@@ -281,7 +281,8 @@ class Runner:
             if plan.reboot_checks and hop.dest_firmware:
                 problems += self._firmware_checks(vm, hop, before, images, rec)
         except HarnessError as exc:
-            problems = [f"guest check failed: {exc}"]
+            rec["diagnosis"] = state.diagnose(vm)
+            problems = [f"guest check failed: {exc} [{state.describe_diagnosis(rec['diagnosis'])}]"]
         rec["problems"] = problems
         rec["ok_raw"] = not problems
         return not problems

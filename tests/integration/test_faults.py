@@ -359,3 +359,21 @@ def test_crashed_and_hung_guests_fail_in_bounded_time_with_artifacts(
         assert '"execute": "query-status"' in (guest / "qemu-0.qmp.log").read_text()
         assert test in (kept / "failure.txt").read_text()
     assert find_qemu(str(harness_rundir)) == []
+
+
+def test_diagnosis_of_a_running_and_a_paused_guest() -> None:
+    # what a failed guest check records: QEMU's run state and the vCPU's program counter
+    from harness.factory import MachineFactory
+
+    with MachineFactory(VmSpec(name="diag"), fast=True) as factory:
+        vm = factory()
+        running = state.diagnose(vm, interval=0.2)
+        assert running["status"] == "running" and "error" not in running, running
+        assert all(s["pc"].startswith("0x") for s in running["vcpu"])
+        assert isinstance(running["console_tail"], str)
+        vm.qmp("stop")
+        paused = state.diagnose(vm, interval=0.2)
+        assert paused["status"] == "paused" and paused["pc_moving"] is False, paused
+        assert state.describe_diagnosis(paused).startswith("QEMU status paused; vCPU pc 0x")
+        vm.qmp("cont")
+        assert vm.ssh.run("true", timeout=30).rc == 0

@@ -356,3 +356,46 @@ def test_reboot_refuses_the_old_boot_id() -> None:
     with pytest.raises(StateError, match="old boot id same"):
         state.reboot(vm)  # type: ignore[arg-type]
     assert "reboot -f" in vm.ssh.commands[0]
+
+
+# --- diagnosing a guest that stopped answering ------------------------------------------
+
+# the shape of QEMU's HMP "info registers" for x86 (10.0.2, TCG); values made up
+_REGS = ("RAX=0000000000000000 RBX=ffffffff82a0c940\nRIP={rip} RFL={rfl} [---Z-P-] CPL=0 "
+         "II=0 A20=1 SMM=0 HLT={hlt}\nES =0000 0000000000000000 ffffffff 00c00000\n")
+
+
+class _DiagVm:
+    def __init__(self, regs: list[str], status: str = "running", fail: bool = False) -> None:
+        self.regs, self.status, self.fail = list(regs), status, fail
+        self.console = SimpleNamespace(read_log=lambda: "x" * 2000 + "kernel BUG at mm/x.c")
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        if self.fail:
+            raise StateError("QMP went away")
+        if cmd == "query-status":
+            return {"status": self.status, "running": self.status == "running"}
+        assert cmd == "human-monitor-command" and args == {"command-line": "info registers"}
+        return self.regs.pop(0)
+
+
+@pytest.mark.parametrize(("regs", "how"), [
+    ([_REGS.format(rip="ffffffff81e3c2a1", rfl="00000246", hlt=1)] * 2, "(halted)"),
+    ([_REGS.format(rip="ffffffff81e3c2a1", rfl="00000046", hlt=1)] * 2, "(halted, interrupts off)"),
+    ([_REGS.format(rip="000000000082c0f9", rfl="00000046", hlt=0),
+      _REGS.format(rip="000000000082c110", rfl="00000046", hlt=0)], "(moving)"),
+    ([_REGS.format(rip="000000000082c0f9", rfl="00000046", hlt=0)] * 2, "(stuck)"),
+])  # fmt: skip
+def test_diagnosis_reads_status_pc_and_console(regs: list[str], how: str) -> None:
+    diag = state.diagnose(_DiagVm(regs), interval=0)  # type: ignore[arg-type]
+    assert diag["status"] == "running" and len(diag["vcpu"]) == 2
+    assert diag["vcpu"][0]["pc"].startswith("0x") and diag["console_tail"].endswith("kernel BUG at mm/x.c")
+    assert len(diag["console_tail"]) == 800
+    line = state.describe_diagnosis(diag)
+    assert line.startswith("QEMU status running; vCPU pc 0x") and line.endswith(how), line
+
+
+def test_diagnosis_never_raises_and_says_what_it_could_not_ask() -> None:
+    diag = state.diagnose(_DiagVm([], fail=True), interval=0)  # type: ignore[arg-type]
+    assert "QMP went away" in diag["error"] and "console_tail" in diag
+    assert state.describe_diagnosis(diag) == "QEMU status ?; diagnosis incomplete: StateError: QMP went away"
