@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from harness.errors import HarnessError
@@ -96,6 +98,21 @@ def _load_command_modules() -> None:
 
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"harness.commands.{info.name}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """For the duration, SIGTERM raises KeyboardInterrupt like Ctrl-C does, so children a
+    command owns (``nightly.owned_process``) are stopped on the way out."""
+
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -605,9 +605,12 @@ def pytest_command(matrix: Matrix, results_dir: Path, opts: NightlyOptions) -> l
 
 
 @contextlib.contextmanager
-def owned_process(cmd: Sequence[str], env: Mapping[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
-    """pytest in its own session; interrupted, then killed (its whole group) on the way out."""
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+def owned_process(cmd: Sequence[str], env: Mapping[str, str], cwd: Path | None,
+                  stdout: int | IO[str] = subprocess.PIPE) -> Iterator[subprocess.Popen[str]]:
+    """A child (pytest, a harness command) in its own session; on the way out, however we
+    leave (an exception, Ctrl-C, a signal turned into one), its whole process group is
+    interrupted, then killed, so nothing it started outlives us."""
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=stdout,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # fmt: skip
     try:

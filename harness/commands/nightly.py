@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from harness.cli import command, register_parser
+from harness.cli import command, register_parser, sigterm_interrupts
 
 
 @register_parser
@@ -85,14 +84,8 @@ def _nightly(args: argparse.Namespace) -> int:
               f"min of guest time" + (f" (shard {matrix.shard})" if matrix.shard else ""))  # fmt: skip
         return 0
 
-    def terminated(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # so the owned pytest process group is stopped on the way out
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
+    with sigterm_interrupts():  # the owned pytest process group is stopped on the way out
         result = nightly.run(opts, echo)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print()
     for line in report.summary_lines(result.results):
         print(line)

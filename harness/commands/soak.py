@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from harness.cli import command, emit_json, register_parser
+from harness.cli import command, emit_json, register_parser, sigterm_interrupts
 
 DEFAULT_OPS = ("cpr-reboot", "cpr-transfer")
 # the CLI in a child (``-m harness.cli`` would import the command registry twice)
@@ -64,16 +64,16 @@ def _leaks(rundir: Path) -> dict[str, Any]:
 
 
 def _run(cmd: list[str], rundir: Path, log: Path, timeout: float) -> tuple[int, float]:
+    """Run one piece; a timeout, Ctrl-C or SIGTERM takes its whole process group down."""
+    from harness.nightly import owned_process
+
     env = {**os.environ, "HARNESS_RUNDIR": str(rundir)}
     t0 = time.monotonic()
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    with log.open("w") as fh, owned_process(cmd, env, None, stdout=fh) as proc:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=60)
-            rc = -9
+            rc = -9  # owned_process interrupts, then kills, the group on the way out
     return rc, time.monotonic() - t0
 
 
@@ -148,24 +148,32 @@ def _soak(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     pieces: list[dict[str, Any]] = []
-    for op in (args.op or DEFAULT_OPS) if args.cycles else ():
-        piece = _cpr_piece(op, args)
-        pieces.append(piece)
-        print(f"soak {op}: {piece['cycles_done']}/{piece['cycles_asked']} cycles, "
-              f"{piece['failures']} failed, {piece['leaked_processes']} leaked processes, "
-              f"{piece['leaked_files']} leftover files, longest pause "
-              f"{piece['longest_pause_s']} s, {piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
-    for i in range(1, args.suite_runs + 1):
-        piece = _suite_piece(i, args)
-        pieces.append(piece)
-        print(f"soak suite run {i}: {piece['tests']} tests, {piece['failures']} failures, "
-              f"{piece['errors']} errors, {piece['leaked_processes']} leaked processes, "
-              f"{piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
+    interrupted = None
+    with sigterm_interrupts():
+        try:
+            for op in (args.op or DEFAULT_OPS) if args.cycles else ():
+                piece = _cpr_piece(op, args)
+                pieces.append(piece)
+                print(f"soak {op}: {piece['cycles_done']}/{piece['cycles_asked']} cycles, "
+                      f"{piece['failures']} failed, {piece['leaked_processes']} leaked processes, "
+                      f"{piece['leaked_files']} leftover files, longest pause "
+                      f"{piece['longest_pause_s']} s, {piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
+            for i in range(1, args.suite_runs + 1):
+                piece = _suite_piece(i, args)
+                pieces.append(piece)
+                print(f"soak suite run {i}: {piece['tests']} tests, {piece['failures']} failures, "
+                      f"{piece['errors']} errors, {piece['leaked_processes']} leaked processes, "
+                      f"{piece['wall_s']} s", file=sys.stderr, flush=True)  # fmt: skip
+        except KeyboardInterrupt:  # the running piece's process group was stopped
+            interrupted = f"interrupted after {len(pieces)} piece(s); the running one is not counted"
+            print(f"soak: {interrupted}", file=sys.stderr, flush=True)
     pauses = [p["longest_pause_s"] for p in pieces if p.get("longest_pause_s") is not None]
     summary = {
         "duration_s": round(time.monotonic() - t0, 1),
         "cycles": sum(p.get("cycles_done", 0) for p in pieces),
-        "suite_runs": args.suite_runs,
+        "suite_runs": sum(1 for p in pieces if p["piece"].startswith("suite-")),
+        "suite_runs_asked": args.suite_runs,
+        "interrupted": interrupted,
         "failures": sum(p.get("failures", 0) + p.get("errors", 0) for p in pieces),
         "leaked_processes": sum(p["leaked_processes"] for p in pieces),
         "leaked_files": sum(p["leaked_files"] for p in pieces),
@@ -180,6 +188,8 @@ def _soak(args: argparse.Namespace) -> int:
               f"{summary['failures']} failures, {summary['leaked_processes']} leaked processes, "
               f"{summary['leaked_files']} leftover files, longest pause "
               f"{summary['longest_pause_s']} s; {args.out / 'soak.json'}")  # fmt: skip
+    if interrupted:
+        return 130
     ok = summary["failures"] == 0 and summary["leaked_processes"] == 0 and all(
         p["exit_code"] == 0 for p in pieces)  # fmt: skip
     return 0 if ok else 1

@@ -7,6 +7,7 @@ Every child runs with its own ``HARNESS_RUNDIR``, so its QEMUs are found by path
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,3 +219,31 @@ def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
     rc = child.wait(180)
     assert rc is not None and rc != 0, "the controller should report the crashed worker"
     assert faults.find_qemu(rundir) == []
+
+
+def _guests_in(rundir: Path) -> list[int]:
+    return [p for p in faults.find_qemu(rundir)
+            if b"-orphan/" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+
+
+def test_sigint_to_harness_soak_stops_its_running_piece(rundir: Path, tmp_path: Path,
+                                                        child_factory: list[Child]) -> None:
+    # SIGINT to the soak's own pid only (as `kill -INT` does, not a terminal's Ctrl-C to the
+    # whole group): the suite run it started, and that run's guest, must stop with it
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "test_inner.py").write_text(INNER)
+    out = tmp_path / "soak"
+    cmd = [*CLI, "soak", "--cycles", "0", "--suite-runs", "2", "--jobs", "1",
+           "--suite", str(inner / "test_inner.py"), "--out", str(out)]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "soak.out")
+    child_factory.append(child)
+    _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the suite run's guest", child)
+    time.sleep(3)
+    os.kill(child.proc.pid, signal.SIGINT)
+    rc = child.wait(120)
+    assert rc == 130, f"harness soak exited {rc} after SIGINT:\n{child.text()[-2000:]}"
+    left = faults.wait_gone(faults.find_qemu(rundir), timeout=30)
+    assert left == [], f"orphan QEMU {left} after SIGINT to harness soak:\n{child.text()[-2000:]}"
+    summary = json.loads((out / "soak.json").read_text())
+    assert summary["interrupted"] and summary["suite_runs"] == 0 and summary["suite_runs_asked"] == 2
