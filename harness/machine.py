@@ -81,6 +81,9 @@ def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
     return sweep_orphan_dirs(base, "hv-ram")
 
 
+_SWEPT: set[Path] = set()
+
+
 def _socket_root() -> Path:
     """Where guests' socket directories go: the run directory (``HARNESS_RUNDIR``) when its
     path is short enough for unix sockets inside it (107 bytes), else the temp directory."""
@@ -272,7 +275,9 @@ class Machine:
             import tempfile
 
             root = _socket_root()
-            sweep_orphan_dirs(root, "hvk")
+            if root not in _SWEPT:  # once per directory and process
+                sweep_orphan_dirs(root, "hvk")
+                _SWEPT.add(root)
             # the owner's pid in the name lets a later run remove it if we are SIGKILLed
             self._sock_dir = Path(tempfile.mkdtemp(prefix=f"hvk-{os.getpid()}-", dir=root))
         return self._sock_dir

@@ -795,9 +795,8 @@ def back_to_back(
                         )
                     res.problems += _host_varstore_problems(vm, value)
             except HarnessError as exc:
-                diag = state.diagnose(vm)
-                res.extra["diagnosis"] = diag
-                res.problems.append(f"guest check failed: {exc} [{state.describe_diagnosis(diag)}]")
+                res.extra["diagnosis"], problem = state.check_failure(vm, exc)
+                res.problems.append(problem)
         results.append(res)
         if on_cycle is not None:
             on_cycle(res)

@@ -103,13 +103,14 @@ def judge_boot(step: dict[str, Any], expected: BootIncompatibility | None) -> di
     """Mark a boot step against its ``[[boot]]`` entry (see :func:`harness.matrix.judge`)."""
     if expected is None:
         return step
-    verdict = matrix.judge(not step.get("ok"), step.get("signature"), expected)
+    booted = bool(step.get("ok"))
+    verdict = matrix.judge(not booted, step.get("signature"), expected)
     step["reason"] = expected.reason
     if verdict.expected_failure:
         step["expected_failure"] = True
-    else:
+    else:  # it booted (the entry is stale), or failed some other way
         step.update(ok=False, status="failed", error=f"{verdict.note}; {step.get('error') or 'booted'}")
-        if step.get("signature") is None:
+        if booted:
             step["signature"] = "unexpected-pass"
     return step
 

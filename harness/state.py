@@ -14,6 +14,7 @@ half of that round trip (recorded in ``rtt``).
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from collections.abc import Iterable, Mapping
@@ -287,25 +288,19 @@ def poweroff(vm: Machine, timeout: float = 120.0) -> None:
 
 # --- a guest that stopped answering --------------------------------------------------------
 
-_REG = {
-    "pc": r"\b(?:RIP|EIP|PC)=([0-9a-fA-F]+)",
-    "halted": r"\bHLT=([01])",
-    "flags": r"\b(?:RFL|EFL)=([0-9a-fA-F]+)",
-}
+_PC_RE = re.compile(r"\b(?:RIP|EIP|PC)=([0-9a-fA-F]+)")
+_HLT_RE = re.compile(r"\bHLT=([01])")
+_FLAGS_RE = re.compile(r"\b(?:RFL|EFL)=([0-9a-fA-F]+)")
 
 
 def _registers(text: str) -> dict[str, Any]:
-    import re
-
+    """Program counter, halt state and (x86) the interrupt flag from HMP 'info registers'."""
     out: dict[str, Any] = {}
-    m = re.search(_REG["pc"], text)
-    if m:
-        out["pc"] = "0x" + m.group(1).lower().lstrip("0").rjust(1, "0")
-    m = re.search(_REG["halted"], text)
-    if m:
+    if m := _PC_RE.search(text):
+        out["pc"] = hex(int(m.group(1), 16))
+    if m := _HLT_RE.search(text):
         out["halted"] = m.group(1) == "1"
-    m = re.search(_REG["flags"], text)
-    if m:  # x86 EFLAGS.IF: a vCPU halted with interrupts off never wakes up (cli; hlt)
+    if m := _FLAGS_RE.search(text):  # EFLAGS.IF: a vCPU halted with interrupts off never wakes
         out["interrupts"] = bool(int(m.group(1), 16) & 0x200)
     return out
 
@@ -351,3 +346,9 @@ def describe_diagnosis(diag: Mapping[str, Any]) -> str:
     if diag.get("error"):
         parts.append(f"diagnosis incomplete: {diag['error']}")
     return "; ".join(parts)
+
+
+def check_failure(vm: Machine, exc: Exception) -> tuple[dict[str, Any], str]:
+    """A guest check that raised: the :func:`diagnose` record and the problem line."""
+    diag = diagnose(vm)
+    return diag, f"guest check failed: {exc} [{describe_diagnosis(diag)}]"

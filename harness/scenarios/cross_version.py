@@ -281,8 +281,8 @@ class Runner:
             if plan.reboot_checks and hop.dest_firmware:
                 problems += self._firmware_checks(vm, hop, before, images, rec)
         except HarnessError as exc:
-            rec["diagnosis"] = state.diagnose(vm)
-            problems = [f"guest check failed: {exc} [{state.describe_diagnosis(rec['diagnosis'])}]"]
+            rec["diagnosis"], problem = state.check_failure(vm, exc)
+            problems = [problem]
         rec["problems"] = problems
         rec["ok_raw"] = not problems
         return not problems
