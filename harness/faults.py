@@ -41,7 +41,13 @@ from typing import Any
 
 from harness.errors import ConfigError, HarnessError, HostError, MachineError, UnsupportedError
 from harness.machine import Incarnation, Machine
-from harness.migration import MigrationResult, guest_running, machine_type, recover_source
+from harness.migration import (
+    MigrationResult,
+    guest_running,
+    machine_type,
+    recover_source,
+    unix_listening,
+)
 
 log = logging.getLogger(__name__)
 
@@ -534,9 +540,9 @@ def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> Mig
                     defer_qmp=True)
     try:
         deadline = time.monotonic() + 60
-        while not cpr_sock.exists():
+        while not unix_listening(cpr_sock):  # bound is not enough: see migration.cpr_transfer
             if not dest.process.running or time.monotonic() > deadline:
-                raise MachineError(f"cpr-transfer destination never opened {cpr_sock}; "
+                raise MachineError(f"cpr-transfer destination never listened on {cpr_sock}; "
                                    f"log {dest.process.log_path}")
             time.sleep(0.01)
         dest_pid = freeze(dest)

@@ -663,7 +663,11 @@ def cpr_transfer(
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     deadline = time.monotonic() + 60
-    while not cpr_sock.exists():
+    # Listening, not just present: QEMU binds the path before it listens, and a connect in
+    # between is refused ("Failed to connect to '...cprc-*.sock': Connection refused", met
+    # once in 60 cycles here).  Probing by connecting would take the destination's one CPR
+    # connection, so the kernel's socket table is asked instead.
+    while not unix_listening(cpr_sock):
         if not dest.process.running or time.monotonic() > deadline:
             result.source_running = guest_running(src)
             _dest_failure(vm, dest, result, "destination never opened its CPR channel")
@@ -746,6 +750,29 @@ def spec_fields_for(op: str) -> dict[str, Any]:
 
 
 CYCLE_VAR = "HarnessCycle"
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a socket that listen() was called on
+
+
+def unix_listening(path: Path, table: str = "/proc/net/unix") -> bool:
+    """Whether a unix socket bound to ``path`` is listening, from Linux's socket table
+    (without the table, whether the path exists)."""
+    want = str(path)
+    try:
+        with open(table, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()[1:]  # after the header
+    except OSError:
+        return path.exists()
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == want:
+            try:
+                if int(fields[3], 16) & _SO_ACCEPTCON:
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def back_to_back(

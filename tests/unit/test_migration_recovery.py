@@ -3,6 +3,7 @@ thing runs in tests/integration/test_aarch64.py and test_faults.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -82,3 +83,33 @@ def test_a_dead_source_is_recorded() -> None:
     qemu.running, qemu.exitcode = False, -9
     ok, result = _recover(qemu)
     assert not ok and result.extra["source_recovery"] == "source QEMU exited (code -9)"
+
+
+def test_a_bound_unix_socket_is_not_listening_until_listen(tmp_path: Path) -> None:
+    # QEMU binds its CPR channel before it listens; a connect in between is refused
+    import socket
+
+    path = tmp_path / "cprc.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        assert not migration.unix_listening(path)
+        s.bind(str(path))
+        assert path.exists() and not migration.unix_listening(path)
+        s.listen(1)
+        assert migration.unix_listening(path)
+    assert not migration.unix_listening(tmp_path / "other.sock")
+
+
+def test_unix_listening_reads_the_socket_table_defensively(tmp_path: Path) -> None:
+    table = tmp_path / "unix"
+    path = tmp_path / "a b.sock"  # a path with a space is one field (the last)
+    table.write_text(
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "garbage\n"
+        f"0000: 00000002 00000000 zz 0001 01 1 {path}\n"
+        f"0000: 00000002 00000000 00000000 0001 01 2 {path}\n"
+    )
+    assert not migration.unix_listening(path, table=str(table))
+    table.write_text(table.read_text() + f"0000: 00000002 00000000 00010000 0001 01 3 {path}\n")
+    assert migration.unix_listening(path, table=str(table))
+    # no table (not Linux, /proc not mounted): the path's existence is all there is
+    assert migration.unix_listening(table, table=str(tmp_path / "missing")) is True
