@@ -183,7 +183,7 @@ def test_os_state_persists_across_back_to_back_cpr_transfer(vm_factory: MachineF
     if not build.capabilities.has_mode("cpr-transfer"):
         pytest.fail(f"QEMU {build.label} ({ARCH}) lost cpr-transfer")
     vm = vm_factory(arch=ARCH, qemu="10.0.2", cpu=CPU, firmware="2022.11", name="arm-cprt",
-                    **migration.spec_fields_for("cpr-transfer"))  # fmt: skip
+                    fast=True, **migration.spec_fields_for("cpr-transfer"))  # fmt: skip
     machine = migration.machine_type(vm)
     order = _set_os_state(vm)
     for n in (1, 2):
@@ -204,8 +204,8 @@ def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: Machi
     assert machine == "virt-7.2"
     assert CPU in old.capabilities.cpu_models and CPU in new.capabilities.cpu_models
     vm = vm_factory(arch=ARCH, qemu="7.2", machine=machine, cpu=CPU, firmware="2022.11",
-                    name="arm-cross")  # fmt: skip
-    _note(step="boot-to-ssh", qemu="7.2", firmware="2022.11", cpu=CPU, machine=machine,
+                    name="arm-cross", fast=True)  # fmt: skip
+    _note(step="restore-to-ssh", qemu="7.2", firmware="2022.11", cpu=CPU, machine=machine,
           ready_s=round(vm.ready.seconds if vm.ready else -1, 1))  # fmt: skip
     order = _set_os_state(vm)
 

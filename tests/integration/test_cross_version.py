@@ -4,7 +4,7 @@ firmware upgrade pair; guest state, varstore and boot order checked after every 
 
 Each ordered pair (A, B) boots one guest on A and runs live A -> B, then save-restore
 B -> A on the same guest, so all six pairs of 5.2, 7.2 and 10.0.2 get both operations
-with six boots.  A hop that fails must be listed in firmware/expected-incompatibilities.toml
+with six guest starts (restored from saved boots; `make nightly` boots them cold).  A hop that fails must be listed in firmware/expected-incompatibilities.toml
 with the signature it showed.
 """
 
@@ -39,6 +39,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def run(tmp_path: Path, plans: list[Plan], **extra: Any) -> list[dict[str, Any]]:
+    extra = {"fast": True, **extra}  # guests restored from a saved boot (the nightly boots them)
     opts = ScenarioOptions(workdir=tmp_path / "w", artifacts=tmp_path / "artifacts", extra=extra)
     report = xv.run_cross_version(opts, plans)
     hops = [(h.plan, h.index) for p in plans for h in p.hops]
@@ -103,7 +104,7 @@ def test_firmware_pair_runs_source_image_until_cold_restart(tmp_path: Path, requ
 
 @pytest.fixture
 def guest(tmp_path: Path) -> Iterator[Any]:
-    with MachineFactory(VmSpec(firmware="2022.11", name="xvcheck"), base=tmp_path / "w") as f:
+    with MachineFactory(VmSpec(firmware="2022.11", name="xvcheck"), base=tmp_path / "w", fast=True) as f:
         yield f()
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("version", ["10.0.2", "7.2"])
 def test_live_migration_same_build(version: str) -> None:
-    with MachineFactory(VmSpec(qemu=version, name=f"live{version.replace('.', '')}")) as factory:
+    with MachineFactory(VmSpec(qemu=version, name=f"live{version.replace('.', '')}"), fast=True) as factory:
         vm = factory()
         state.write_efivar(vm, "LiveTest", b"before-migration")
         before = state.snapshot(vm)
@@ -33,7 +33,7 @@ def test_live_migration_same_build(version: str) -> None:
 
 @pytest.mark.parametrize("version", ["5.2", "7.2", "10.0.2"])
 def test_save_restore(version: str) -> None:
-    with MachineFactory(VmSpec(qemu=version, name=f"sr{version.replace('.', '')}")) as factory:
+    with MachineFactory(VmSpec(qemu=version, name=f"sr{version.replace('.', '')}"), fast=True) as factory:
         vm = factory()
         before = state.snapshot(vm)
         res = migration.save_restore(vm)
@@ -48,10 +48,10 @@ def test_save_restore(version: str) -> None:
 @pytest.mark.requires(mode="cpr-reboot")
 @pytest.mark.parametrize("op", ["cpr-reboot", "cpr-transfer"])
 def test_cpr_back_to_back_five_cycles(op: str) -> None:
-    with MachineFactory(VmSpec(name=op.replace("-", ""), **migration.spec_fields_for(op))) as factory:
+    with MachineFactory(VmSpec(name=op.replace("-", ""), **migration.spec_fields_for(op)), fast=True) as factory:
         vm = factory()
         results = migration.back_to_back(vm, op, 5)
-        assert [r.cycle for r in results] == [1, 2, 3, 4, 5]
+        assert [r.cycle for r in results] == [1, 2, 3, 4, 5], [f"{r.summary()} {r.problems}" for r in results]
         for r in results:
             assert r.ok, f"cycle {r.cycle}: {r.summary()} {r.problems}"
             assert r.pause_s is not None
@@ -61,13 +61,13 @@ def test_cpr_back_to_back_five_cycles(op: str) -> None:
 
 @pytest.mark.requires(mode="cpr-exec")
 def test_cpr_exec_back_to_back() -> None:  # skipped here: no provisionable QEMU has cpr-exec
-    with MachineFactory(VmSpec(name="cprexec", **migration.spec_fields_for("cpr-exec"))) as factory:
+    with MachineFactory(VmSpec(name="cprexec", **migration.spec_fields_for("cpr-exec")), fast=True) as factory:
         vm = factory()
         assert all(r.ok for r in migration.back_to_back(vm, "cpr-exec", 3))
 
 
 def test_cpr_exec_is_unsupported_naming_the_mode() -> None:
-    with MachineFactory(VmSpec(name="cprexecu", **migration.spec_fields_for("cpr-exec"))) as factory:
+    with MachineFactory(VmSpec(name="cprexecu", **migration.spec_fields_for("cpr-exec")), fast=True) as factory:
         vm = factory()
         res = migration.cpr_exec(vm, check=False)
         assert res.status == "unsupported" and "cpr-exec" in res.error
@@ -76,7 +76,7 @@ def test_cpr_exec_is_unsupported_naming_the_mode() -> None:
 
 def test_failed_live_migration_leaves_source_running() -> None:
     # a guest on QEMU 10.0's newest machine type cannot go to 7.2, which lacks pc-q35-10.0
-    with MachineFactory(VmSpec(name="failsrc")) as factory:
+    with MachineFactory(VmSpec(name="failsrc"), fast=True) as factory:
         vm = factory()
         before = state.snapshot(vm)
         res = migration.live(vm, to=builds.get_build("7.2"), check=False)
@@ -122,7 +122,7 @@ def test_refused_load_with_the_source_kept_resumes_the_guest() -> None:
 
 
 def test_failed_save_keeps_previous_state_file(tmp_path: Path) -> None:
-    with MachineFactory(VmSpec(name="failsave")) as factory:
+    with MachineFactory(VmSpec(name="failsave"), fast=True) as factory:
         vm = factory()
         path = tmp_path / "vm.state"
         first = migration.save(vm, path, resume=True)
@@ -138,7 +138,7 @@ def test_failed_save_keeps_previous_state_file(tmp_path: Path) -> None:
 
 
 def test_failed_restore_leaves_state_file_untouched(tmp_path: Path) -> None:
-    with MachineFactory(VmSpec(name="failload")) as factory:
+    with MachineFactory(VmSpec(name="failload"), fast=True) as factory:
         vm = factory()
         path = tmp_path / "vm.state"
         assert migration.save(vm, path).ok
