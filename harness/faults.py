@@ -91,6 +91,15 @@ def find_qemu(marker: str | Path) -> list[int]:
     return sorted(found)
 
 
+def ignores_signal(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` ignores ``sig`` (its ``SigIgn`` mask in /proc): a child
+    started from a background job inherits SIGINT ignored, and then Ctrl-C tests nothing."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    raise HostError(f"/proc/{pid}/status has no SigIgn line")
+
+
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait until none of ``pids`` is alive (zombies count as gone); return the survivors."""
     deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,14 @@ import pytest
 from harness.paths import cache_root
 
 pytest_plugins = ["pytester"]
+
+# A suite started as a background job of a non-interactive shell (`make test &`, `nohup
+# make soak &`) inherits SIGINT ignored, and so would every child the tests start: the
+# tests that interrupt a harness or pytest child with SIGINT (Ctrl-C, `kill -INT`) would
+# then see it ignored and fail, or pass without testing anything.  A handler, unlike an
+# ignored signal, is reset by exec, so the children start with the ordinary disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # avocado-instrumented tests are run by avocado (tests/integration/test_avocado.py does),
 # never collected by pytest as unittest classes

@@ -44,6 +44,10 @@ class Child:
             env={**os.environ, "HARNESS_RUNDIR": str(rundir), "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
 
+    def assert_interruptible(self) -> None:
+        """SIGINT will reach the child as Ctrl-C would (see tests/conftest.py)."""
+        assert not faults.ignores_signal(self.proc.pid, signal.SIGINT), "the child ignores SIGINT"
+
     def text(self) -> str:
         return self.out.read_text(errors="replace")
 
@@ -98,6 +102,7 @@ def test_signal_to_harness_repro_leaves_no_qemu(
     _wait_for(lambda: _running_cycles(child) and faults.find_qemu(rundir), BOOT_WAIT,
               "repro running its second cycle", child)
     assert faults.find_qemu(rundir), "no QEMU of the run found before the signal"
+    child.assert_interruptible()
     os.kill(child.proc.pid, sig)  # the harness only, as a job runner would
     rc = child.wait(120)
     assert rc is not None, "the harness did not exit within 120 s of the signal"
@@ -173,9 +178,11 @@ def test_sigint_to_harness_nightly_leaves_no_qemu(
     child_factory.append(child)
     _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "a nightly guest started", child)
     time.sleep(5)
+    child.assert_interruptible()
     os.kill(child.proc.pid, signal.SIGINT)
     rc = child.wait(180)
     assert rc is not None, "harness nightly did not exit within 180 s of SIGINT"
+    assert rc == 130, f"harness nightly exited {rc} after SIGINT (not interrupted):\n{child.text()[-2000:]}"
     left = faults.wait_gone(faults.find_qemu(rundir), timeout=30)
     assert left == [], f"orphan QEMU {left} after SIGINT to harness nightly:\n{child.text()[-2000:]}"
 
@@ -240,6 +247,7 @@ def test_sigint_to_harness_soak_stops_its_running_piece(rundir: Path, tmp_path: 
     child_factory.append(child)
     _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the suite run's guest", child)
     time.sleep(3)
+    child.assert_interruptible()
     os.kill(child.proc.pid, signal.SIGINT)
     rc = child.wait(120)
     assert rc == 130, f"harness soak exited {rc} after SIGINT:\n{child.text()[-2000:]}"

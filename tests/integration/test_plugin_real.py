@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from harness import faults
+
 pytestmark = pytest.mark.integration
 
 FindQemu = Callable[[str], list[int]]
@@ -192,6 +194,7 @@ def test_sigint_during_boot_leaves_no_qemu(harness_rundir: Path, tmp_path: Path,
         assert [_ppid(p) for p in qemu] == [proc.pid]
         time.sleep(3)  # well inside OVMF's boot, long before SSH is up
         assert proc.poll() is None
+        assert not faults.ignores_signal(proc.pid, signal.SIGINT), "inner pytest ignores SIGINT"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     out = log.read_text(errors="replace")

@@ -1,0 +1,61 @@
+"""Signal dispositions the orphan tests rely on (real child processes, no guests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import faults
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(30)"]
+
+
+def _ignoring_sigint() -> None:  # as bash does to a background job without job control
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_ignored_sigint_is_seen_in_the_childs_mask() -> None:
+    with subprocess.Popen(SLEEP, preexec_fn=_ignoring_sigint) as proc:  # noqa: PLW1509
+        try:
+            assert faults.ignores_signal(proc.pid, signal.SIGINT)
+            assert not faults.ignores_signal(proc.pid, signal.SIGTERM)
+        finally:
+            proc.kill()
+
+
+def test_the_suites_children_do_not_ignore_sigint() -> None:
+    # tests/conftest.py gives the suite a SIGINT handler even when it was started with
+    # SIGINT ignored; a handler is reset by exec, so a child starts with the default
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    with subprocess.Popen(SLEEP) as proc:
+        try:
+            assert not faults.ignores_signal(proc.pid, signal.SIGINT)
+        finally:
+            proc.kill()
+
+
+def test_a_suite_started_with_sigint_ignored_still_passes_ctrl_c_on(tmp_path: Path) -> None:
+    # the whole chain: pytest started with SIGINT ignored runs a test whose child must
+    # not ignore it (tests/conftest.py is what makes that true)
+    test = tmp_path / "test_child.py"
+    test.write_text(
+        "import signal, subprocess, sys\n"
+        "from harness import faults\n"
+        "def test_child():\n"
+        "    with subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']) as p:\n"
+        "        try:\n"
+        "            assert not faults.ignores_signal(p.pid, signal.SIGINT)\n"
+        "        finally:\n"
+        "            p.kill()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-p", "tests.conftest", "-c", os.devnull, "--rootdir", str(tmp_path), str(test)],
+        cwd=root, preexec_fn=_ignoring_sigint, capture_output=True, text=True, timeout=120,  # noqa: PLW1509
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
