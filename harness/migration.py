@@ -665,12 +665,12 @@ def cpr_transfer(
     deadline = time.monotonic() + 60
     # Listening, not just present: QEMU binds the path before it listens, and a connect in
     # between is refused ("Failed to connect to '...cprc-*.sock': Connection refused", met
-    # once in 60 cycles here).  Probing by connecting would take the destination's one CPR
-    # connection, so the kernel's socket table is asked instead.
+    # under load here in cycle 10 of 12).  Probing by connecting would take the destination's
+    # one CPR connection, so the kernel's socket table is asked instead.
     while not unix_listening(cpr_sock):
         if not dest.process.running or time.monotonic() > deadline:
             result.source_running = guest_running(src)
-            _dest_failure(vm, dest, result, "destination never opened its CPR channel")
+            _dest_failure(vm, dest, result, "destination never listened on its CPR channel")
             result.wall_s = time.monotonic() - t0
             return _check(result, check)
         time.sleep(0.01)
