@@ -91,6 +91,33 @@ def find_qemu(marker: str | Path) -> list[int]:
     return sorted(found)
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live (non-zombie) processes, other than this one, whose environment holds
+    ``name=value``: every descendant of a process started with it inherits it, across new
+    sessions and reparenting, unless it built its environment from scratch."""
+    want = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if want in env and not _is_zombie(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def describe_pids(pids: list[int]) -> list[str]:
+    """``pid: command line`` (shortened) of each process, for a leak report."""
+    out = []
+    for pid in pids:
+        args = _cmdline(pid)
+        out.append(f"{pid}: {' '.join(args)[:160] if args else '(gone)'}")
+    return out
+
+
 def ignores_signal(pid: int, sig: int) -> bool:
     """Whether process ``pid`` ignores ``sig`` (its ``SigIgn`` mask in /proc): a child
     started from a background job inherits SIGINT ignored, and then Ctrl-C tests nothing."""

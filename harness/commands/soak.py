@@ -3,9 +3,11 @@ counting failures, leaked QEMU processes and leftover work files, and the longes
 pause.
 
 Each piece runs as a child process (``harness repro OP --cycles N --json F``, then
-``pytest tests/integration``) with its own ``HARNESS_RUNDIR``, so whatever it leaves
-behind is found by path: a QEMU whose command line names that directory after the child
-exited is a leak, and so is any file left in it.
+``pytest tests/integration``) with its own ``HARNESS_RUNDIR`` and a ``HARNESS_SOAK_PIECE``
+token in its environment, so whatever it leaves behind is found once the child has
+exited: any process still carrying the token (every descendant inherits it, whatever
+session or parent it ended up with: a QEMU, a pytest worker, a helper), any QEMU whose
+command line names the directory, and any file left in it, is a leak.
 """
 
 from __future__ import annotations
@@ -53,21 +55,27 @@ def _rundir(out: Path, tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"hvsoak-{tag}-", dir=os.environ.get("HARNESS_RUNDIR")))
 
 
+PIECE_ENV = "HARNESS_SOAK_PIECE"
+
+
 def _leaks(rundir: Path) -> dict[str, Any]:
-    """QEMU processes and files the child left under ``rundir`` (processes are killed)."""
+    """Processes and files the piece run in ``rundir`` left behind (processes are killed):
+    those carrying its environment token, and QEMUs that name the directory."""
     from harness import faults
 
-    pids = faults.wait_gone(faults.find_qemu(rundir), timeout=5)
+    found = set(faults.find_qemu(rundir)) | set(faults.processes_with_env(PIECE_ENV, rundir.name))
+    pids = faults.wait_gone(sorted(found), timeout=5)
+    commands = faults.describe_pids(pids)
     faults.kill_pids(pids)
     files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*")) if rundir.exists() else []
-    return {"processes": pids, "files": files[:50], "file_count": len(files)}
+    return {"processes": pids, "commands": commands, "files": files[:50], "file_count": len(files)}
 
 
 def _run(cmd: list[str], rundir: Path, log: Path, timeout: float) -> tuple[int, float]:
     """Run one piece; a timeout, Ctrl-C or SIGTERM takes its whole process group down."""
     from harness.nightly import owned_process
 
-    env = {**os.environ, "HARNESS_RUNDIR": str(rundir)}
+    env = {**os.environ, "HARNESS_RUNDIR": str(rundir), PIECE_ENV: rundir.name}
     t0 = time.monotonic()
     with log.open("w") as fh, owned_process(cmd, env, None, stdout=fh) as proc:
         try:

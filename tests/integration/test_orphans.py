@@ -33,15 +33,18 @@ SHM = Path("/dev/shm")  # a cold TCG boot on a loaded 2-core machine
 
 
 class Child:
-    """A child process in its own session, with its output in a file; killed (the whole
-    session) on exit whatever happened."""
+    """A child process in its own session, with its output in a file; on exit, whatever
+    happened, killed with every process that inherited its environment token (a soak's
+    pieces run in sessions of their own, out of reach of the child's group)."""
 
     def __init__(self, cmd: list[str], rundir: Path, out: Path) -> None:
         self.out = out
         self._fh = out.open("w")
+        self.token = out.parent.name + "-" + out.stem
         self.proc = subprocess.Popen(
             cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "HARNESS_RUNDIR": str(rundir), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "HARNESS_RUNDIR": str(rundir), "PYTHONUNBUFFERED": "1",
+                 "HARNESS_TEST_CHILD": self.token},
         )  # fmt: skip
 
     def assert_interruptible(self) -> None:
@@ -61,6 +64,7 @@ class Child:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        faults.kill_pids(faults.processes_with_env("HARNESS_TEST_CHILD", self.token))
         self._fh.close()
 
 

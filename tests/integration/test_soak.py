@@ -1,5 +1,5 @@
-"""``harness soak`` (issue 11): its counts come from real pieces, and a QEMU a suite run
-leaves behind is found, counted, killed and fails the soak."""
+"""``harness soak`` (issue 11): its counts come from real pieces, and a QEMU or any other
+process a suite run leaves behind is found, counted, killed and fails the soak."""
 
 from __future__ import annotations
 
@@ -67,6 +67,29 @@ def test_a_leaked_qemu_is_counted_killed_and_fails_the_soak(tmp_path: Path) -> N
     (pid,) = run["leaks"]["processes"]
     assert faults.wait_gone([pid], timeout=10) == []  # the soak killed it
     assert not faults.find_qemu("leak-in-")
+
+
+# a suite whose test leaves a plain process (not QEMU) running in a session of its own
+STRAY_SUITE = '''
+import subprocess, sys
+
+def test_leaves_a_helper_behind():
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+'''
+
+
+def test_any_process_a_suite_run_leaves_is_a_leak(tmp_path: Path) -> None:
+    suite = tmp_path / "test_stray_suite.py"
+    suite.write_text(STRAY_SUITE)
+    rc, summary = soak(tmp_path, "--cycles", "0", "--suite-runs", "1", "--suite", str(suite))
+    assert rc == 1, summary
+    (run,) = summary["pieces"]
+    assert run["tests"] == 1 and run["failures"] == 0 and run["exit_code"] == 0
+    assert run["leaked_processes"] == 1, run["leaks"]
+    (pid,) = run["leaks"]["processes"]
+    assert "time.sleep(600)" in run["leaks"]["commands"][0]
+    assert faults.wait_gone([pid], timeout=10) == []  # the soak killed it
 
 
 def test_soak_refuses_nothing_to_do(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from harness import faults
@@ -59,3 +60,21 @@ def test_a_suite_started_with_sigint_ignored_still_passes_ctrl_c_on(tmp_path: Pa
         check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_processes_are_found_by_an_inherited_environment_token() -> None:
+    # a grandchild in a session of its own still carries the token
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(30)'], start_new_session=True); time.sleep(30)")
+    env = {**os.environ, "HARNESS_TEST_TOKEN": "tok-found"}
+    with subprocess.Popen([sys.executable, "-c", code], env=env) as proc:
+        try:
+            deadline = time.monotonic() + 20
+            while len(found := faults.processes_with_env("HARNESS_TEST_TOKEN", "tok-found")) < 2:
+                assert time.monotonic() < deadline, found
+                time.sleep(0.1)
+            assert proc.pid in found and faults.processes_with_env("HARNESS_TEST_TOKEN", "tok") == []
+            assert all("time.sleep(30)" in line for line in faults.describe_pids(found))
+        finally:
+            faults.kill_pids(faults.processes_with_env("HARNESS_TEST_TOKEN", "tok-found"))
+    assert faults.wait_gone(found, timeout=10) == []
