@@ -66,6 +66,11 @@ def _cmdline(pid: int) -> list[str]:
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
 
 
+def _pids() -> list[int]:
+    """Every process id in /proc now."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -79,10 +84,7 @@ def find_qemu(marker: str | Path) -> list[int]:
     directory, say): what a run that used that directory left behind."""
     text = str(marker)
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
+    for pid in _pids():
         args = _cmdline(pid)
         if not args or "qemu-system" not in Path(args[0]).name:
             continue
@@ -97,15 +99,15 @@ def processes_with_env(name: str, value: str) -> list[int]:
     sessions and reparenting, unless it built its environment from scratch."""
     want = f"{name}={value}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for pid in _pids():
+        if pid == os.getpid():
             continue
         try:
-            env = (entry / "environ").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours to read
             continue
-        if want in env and not _is_zombie(int(entry.name)):
-            found.append(int(entry.name))
+        if want in env and not _is_zombie(pid):
+            found.append(pid)
     return sorted(found)
 
 
