@@ -866,6 +866,59 @@ def guest_mode_limitation(res: MigrationResult) -> bool:
     return res.status != "completed" and GUEST_MODE_LOAD_ERROR in res.error
 
 
+QUIESCE_EXPLANATION = (
+    "L2's vCPUs were paused (QMP stop to L2's QEMU in L1) for the cut after {n} refusal(s) "
+    "in L2 guest mode, so L1's vCPU could not be in guest mode when the stream was cut; "
+    "L2 was continued afterwards"
+)
+
+
+@dataclass
+class Attempts:
+    """How :func:`run_cycles` retries a cycle refused for the guest-mode limitation.
+
+    ``retries`` refusals are retried with L2 running, over all cycles.  Once a cycle has
+    been refused ``quiesce_after`` times, or the retries are used up, its next attempt
+    pauses L2's vCPUs for the cut (:func:`pause_l2`): with no L2 vCPU inside ``KVM_RUN``,
+    L1's vCPU cannot be in guest mode, so that attempt is not refused for it.  Without
+    ``quiesce_after`` (None) a cycle is only ever tried with L2 running; with 0 every
+    attempt pauses L2."""
+
+    retries: int
+    quiesce_after: int | None = 2
+    refused: int = 0  # known refusals of the current cycle
+
+    def quiesce(self) -> bool:
+        """Whether the next attempt pauses L2 for the cut."""
+        if self.quiesce_after is None:
+            return False
+        if self.quiesce_after == 0:
+            return True
+        return self.refused > 0 and (self.refused >= self.quiesce_after or self.retries <= 0)
+
+    def after(self, ok: bool, known: bool, quiesced: bool) -> str:
+        """``next`` (the cycle is done), ``retry`` (the same cycle again) or ``stop``."""
+        if ok:
+            self.refused = 0
+            return "next"
+        if not known or quiesced:
+            return "stop"
+        if self.retries <= 0 and self.quiesce_after is None:
+            return "stop"
+        self.retries = max(0, self.retries - 1)
+        self.refused += 1
+        return "retry"
+
+
+def pause_l2(l2: L2, run: bool) -> None:
+    """Stop (``run`` False) or continue L2's vCPUs through its QMP in L1."""
+    with l2.qmp(timeout=60) as q:
+        q.execute("cont" if run else "stop")
+        status = q.execute("query-status")
+    if bool(status.get("running")) != run:
+        raise MachineError(f"{l2.name}: QMP {'cont' if run else 'stop'} left L2 {status!r}")
+
+
 def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, state.GuestState],
                 values: tuple[bytes, bytes], cyc: NestedCycle, res: MigrationResult,
                 max_pause: float | None) -> None:
@@ -933,6 +986,7 @@ def run_cycles(
     max_pause: float | None = None,
     timeout: float | None = None,
     known_retries: int | None = None,
+    quiesce_after: int | None = 2,
     on_cycle: Callable[[MigrationResult], None] | None = None,
 ) -> list[MigrationResult]:
     """``cycles`` consecutive ``op`` cycles of L1 (destinations alternate over ``builds``),
@@ -946,15 +1000,19 @@ def run_cycles(
     A cycle refused only because the vCPU was caught in L2 guest mode
     (:func:`guest_mode_limitation`) is recorded as its own result (``extra``:
     ``known_limitation``, ``expected_failure``), the source is resumed and both levels are
-    checked on it; if nothing was lost the cycle is tried again, up to ``known_retries``
-    times in all (default: as many as there are cycles; it hit 3 of 18 cpr-transfer
-    attempts here).  With a TCG L1, cpr-reboot and save-restore keep the old QEMU until the new one runs
+    checked on it; if nothing was lost the cycle is tried again (:class:`Attempts`): with L2
+    running up to ``known_retries`` times in all (default: as many as there are cycles; it
+    hit 3 of 18 cpr-transfer attempts here, and four cpr-reboot attempts in a row on a
+    loaded CI machine), and after ``quiesce_after`` refusals of one cycle with L2's vCPUs
+    paused for the cut (``extra["l2_quiesced"]``; L2's pause then includes it).  With a TCG
+    L1, cpr-reboot and save-restore keep the old QEMU until the new one runs
     (``keep_source_until_loaded``) so that such a refusal can be resumed too."""
     from harness import migration
 
     plan_accel = l1.accel
     results: list[MigrationResult] = []
-    retries = max(3, cycles) if known_retries is None else known_retries
+    attempts = Attempts(max(3, cycles) if known_retries is None else known_retries,
+                        None if op == "nested-live" else quiesce_after)  # fmt: skip
     i = 1
     while i <= cycles:
         dest = builds[(i - 1) % len(builds)] if builds else None
@@ -972,21 +1030,39 @@ def run_cycles(
             except HarnessError as exc:
                 log.warning("stream probe failed: %s", exc)
         befores = (state.snapshot(l1), l2.snapshot())
-        if op == "nested-live":
-            res = migrate_l2(l2, timeout=timeout or 600.0)
-        else:
-            kw: dict[str, Any] = {"to": dest, "check": False}
-            if timeout is not None:
-                kw["timeout"] = timeout
-            if op in ("cpr-reboot", "save-restore") and plan_accel == "tcg":
-                # a stop in L2 guest mode makes the state file unloadable (see
-                # guest_mode_limitation): keep the old QEMU until the new one runs
-                kw["keep_source_until_loaded"] = True
-            try:
-                res = migration.operation(op)(l1, **kw)
-            except AssertionError as exc:
-                res = _escaped_failure(l1, op, dest, exc)
+        quiesced = attempts.quiesce()
+        if quiesced:
+            pause_l2(l2, run=False)
+            running = False
+        try:
+            if op == "nested-live":
+                res = migrate_l2(l2, timeout=timeout or 600.0)
+            else:
+                kw: dict[str, Any] = {"to": dest, "check": False}
+                if timeout is not None:
+                    kw["timeout"] = timeout
+                if op in ("cpr-reboot", "save-restore") and plan_accel == "tcg":
+                    # a stop in L2 guest mode makes the state file unloadable (see
+                    # guest_mode_limitation): keep the old QEMU until the new one runs
+                    kw["keep_source_until_loaded"] = True
+                try:
+                    res = migration.operation(op)(l1, **kw)
+                except AssertionError as exc:
+                    res = _escaped_failure(l1, op, dest, exc)
+        except BaseException:
+            if quiesced and l1.running:
+                with contextlib.suppress(HarnessError):
+                    pause_l2(l2, run=True)
+            raise
         res.cycle = i
+        if quiesced:
+            res.extra["l2_quiesced"] = QUIESCE_EXPLANATION.format(n=attempts.refused)
+            try:
+                if not l1.running:
+                    raise MachineError("L1 is not running")
+                pause_l2(l2, run=True)
+            except HarnessError as exc:
+                res.problems.append(f"L2: could not be continued after the cut: {exc}")
         cyc = NestedCycle()
         known = guest_mode_limitation(res)
         if res.ok:
@@ -1014,11 +1090,10 @@ def run_cycles(
         results.append(res)
         if on_cycle is not None:
             on_cycle(res)
-        if res.ok:
+        step = attempts.after(res.ok, known, quiesced)
+        if step == "next":
             i += 1
-        elif known and retries > 0:
-            retries -= 1
-        else:
+        elif step == "stop":
             break
     return results
 

@@ -70,6 +70,8 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
                     if res.extra.get("expected_failure"):
                         data["expected_failure"] = True
                         data["explanation"] = res.extra.get("known_limitation")
+                    elif res.extra.get("l2_quiesced"):
+                        data["explanation"] = res.extra["l2_quiesced"]
                     report.add(data, opts)
 
                 results = nested.run_cycles(l1, l2, mode, opts.cycles, builds=dests, on_cycle=record)

@@ -52,6 +52,10 @@ def _assert_cycles(results: list[migration.MigrationResult], n: int) -> None:
             print(f"cycle {r.cycle}: {r.summary()}; known limitation, source resumed, L1 and L2 intact")
             continue
         assert r.ok, f"cycle {r.cycle}: {r.summary()}: {r.problems}"
+        if r.extra.get("l2_quiesced"):
+            # refused for guest mode before: this attempt paused L2's vCPUs for the cut
+            assert r.extra["nested_state"]["l2_running"] is False
+            print(f"cycle {r.cycle}: {r.extra['l2_quiesced']}")
         l2 = r.extra["l2"]
         assert l2["pause_s"] is not None and l2["heartbeat"][1] > l2["heartbeat"][0]
         assert l2["efivar"] and l2["efivar"].startswith(f"l2-cycle-{r.cycle}-")
@@ -90,6 +94,15 @@ def test_save_restore_l1(pair: Pair) -> None:
     _assert_cycles(results, 1)
     ev = next(r for r in results if r.ok).extra["nested_state"]  # a retried refusal has none
     assert ev["source"] == "state file" and ev["verdict"].startswith("nested state: absent (TCG L0)")
+    # the fallback for a cycle refused in guest mode: L2's vCPUs paused for the cut, so the
+    # state file carries no guest-mode subsection, and L2 runs on afterwards
+    results = nested.run_cycles(pair.l1, pair.l2, "save-restore", 1, quiesce_after=0)
+    _assert_cycles(results, 1)
+    r = results[0]
+    assert r.extra["l2_quiesced"] and r.extra["l2"]["heartbeat"][1] > r.extra["l2"]["heartbeat"][0]
+    ev = r.extra["nested_state"]
+    assert ev["source"] == "state file" and not ev["guest_mode"] and ev["l2_running"] is False
+    assert nested.l2_running(pair.l2) is True
 
 
 @pytest.mark.requires(mode="cpr-transfer")

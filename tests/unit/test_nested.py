@@ -307,3 +307,29 @@ def test_guest_mode_limitation_is_recognised_only_for_its_own_error() -> None:
     other = real.replace("vCPU set in guest-mode inconsistent with migrated kernel nested state", "x")
     assert not nested.guest_mode_limitation(result("failed", other))
     assert not nested.guest_mode_limitation(result("completed", real))
+
+
+def test_attempts_retry_with_l2_running_then_quiesce_the_refused_cycle() -> None:
+    a = nested.Attempts(retries=3, quiesce_after=2)
+    assert not a.quiesce()
+    assert a.after(ok=False, known=True, quiesced=False) == "retry" and not a.quiesce()
+    assert a.after(ok=False, known=True, quiesced=False) == "retry" and a.quiesce()
+    assert a.after(ok=True, known=False, quiesced=True) == "next" and not a.quiesce()
+    # the next cycle: one retry left, then its refusal quiesces at once
+    assert a.after(ok=False, known=True, quiesced=False) == "retry" and a.retries == 0 and a.quiesce()
+    # a quiesced attempt that is refused again, or any other failure, ends the run
+    assert a.after(ok=False, known=True, quiesced=True) == "stop"
+    assert nested.Attempts(retries=5).after(ok=False, known=False, quiesced=False) == "stop"
+
+
+def test_attempts_without_quiesce_stop_when_the_retries_are_used_up() -> None:
+    a = nested.Attempts(retries=1, quiesce_after=None)
+    assert a.after(ok=False, known=True, quiesced=False) == "retry" and not a.quiesce()
+    assert a.after(ok=False, known=True, quiesced=False) == "stop" and not a.quiesce()
+    assert a.after(ok=True, known=False, quiesced=False) == "next"
+
+
+def test_attempts_with_quiesce_after_zero_always_pause_l2() -> None:
+    a = nested.Attempts(retries=0, quiesce_after=0)
+    assert a.quiesce()
+    assert a.after(ok=True, known=False, quiesced=True) == "next" and a.quiesce()
