@@ -1049,7 +1049,7 @@ def run_cycles(
                     res = migration.operation(op)(l1, **kw)
                 except AssertionError as exc:
                     res = _escaped_failure(l1, op, dest, exc)
-        except BaseException:
+        except Exception:  # not on Ctrl-C: the pair is torn down anyway
             if quiesced and l1.running:
                 with contextlib.suppress(HarnessError):
                     pause_l2(l2, run=True)
