@@ -15,7 +15,8 @@ run, a version nobody catalogued) stop the run with a :class:`pytest.UsageError`
 says what to pass instead.
 
 Fixtures: ``qemu_build``, ``firmware``, ``guest_image``, ``vm`` (a started default UEFI
-guest), ``vm_factory(**spec)`` (guests from specs; all torn down at the end of the test).
+guest), ``vm_factory(**spec)`` (guests from specs; all torn down at the end of the test),
+``harness_artifacts`` (the test's artifacts directory, for scenarios it runs itself).
 Tests using ``qemu_build``/``vm``/``vm_factory`` are parametrized over ``--qemu`` (ids
 ``qemu10.0.2``), tests using ``firmware``/``vm``/``vm_factory`` over ``--ovmf`` (ids
 ``ovmf2022.11``).
@@ -322,6 +323,16 @@ def _harness_base(request: pytest.FixtureRequest) -> Iterator[Path]:
     base = private_base(tag=f"-{worker}")
     yield base
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def harness_artifacts(request: pytest.FixtureRequest) -> Path:
+    """This test's directory under ``--harness-artifacts``, for artifacts a test collects
+    itself (a scenario's ``artifacts=``), so that they outlive pytest's temporary
+    directories; a previous run's are removed, and nothing is created here."""
+    dest = artifacts_root(request.config) / safe_name(request.node.nodeid)
+    shutil.rmtree(dest, ignore_errors=True)
+    return dest
 
 
 @pytest.fixture

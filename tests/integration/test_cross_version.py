@@ -38,9 +38,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                                                       for p in plans])  # fmt: skip
 
 
-def run(tmp_path: Path, plans: list[Plan], **extra: Any) -> list[dict[str, Any]]:
+def run(tmp_path: Path, artifacts: Path, plans: list[Plan], **extra: Any) -> list[dict[str, Any]]:
     extra = {"fast": True, **extra}  # guests restored from a saved boot (the nightly boots them)
-    opts = ScenarioOptions(workdir=tmp_path / "w", artifacts=tmp_path / "artifacts", extra=extra)
+    opts = ScenarioOptions(workdir=tmp_path / "w", artifacts=artifacts, extra=extra)
     report = xv.run_cross_version(opts, plans)
     hops = [(h.plan, h.index) for p in plans for h in p.hops]
     assert [(r["plan"], r["hop"]) for r in report.records] == hops, "every hop has exactly one record"
@@ -58,8 +58,8 @@ def assert_hop(rec: dict[str, Any]) -> None:
     assert rec["downtime_ms"] is not None, where
 
 
-def test_pair(tmp_path: Path, pair_plan: Plan) -> None:
-    records = run(tmp_path, [pair_plan])
+def test_pair(tmp_path: Path, harness_artifacts: Path, pair_plan: Plan) -> None:
+    records = run(tmp_path, harness_artifacts, [pair_plan])
     for rec in records:
         assert rec["machine"] == pair_plan.machine
         assert_hop(rec)
@@ -67,12 +67,12 @@ def test_pair(tmp_path: Path, pair_plan: Plan) -> None:
     assert first["source"] == pair_plan.boot and "boot_s" in first
 
 
-def test_upgrade_and_rollback_chains(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_upgrade_and_rollback_chains(tmp_path: Path, harness_artifacts: Path, request: pytest.FixtureRequest) -> None:
     eps = matrix.endpoints(_versions(request.config))
     if len(eps) < 2:
         pytest.skip("chains need two QEMU builds")
     plans = matrix.chains(eps)
-    records = run(tmp_path, plans, parts=("chains",))
+    records = run(tmp_path, harness_artifacts, plans, parts=("chains",))
     for rec in records:
         assert_hop(rec)
     ok = [r for r in records if r["ok"]]
@@ -83,13 +83,15 @@ def test_upgrade_and_rollback_chains(tmp_path: Path, request: pytest.FixtureRequ
     assert path == [e.label for e in eps] + [eps[-2].label]
 
 
-def test_firmware_pair_runs_source_image_until_cold_restart(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_firmware_pair_runs_source_image_until_cold_restart(
+    tmp_path: Path, harness_artifacts: Path, request: pytest.FixtureRequest
+) -> None:
     from harness import firmware
 
     eps = matrix.endpoints(_versions(request.config))
     fws = [matrix.FirmwareEndpoint.of(firmware.get_firmware(v)) for v in ("2022.11", "2025.02")]
     (plan,) = matrix.firmware_plans(eps[-1], fws)
-    (rec,) = run(tmp_path, [plan])
+    (rec,) = run(tmp_path, harness_artifacts, [plan])
     assert_hop(rec)
     assert rec["firmware_seen"] == {
         "after_migration": "2022.11",

@@ -91,7 +91,7 @@ def test_registered_builds_are_what_the_packages_say(registered: registry.Regist
 
 
 def test_registered_qemu_migrates_to_and_from_the_reference(
-    registered: registry.Registration, tmp_path: Path
+    registered: registry.Registration, tmp_path: Path, harness_artifacts: Path
 ) -> None:
     [qlabel] = registered.qemu
     eps = matrix.endpoints([qlabel, REFERENCE])
@@ -104,7 +104,7 @@ def test_registered_qemu_migrates_to_and_from_the_reference(
     plans = [matrix.Plan(name, "pair", qlabel, machine, hops)]
     report = run_cross_version(
         ScenarioOptions(qemu=[qlabel, REFERENCE], ovmf=[OLD_OVMF], workdir=tmp_path,
-                        artifacts=tmp_path / "artifacts"), plans=plans,
+                        artifacts=harness_artifacts), plans=plans,
     )  # fmt: skip
     hops = [(r["source"], r["destination"]) for r in report.records]
     assert hops == [(qlabel, REFERENCE), (REFERENCE, qlabel)], report.records

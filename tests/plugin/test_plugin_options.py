@@ -318,3 +318,21 @@ def test_a_version_missing_for_the_arch_is_a_usage_error(pytester: pytest.Pytest
     res = pytester.runpytest("--arch", "aarch64", "--qemu", "5.2")
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     res.stderr.fnmatch_lines(["*--qemu 5.2:*"])
+
+
+def test_harness_artifacts_is_the_tests_own_directory_and_starts_empty(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    art = tmp_path / "art"
+    stale = art / "test_art.py_test_scenario" / "old.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("a previous run's")
+    pytester.makepyfile(test_art=f"""
+from pathlib import Path
+
+def test_scenario(harness_artifacts):
+    assert harness_artifacts == Path({str(stale.parent)!r})
+    assert not harness_artifacts.exists()
+""")
+    res = pytester.runpytest("-v", f"--harness-artifacts={art}")
+    res.assert_outcomes(passed=1)
