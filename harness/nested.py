@@ -879,7 +879,7 @@ class Attempts:
 
     ``retries`` refusals are retried with L2 running, over all cycles.  Once a cycle has
     been refused ``quiesce_after`` times, or the retries are used up, its next attempt
-    pauses L2's vCPUs for the cut (:func:`pause_l2`): with no L2 vCPU inside ``KVM_RUN``,
+    pauses L2's vCPUs for the cut (:func:`set_l2_running`): with no L2 vCPU inside ``KVM_RUN``,
     L1's vCPU cannot be in guest mode, so that attempt is not refused for it.  Without
     ``quiesce_after`` (None) a cycle is only ever tried with L2 running; with 0 every
     attempt pauses L2."""
@@ -910,13 +910,25 @@ class Attempts:
         return "retry"
 
 
-def pause_l2(l2: L2, run: bool) -> None:
-    """Stop (``run`` False) or continue L2's vCPUs through its QMP in L1."""
+def set_l2_running(l2: L2, running: bool) -> None:
+    """Continue (``running``) or stop L2's vCPUs through its QMP in L1."""
+    cmd = "cont" if running else "stop"
     with l2.qmp(timeout=60) as q:
-        q.execute("cont" if run else "stop")
+        q.execute(cmd)
         status = q.execute("query-status")
-    if bool(status.get("running")) != run:
-        raise MachineError(f"{l2.name}: QMP {'cont' if run else 'stop'} left L2 {status!r}")
+    if bool(status.get("running")) != running:
+        raise MachineError(f"{l2.name}: QMP {cmd} left L2 {status!r}")
+
+
+def _continue_l2(l1: Machine, l2: L2) -> str | None:
+    """Continue a quiesced L2; what went wrong, or None."""
+    if not l1.running:
+        return "L1 is not running"
+    try:
+        set_l2_running(l2, True)
+    except HarnessError as exc:
+        return str(exc)
+    return None
 
 
 def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, state.GuestState],
@@ -1032,7 +1044,7 @@ def run_cycles(
         befores = (state.snapshot(l1), l2.snapshot())
         quiesced = attempts.quiesce()
         if quiesced:
-            pause_l2(l2, run=False)
+            set_l2_running(l2, False)
             running = False
         try:
             if op == "nested-live":
@@ -1050,19 +1062,15 @@ def run_cycles(
                 except AssertionError as exc:
                     res = _escaped_failure(l1, op, dest, exc)
         except Exception:  # not on Ctrl-C: the pair is torn down anyway
-            if quiesced and l1.running:
-                with contextlib.suppress(HarnessError):
-                    pause_l2(l2, run=True)
+            if quiesced:
+                _continue_l2(l1, l2)
             raise
         res.cycle = i
         if quiesced:
             res.extra["l2_quiesced"] = QUIESCE_EXPLANATION.format(n=attempts.refused)
-            try:
-                if not l1.running:
-                    raise MachineError("L1 is not running")
-                pause_l2(l2, run=True)
-            except HarnessError as exc:
-                res.problems.append(f"L2: could not be continued after the cut: {exc}")
+            problem = _continue_l2(l1, l2)
+            if problem:
+                res.problems.append(f"L2: could not be continued after the cut: {problem}")
         cyc = NestedCycle()
         known = guest_mode_limitation(res)
         if res.ok:

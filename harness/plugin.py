@@ -336,13 +336,12 @@ def harness_artifacts(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def vm_factory(request: pytest.FixtureRequest, _harness_base: Path, qemu_version: str,
-               ovmf_version: str, guest_arch: str) -> Iterator[MachineFactory]:
+def vm_factory(request: pytest.FixtureRequest, _harness_base: Path, harness_artifacts: Path,
+               qemu_version: str, ovmf_version: str, guest_arch: str) -> Iterator[MachineFactory]:
     """``vm_factory(**spec)`` starts guests; every one is torn down at the end of the test,
     and a failed test keeps their artifacts under ``--harness-artifacts``."""
     node = request.node
-    dest = artifacts_root(request.config) / safe_name(node.nodeid)
-    shutil.rmtree(dest, ignore_errors=True)  # a previous run's artifacts of this test
+    dest = harness_artifacts
     base = Path(tempfile.mkdtemp(prefix=f"{safe_name(node.name, 24)}-", dir=_harness_base))
     defaults = VmSpec(qemu=qemu_version, firmware=ovmf_version, arch=guest_arch,
                       accel=accel_choice(request.config).chosen)  # fmt: skip
