@@ -25,7 +25,12 @@ from typing import Any
 
 from harness import catalog as catalog_mod
 from harness.catalog import QemuEntry, Version
-from harness.errors import LaunchError, ProvisionError, UnknownVersionError
+from harness.errors import (
+    AmbiguousVersionError,
+    LaunchError,
+    ProvisionError,
+    UnknownVersionError,
+)
 from harness.paths import cache_root, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -113,17 +118,52 @@ class QemuBuild:
     libdirs: tuple[Path, ...] = ()
     source: str = "catalog"
     prefix: Path | None = None
+    #: The prefix's own dynamic loader, for a build that brings its own C library (a newer
+    #: Debian suite's QEMU on this host): the binary is started through it, with the
+    #: prefix's library directories only.  None: the host's loader, with ``libdirs`` first.
+    loader: Path | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for running the binary (the prefix's libraries first)."""
+        """Environment for running the binary (the prefix's libraries and modules first)."""
         env = dict(os.environ)
-        if self.libdirs:
+        if self.libdirs and self.loader is None:
             paths = [str(p) for p in self.libdirs]
             if env.get("LD_LIBRARY_PATH"):
                 paths.append(env["LD_LIBRARY_PATH"])
             env["LD_LIBRARY_PATH"] = ":".join(paths)
+        env.update(self.module_env())
         return env
+
+    def module_env(self) -> dict[str, str]:
+        """``QEMU_MODULE_DIR`` for a prefix build: its own modules, never the host's."""
+        if self.prefix is None:
+            return {}
+        for lib in self.libdirs:
+            if (lib / "qemu").is_dir():
+                return {"QEMU_MODULE_DIR": str(lib / "qemu")}
+        return {}
+
+    def wrapper(self) -> list[str]:
+        """What goes before the binary on a command line: the prefix's loader and its
+        library path for an own-libc build, else nothing."""
+        if self.loader is None:
+            return []
+        return [str(self.loader), "--library-path", ":".join(str(d) for d in self.libdirs)]
+
+    def command(self) -> list[str]:
+        """The argv prefix that runs this build from a clean environment of the host
+        (``env`` for the variables, then the loader if any, then the binary): what a
+        cpr-exec command line starts with, whichever build the old process was."""
+        env = ["/usr/bin/env"]
+        if self.loader is None and self.libdirs:
+            env.append("LD_LIBRARY_PATH=" + ":".join(str(d) for d in self.libdirs))
+        else:
+            env += ["-u", "LD_LIBRARY_PATH"]
+        env += [f"{k}={v}" for k, v in self.module_env().items()]
+        if not self.module_env():
+            env += ["-u", "QEMU_MODULE_DIR"]
+        return [*env, *self.wrapper(), str(self.binary)]
 
     def data_args(self) -> list[str]:
         """``-L`` arguments for the build's firmware blobs and option ROMs."""
@@ -154,6 +194,8 @@ class QemuBuild:
             "migration_modes": list(caps.migration_modes),
             "migration_capabilities": list(caps.migration_capabilities),
             "file_uri": caps.file_uri,
+            "own_libc": self.loader is not None,
+            "loader": str(self.loader) if self.loader else None,
         }
 
     def __str__(self) -> str:
@@ -165,7 +207,7 @@ class QemuBuild:
 
 def _cache_key(build: QemuBuild) -> str:
     st = build.binary.stat()
-    text = f"{PROBE_FORMAT}:{build.binary}:{st.st_size}:{st.st_mtime_ns}"
+    text = f"{PROBE_FORMAT}:{build.binary}:{st.st_size}:{st.st_mtime_ns}:{build.loader}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -297,15 +339,42 @@ def probe(build: QemuBuild) -> Capabilities:
 # --- finding builds --------------------------------------------------------------------
 
 
+_TRIPLETS = {"x86_64": ("x86_64-linux-gnu", "ld-linux-x86-64.so.2"),
+             "aarch64": ("aarch64-linux-gnu", "ld-linux-aarch64.so.1")}
+
+
+def host_triplet() -> tuple[str, str]:
+    """(multiarch triplet, loader name) of this host: the emulator binaries are host code."""
+    return _TRIPLETS.get(os.uname().machine, _TRIPLETS["x86_64"])
+
+
+def find_loader(prefix: Path) -> Path | None:
+    """The dynamic loader a prefix brings with its own C library (libc6 unpacked), or None."""
+    triplet, name = host_triplet()
+    for rel in (f"usr/lib/{triplet}/{name}", f"lib/{triplet}/{name}", f"usr/lib64/{name}",
+                f"lib64/{name}"):  # fmt: skip
+        if (prefix / rel).exists():
+            return prefix / rel
+    return None
+
+
 def from_prefix(prefix: Path, label: str, arch: str = "x86_64", source: str = "prefix",
-                binary: str | None = None, datadirs: Iterable[str] = ()) -> QemuBuild:
-    """A build unpacked from Debian packages into ``prefix``."""
-    triplet = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(
-        os.uname().machine, "x86_64-linux-gnu"
-    )
+                binary: str | None = None, datadirs: Iterable[str] = (),
+                own_libc: bool = False) -> QemuBuild:
+    """A build unpacked from Debian packages into ``prefix`` (``own_libc``: its whole
+    closure, C library included, is in the prefix and runs through the prefix's loader)."""
+    triplet, _name = host_triplet()
     rel = binary or f"usr/bin/qemu-system-{arch}"
     dirs = list(datadirs) or ["usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu"]
     libdirs = [prefix / "usr/lib" / triplet, prefix / "lib" / triplet]
+    loader = None
+    if own_libc:
+        loader = find_loader(prefix)
+        if loader is None:
+            raise ProvisionError(
+                f"{prefix}: the build brings its own C library, but no {_name} is in the prefix "
+                "(libc6 missing from the unpacked packages)"
+            )
     return QemuBuild(
         label=label,
         arch=arch,
@@ -314,6 +383,7 @@ def from_prefix(prefix: Path, label: str, arch: str = "x86_64", source: str = "p
         libdirs=tuple(d for d in libdirs if d.is_dir()),
         source=source,
         prefix=prefix,
+        loader=loader,
     )
 
 
@@ -323,7 +393,8 @@ def from_catalog(entry: QemuEntry) -> QemuBuild:
 
     prefix = Provisioner(catalog_mod.default()).ensure_qemu(entry)
     return from_prefix(
-        prefix, entry.version, entry.arch, f"catalog:{entry.suite}", entry.binary, entry.datadirs
+        prefix, entry.version, entry.arch, f"catalog:{entry.suite}", entry.binary, entry.datadirs,
+        own_libc=entry.own_libc,
     )
 
 
@@ -376,6 +447,8 @@ def get_build(version: str, arch: str = "x86_64") -> QemuBuild:
     cat = catalog_mod.default()
     try:
         entry = cat.qemu_entry(version, arch)
+    except AmbiguousVersionError:
+        raise
     except UnknownVersionError as exc:
         raise UnknownVersionError(
             "QEMU", version, list(exc.available) + sorted(_REGISTERED)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.errors import CatalogError, UnknownVersionError
+from harness.errors import AmbiguousVersionError, CatalogError, UnknownVersionError
 from harness.paths import DATA_DIR, FIRMWARE_DIR
 
 QEMU_CATALOG = DATA_DIR / "qemu.toml"
@@ -94,10 +94,19 @@ class QemuEntry:
     binary: str
     datadirs: tuple[str, ...]
     notes: str = ""
+    #: Suites apt resolves the build's whole dependency closure from, C library included
+    #: (the build then runs through the prefix's own dynamic loader).  Empty: the build
+    #: runs on the host's C library, with only ``libs`` added.
+    closure: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         return f"qemu-{self.version}-{self.arch}"
+
+    @property
+    def own_libc(self) -> bool:
+        """True when the build brings its own C library and loader (a newer suite's QEMU)."""
+        return bool(self.closure)
 
 
 @dataclass(frozen=True)
@@ -146,9 +155,12 @@ class Catalog:
         )
 
     def suites(self) -> set[str]:
-        """Every Debian suite some entry needs."""
+        """Every Debian suite the shared package state needs (builds that bring their own
+        C library resolve their closure in a private state of their own suites)."""
         out = {self.python.suite}
         for q in self.qemu:
+            if q.own_libc:
+                continue
             out.update(p.suite for p in q.packages + q.libs)
         out.update(f.suite for f in self.firmware)
         return out
@@ -168,6 +180,9 @@ def _pick(kind: str, wanted: str, entries: list[_E], version_of: Callable[[_E], 
     found = [e for e in entries if Version.parse(version_of(e)).matches(want)]
     if len(found) == 1:
         return found[0]
+    if found:
+        raise AmbiguousVersionError(kind, wanted, [version_of(e) for e in found],
+                                    [version_of(e) for e in entries])  # fmt: skip
     raise UnknownVersionError(kind, wanted, [version_of(e) for e in entries])
 
 
@@ -244,7 +259,14 @@ def parse_qemu(path: Path, data: Mapping[str, Any]) -> tuple[tuple[QemuEntry, ..
             binary=_field(path, where, table, "binary", str),
             datadirs=tuple(_str_list(path, where, table, "datadirs")),
             notes=str(table.get("notes", "")),
+            closure=tuple(_str_list(path, where, table, "closure")),
         )
+        if entry.closure and entry.libs:
+            raise CatalogError(
+                path, f"{where}: 'closure' resolves every library; drop 'libs' ({entry.libs[0]})"
+            )
+        if entry.closure and suite not in entry.closure:
+            raise CatalogError(path, f"{where}: 'closure' must include the entry's suite {suite!r}")
         if (version, arch) in seen:
             raise CatalogError(path, f"{where}: duplicate entry for {arch}")
         seen.add((version, arch))

@@ -7,6 +7,7 @@ always names the input, command, file or log that explains it::
     HarnessError
      +-- ConfigError            bad input: catalogue entry, spec, option, unknown version
      |    +-- UnknownVersionError   a version nobody provisioned; lists the available ones
+     |    |    +-- AmbiguousVersionError  a prefix ("10.0") that matches several builds
      |    +-- CatalogError          a malformed catalogue or descriptor file
      |    +-- SpecError             a VM spec that cannot become a command line
      +-- ProvisionError         fetching or unpacking a Debian package failed
@@ -46,6 +47,22 @@ class UnknownVersionError(ConfigError):
         self.available = sorted(available)
         listed = ", ".join(self.available) or "none"
         super().__init__(f"unknown {kind} version {wanted!r}; available: {listed}")
+
+
+class AmbiguousVersionError(UnknownVersionError):
+    """A version prefix matches more than one build (``10.0``: 10.0.2 and 10.0.13)."""
+
+    def __init__(self, kind: str, wanted: str, matching: Iterable[str],
+                 available: Iterable[str]) -> None:  # fmt: skip
+        self.matching = sorted(matching)
+        super().__init__(kind, wanted, available)
+        self.args = (
+            f"{kind} version {wanted!r} is ambiguous: it matches {', '.join(self.matching)}; "
+            "name one of them",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class CatalogError(ConfigError):

@@ -86,7 +86,8 @@ def find_qemu(marker: str | Path) -> list[int]:
     found = []
     for pid in _pids():
         args = _cmdline(pid)
-        if not args or "qemu-system" not in Path(args[0]).name:
+        # the emulator, or a loader running it (a build with its own C library)
+        if not args or not any("qemu-system" in Path(a).name for a in args[:4]):
             continue
         if any(text in a for a in args) and not _is_zombie(pid):
             found.append(pid)

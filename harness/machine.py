@@ -328,6 +328,50 @@ class Machine:
         assert last is not None
         raise last
 
+    def prepare_exec(self, *, build: QemuBuild, machine: str,
+                     incoming: Sequence[str]) -> tuple[Incarnation, list[str], Path]:
+        """The next image of the current process, for cpr-exec: a new incarnation (fresh
+        varstore copy, serial socket, SSH port) that the *same* :class:`QemuProcess` will
+        run once it exec's.  Returns it, the complete argv to exec (``build.command()``
+        first, so any build can follow any other) and the new QMP socket's path; nothing is
+        started here."""
+        gen = self._gen
+        self._gen += 1
+        varstore = None
+        if self._code is not None:
+            varstore = self.new_varstore(f"vars-{gen}.fd")
+            self._check_flash_pair(self._code, varstore)
+        resolved = self._resolve(gen, varstore, incoming, machine, build)
+        qmp_path = self.sock_dir / f"qmp-{gen}.sock"
+        argv = [
+            *build.command(), *build.data_args(), "-display", "none", "-vga", "none",
+            "-chardev", f"socket,id=mon,path={qmp_path},server=on,wait=off",
+            "-mon", "chardev=mon,mode=control", *qemu_args(self.spec, resolved),
+        ]  # fmt: skip
+        proc = self.current.process
+        console = Console(resolved.serial_log or Path(os.devnull), resolved.serial_sock,
+                          alive=lambda p=proc: p.running)  # type: ignore[misc]
+        return Incarnation(proc, resolved, varstore, console), argv, qmp_path
+
+    def adopt_exec(self, inc: Incarnation) -> None:
+        """The current process now runs ``inc``'s image (after a cpr-exec): the process is
+        the same and stays owned; only the old image's console and SSH are closed."""
+        previous = self.current
+        if inc.process is not previous.process:
+            raise MachineError(f"{self.spec.name}: adopt_exec of another process")
+        previous.console.close()
+        self._current = inc
+        self.build = inc.process.build
+        if inc.varstore is not None:
+            self._last_varstore = inc.varstore
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self.history.append({"serial_log": str(inc.resolved.serial_log),
+                             "qemu": inc.process.build.label, "machine": inc.resolved.machine,
+                             "pid": inc.process.pid, "exec": True,
+                             "incoming": list(inc.resolved.incoming)})  # fmt: skip
+
     def adopt(self, inc: Incarnation, *, reap_previous: bool = True) -> None:
         """Make ``inc`` the process that runs the guest; reap the previous one."""
         previous = self._current

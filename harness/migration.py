@@ -23,7 +23,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -706,20 +706,130 @@ def cpr_transfer(
 
 
 def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAULT_TIMEOUT,
-             check: bool = True) -> MigrationResult:
-    """cpr-exec: QEMU re-executes itself in place, keeping RAM.  No build this harness can
-    provision offers it (QEMU 10.0 has no cpr-exec mode); where the schema lacks it, the
-    result is ``unsupported`` naming the missing mode."""
+             check: bool = True, command: Sequence[str] | None = None) -> MigrationResult:
+    """cpr-exec: the QEMU process saves the guest's state to a file and exec's the new QEMU
+    (``to``, default the same build) in place: same pid, RAM kept in its memfds, the new
+    image loading the state with ``-incoming file:``.  The :class:`QemuProcess` that owned
+    the old image owns the new one; QMP reconnects to the new image's socket.
+
+    An exec that fails leaves the old image running: QEMU turns the completed migration
+    into a failed one and resumes the guest, and the result records that (with the
+    source's recovery).  ``command`` replaces the exec'd program and its leading argv
+    (``build.command()``): for fault injection, e.g. a binary that does not exist."""
     dest_build = to or vm.build
-    result = _new_result("cpr-exec", "cpr-exec", vm, dest_build, machine_type(vm))
+    mode = "cpr-exec"
+    mtype = machine_type(vm)
+    result = _new_result("cpr-exec", mode, vm, dest_build, mtype)
     for b in (vm.build, dest_build):
         try:
-            _require_mode(b, "cpr-exec")
+            _require_mode(b, mode)
         except UnsupportedError as exc:
             return _check(result.fail(str(exc), status="unsupported"), check)
-    return _check(result.fail(
-        f"QEMU {vm.build.label} offers cpr-exec, but this harness has no driver for it yet: no "
-        "provisionable build had it to develop against", status="unsupported"), check)  # fmt: skip
+    if vm.spec.memory_backend == "plain" or not vm.spec.aux_ram_share:
+        return _check(result.fail(
+            "cpr-exec needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
+            "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
+    if not dest_build.capabilities.file_uri:
+        return _check(result.fail(f"QEMU {dest_build.label} has no file: URI",
+                                  status="unsupported"), check)  # fmt: skip
+    src = vm.current
+    proc = src.process
+    path = vm.workdir / "cpr-exec.state"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # the previous cycle's, already loaded
+    was_running = guest_running(src)
+    new, argv, qmp_path = vm.prepare_exec(build=dest_build, machine=mtype,
+                                          incoming=[f"file:{path}"])  # fmt: skip
+    if command is not None:
+        argv = [*command, *argv[len(dest_build.command()):]]
+    result.state_file = str(path)
+    result.extra["exec_argv0"] = argv[0]
+    pid = proc.pid
+    marker = str(qmp_path)
+    t0 = time.monotonic()
+
+    def exec_seen() -> bool:
+        return any(marker in a for a in proc.cmdline_now())
+
+    def give_up(why: str) -> MigrationResult:
+        new.console.close()
+        result.fail(why)
+        result.wall_s = time.monotonic() - t0
+        return _check(result, check)
+
+    caps = ["events"] if vm.build.capabilities.has_capability("events") else []
+    try:
+        _set_up(src, caps, {"mode": mode, "cpr-exec-command": argv})
+        proc.qmp("migrate", uri=f"file:{path}")
+    except HarnessError as exc:
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
+        return give_up(f"cpr-exec could not start: {exc}")
+    # Wait for the exec.  QEMU reports 'completed' and execs from a bottom half a moment
+    # later; a QMP command in flight then would wait for an answer that never comes (the
+    # monitor's descriptor may outlive the exec), so none is sent: the MIGRATION events
+    # say 'completed' or 'failed' (a failed exec turns completed into failed), and the
+    # kernel's view of the argv says when the exec has happened.
+    deadline = t0 + timeout
+    completed_at: float | None = None
+    since = time.monotonic()
+    with _quiet_qmp_library():
+        while not exec_seen():
+            if not proc.running:
+                return give_up(f"QEMU exited during cpr-exec (code {proc.exitcode})"
+                               + _tail(proc.output()))  # fmt: skip
+            if time.monotonic() > deadline:
+                return give_up(f"cpr-exec: no exec within {timeout:.0f} s "
+                               f"({'completed' if completed_at else 'not completed'})")  # fmt: skip
+            ev = proc.poll_event("MIGRATION", 0.004 if caps else 0.0)
+            status = ((ev or {}).get("data") or {}).get("status")
+            if status == "completed" and completed_at is None:
+                completed_at = time.monotonic()
+                result.total_time_ms = round((completed_at - t0) * 1000, 1)
+            if status in ("failed", "cancelled"):
+                # the save failed, or the exec did (completed -> failed): the old image
+                # resumes the guest itself
+                result.extra["exec_failed"] = completed_at is not None
+                info = proc.qmp("query-migrate") or {}
+                recover_source(src, result, was_running=was_running, reset_caps=caps)
+                return give_up(str(info.get("error-desc") or f"cpr-exec {status}")
+                               + _tail(proc.output()))  # fmt: skip
+            if not caps:
+                _nap(since)
+    result.extra["pid_kept"] = proc.pid == pid
+    try:
+        with _quiet_qmp_library():
+            proc.reexeced(dest_build, argv, qmp_path, timeout=60)
+        why = _wait_running(new, 60)
+    except HarnessError as exc:
+        why = str(exc)
+    result.wall_s = time.monotonic() - t0
+    if why:
+        # after the exec there is no old image to go back to: the guest is lost
+        result.source_running = False
+        return give_up(f"{why}{_tail(proc.output())}")
+    vm.adopt_exec(new)
+    with contextlib.suppress(OSError):
+        result.state_file_size = path.stat().st_size
+    result.status = "completed"
+    _incomplete_load(new, result)
+    return _check(result, check)
+
+
+@contextlib.contextmanager
+def _quiet_qmp_library() -> Iterator[None]:
+    """The QMP library logs an ERROR when its peer vanishes; across an exec that is expected."""
+    logger = logging.getLogger("qemu.qmp")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tail(output: str, n: int = 4000) -> str:
+    out = output.strip()
+    return f"\nQEMU output:\n{out[-n:]}" if out else ""
 
 
 # --- dispatch and back-to-back ------------------------------------------------------------

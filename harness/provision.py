@@ -80,6 +80,9 @@ class AptArchive:
     suites: tuple[str, ...]
     mirror: str = ""
     arch: str = "amd64"
+    #: Resolve dependencies against an empty dpkg status (nothing installed), so that a
+    #: package's whole closure, C library included, is downloaded: see :meth:`closure`.
+    empty_status: bool = False
 
     def __post_init__(self) -> None:
         if not self.mirror:
@@ -87,6 +90,11 @@ class AptArchive:
         ensure_dir(self.root / "lists" / "partial")
         ensure_dir(self.root / "cache" / "archives" / "partial")
         ensure_dir(self.root / "etc" / "preferences.d")
+        if self.empty_status:
+            status = self.root / "state" / "status"
+            ensure_dir(status.parent)
+            if not status.exists() or status.stat().st_size:
+                status.write_text("")
 
     @property
     def sources_file(self) -> Path:
@@ -112,7 +120,10 @@ class AptArchive:
             "-o", "APT::Sandbox::User=root",
             "-o", "Debug::NoLocking=1",
             "-o", "Acquire::Retries=3",
-        ]  # fmt: skip
+        ] + ([
+            "-o", f"Dir::State::status={self.root / 'state' / 'status'}",
+            "-o", f"Dir::State::extended_states={self.root / 'state' / 'extended_states'}",
+        ] if self.empty_status else [])  # fmt: skip
 
     def _run(self, tool: str, args: Sequence[str], cwd: Path | None = None) -> str:
         cmd = [tool, *self._options(), *args]
@@ -171,6 +182,32 @@ class AptArchive:
                 f"downloading {', '.join(map(str, refs))} failed{hint}: {exc}"
             ) from exc
         return sorted(set(dest.glob("*.deb")) - before) or sorted(dest.glob("*.deb"))
+
+    def closure(self, refs: Iterable[PackageRef], target: str, dest: Path) -> list[Path]:
+        """Download ``refs`` and everything they depend on (no recommends), as apt would
+        install them with ``-t target`` on a system where nothing is installed yet; returns
+        the .deb files.  Needs ``empty_status``."""
+        if not self.empty_status:
+            raise ProvisionError("closure(): this package state has the host's dpkg status")
+        refs = list(refs)
+        if dest.exists():
+            shutil.rmtree(dest)
+        ensure_dir(dest / "partial")
+        try:
+            self._run("apt-get", [
+                "-o", f"Dir::Cache::archives={dest}", "install", "--download-only", "-y",
+                "--no-install-recommends", "-t", target, *(r.name for r in refs),
+            ])  # fmt: skip
+        except ProvisionError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ProvisionError(
+                f"resolving the dependencies of {', '.join(map(str, refs))} from "
+                f"{', '.join(self.suites)} failed: {exc}"
+            ) from exc
+        shutil.rmtree(dest / "partial", ignore_errors=True)
+        for lock in dest.glob("lock"):
+            lock.unlink()
+        return sorted(dest.glob("*.deb"))
 
     def source_tarball(self, source: str, suite: str, dest: Path) -> Path:
         """Download the upstream tarball of a source package (no .dsc: see BRIEF)."""
@@ -284,6 +321,7 @@ class Provisioner:
     def __post_init__(self) -> None:
         self.root = self.root or cache_root()
         self._archive: AptArchive | None = None
+        self._closure_archives: dict[tuple[str, ...], AptArchive] = {}
 
     @property
     def builds_dir(self) -> Path:
@@ -302,6 +340,19 @@ class Provisioner:
             self._archive = AptArchive(self.root / "apt", tuple(sorted(self.catalog.suites())))
             self._archive.update()
         return self._archive
+
+    def closure_archive(self, suites: Sequence[str]) -> AptArchive:
+        """A private package state of ``suites`` alone with an empty dpkg status, for
+        builds that bring their whole closure (lists refreshed on first use)."""
+        assert self.root is not None
+        key = tuple(sorted(suites))
+        cached = self._closure_archives.get(key)
+        if cached is None:
+            cached = AptArchive(self.root / ("apt-closure-" + "+".join(key)), key,
+                                empty_status=True)  # fmt: skip
+            cached.update()
+            self._closure_archives[key] = cached
+        return cached
 
     def lock(self) -> FileLock:
         assert self.root is not None
@@ -324,8 +375,12 @@ class Provisioner:
             if problem is None:
                 return prefix
             log.info("provisioning QEMU %s (%s)", entry.version, problem)
-            debs = self._fetch(entry.key, entry.packages + entry.libs)
-            self._check_version(debs, entry.packages[0].name, entry.version)
+            if entry.own_libc:
+                archive = self.closure_archive(entry.closure)
+                debs = archive.closure(entry.packages, entry.suite, self.debs_dir / entry.key)
+            else:
+                debs = self._fetch(entry.key, entry.packages + entry.libs)
+            self._check_version(debs, entry.packages[0].name, entry.version, entry.suite)
             with staging(prefix) as tmp:
                 unpack(debs, tmp)
                 binary = tmp / entry.binary
@@ -334,9 +389,18 @@ class Provisioner:
                         f"QEMU {entry.version}: {entry.binary} not in packages "
                         f"{', '.join(map(str, entry.packages))}"
                     )
+                if entry.own_libc:
+                    from harness.builds import find_loader
+
+                    if find_loader(tmp) is None:
+                        raise ProvisionError(
+                            f"QEMU {entry.version} ({entry.suite}): the resolved closure has no "
+                            "dynamic loader (libc6 missing)"
+                        )
                 write_manifest(
                     tmp,
                     {"kind": "qemu", "version": entry.version, "arch": entry.arch,
+                     "own_libc": entry.own_libc, "closure": list(entry.closure),
                      "packages": {deb_field(d, "Package"): deb_field(d, "Version") for d in debs},
                      "debs": [str(d) for d in debs]},
                 )  # fmt: skip
@@ -353,7 +417,7 @@ class Provisioner:
                 return prefix
             log.info("provisioning %s %s (%s)", entry.package, entry.version, problem)
             debs = self._fetch(entry.key, (PackageRef(entry.package, entry.suite),))
-            self._check_version(debs, entry.package, entry.version)
+            self._check_version(debs, entry.package, entry.version, entry.suite)
             with staging(prefix) as tmp:
                 unpack(debs, tmp)
                 if not list((tmp / "usr/share/qemu/firmware").glob("*.json")):
@@ -404,14 +468,21 @@ class Provisioner:
             raise
 
     @staticmethod
-    def _check_version(debs: Sequence[Path], package: str, version: str) -> None:
+    def _check_version(debs: Sequence[Path], package: str, version: str, suite: str = "") -> None:
+        # Archive drift: a suite moves on (trixie-backports replaces 11.1.3 with 11.1.4).  An
+        # entry is pinned to the version it names; a provisioned prefix keeps working from
+        # the cache, and a new provisioning fails here naming both versions.  Never a silent
+        # swap: the new version becomes a new catalogue entry (or the entry is updated).
         for deb in debs:
             if deb_field(deb, "Package") == package:
-                got = upstream_version(deb_field(deb, "Version"))
+                debver = deb_field(deb, "Version")
+                got = upstream_version(debver)
                 if not Version.parse(got).matches(Version.parse(version)):
+                    where = f" {suite}" if suite else ""
                     raise ProvisionError(
-                        f"{package}: the archive now offers {got}, the catalogue wants "
-                        f"{version}; update the catalogue entry"
+                        f"{package}: Debian's{where} now offers {got} ({debver}), the catalogue "
+                        f"entry wants {version}; update or add the catalogue entry "
+                        "(harness/data/qemu.toml or firmware/catalog.toml)"
                     )
                 return
         raise ProvisionError(f"{package} missing from the downloaded packages")

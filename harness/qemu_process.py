@@ -145,6 +145,7 @@ class QemuProcess:
         self._vm = _Machine(
             str(build.binary),
             args=[*build.data_args(), *self.args],
+            wrapper=build.wrapper(),
             name=name,
             base_temp_dir=str(workdir),
             log_dir=str(workdir),
@@ -194,6 +195,62 @@ class QemuProcess:
                 f"{self.name}: QMP connection failed ({exc!r}); QEMU log: {self.log_path}"
             ) from exc
         self._set_qmp_timeout()
+
+    def cmdline_now(self) -> list[str]:
+        """The process's argv as the kernel reports it now (changes when it exec's)."""
+        try:
+            raw = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except (OSError, MachineError):
+            return []
+        return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+    def set_qmp_timeout(self, timeout: float) -> None:
+        """Bound every QMP answer by ``timeout`` seconds (restored by :meth:`reexeced`)."""
+        with contextlib.suppress(Exception):
+            self._vm._qmp.settimeout(timeout)
+
+    def reexeced(self, build: QemuBuild, argv: Sequence[str], qmp_path: Path,
+                 timeout: float = 60.0) -> None:
+        """The process exec'd a new QEMU image in place (cpr-exec): same pid, same owner,
+        now running ``build`` with ``argv`` and answering QMP on the unix socket
+        ``qmp_path``.  Waits for that socket to listen, connects, and drops the old
+        connection (its peer is gone)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        from harness.migration import unix_listening
+
+        deadline = time.monotonic() + timeout
+        while not unix_listening(qmp_path):
+            if not self.running:
+                raise MachineError(
+                    f"{self.name}: the new QEMU image exited (code {self.exitcode}) before its "
+                    f"QMP socket listened; log: {self.log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"{self.name}: QMP socket {qmp_path} of the new QEMU image",
+                                   timeout)  # fmt: skip
+            time.sleep(0.002)
+        new = QEMUMonitorProtocol(str(qmp_path))
+        try:
+            new.connect(negotiate=True)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                new.close()
+            raise MachineError(
+                f"{self.name}: QMP of the new QEMU image ({qmp_path}) failed: {exc!r}; "
+                f"log: {self.log_path}"
+            ) from exc
+        old = self._vm._qmp_connection
+        self._vm._qmp_connection = new
+        if old is not None:
+            with contextlib.suppress(Exception):  # its peer image is gone
+                old.close()
+        self.build = build
+        self.args = list(argv)
+        self._vm._qemu_full_args = tuple(argv)
+        self._set_qmp_timeout()
+        self._write_cmdline()
+        self._transcript("(exec)", {"argv": list(argv)}, {"pid": self.pid}, time.monotonic())
 
     def _write_cmdline(self) -> None:
         try:
@@ -338,6 +395,18 @@ class QemuProcess:
         if ev is None:
             raise GuestTimeout(f"QMP event {name} from {self.name}", timeout)
         return ev
+
+    def poll_event(self, name: str, wait: float = 0.004) -> dict[str, Any] | None:
+        """One pending QMP event called ``name``, waiting at most ``wait`` seconds; None when
+        there is none.  Sends no command, so it is safe while QEMU may exec or die."""
+
+        try:
+            ev = self._vm.event_wait(name, timeout=wait)
+        except TimeoutError:
+            return None
+        except Exception:  # noqa: BLE001 - a vanished peer: no event
+            return None
+        return dict(ev) if ev is not None else None
 
     def _transcript(self, cmd: str, args: dict[str, Any], resp: Any, t0: float) -> None:
         try:

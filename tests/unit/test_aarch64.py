@@ -28,7 +28,7 @@ def test_catalogue_has_aarch64_qemu_and_aavmf_side_by_side() -> None:
         assert q.key == f"qemu-{q.version}-aarch64"
     assert arm["10.0.2"].packages[0].suite == "bookworm-backports"
     fws = {f.version: f for f in cat.firmware if f.arch == "aarch64"}
-    assert set(fws) == {"2020.11", "2022.11", "2025.02"}
+    assert set(fws) == {"2020.11", "2022.11", "2025.02", "2026.08"}
     assert {f.package for f in fws.values()} == {"qemu-efi-aarch64"}
     assert fws["2025.02"].suite == "trixie"
 
@@ -36,8 +36,8 @@ def test_catalogue_has_aarch64_qemu_and_aavmf_side_by_side() -> None:
 def test_arch_keeps_versions_apart() -> None:
     cat = catalog.default()
     # the same version exists for both arches; the default stays x86_64
-    assert cat.qemu_entry("10.0").binary == "usr/bin/qemu-system-x86_64"
-    assert cat.qemu_entry("10.0", "aarch64").binary == "usr/bin/qemu-system-aarch64"
+    assert cat.qemu_entry("10.0.2").binary == "usr/bin/qemu-system-x86_64"
+    assert cat.qemu_entry("10.0.2", "aarch64").binary == "usr/bin/qemu-system-aarch64"
     assert cat.firmware_entry("2022.11").package == "ovmf"
     assert cat.firmware_entry("2022.11", "aarch64").package == "qemu-efi-aarch64"
     with pytest.raises(Exception, match="5.2"):  # no aarch64 5.2: the error lists what exists

@@ -8,7 +8,7 @@ import pytest
 
 from harness import catalog
 from harness.catalog import Version
-from harness.errors import CatalogError, UnknownVersionError
+from harness.errors import AmbiguousVersionError, CatalogError, UnknownVersionError
 
 
 def test_shipped_catalogue_has_the_mission_builds() -> None:
@@ -32,8 +32,13 @@ def test_version_order_is_numeric() -> None:
 
 def test_lookup_by_prefix_and_unknown_version_lists_available() -> None:
     cat = catalog.default()
-    assert cat.qemu_entry("10.0").version == "10.0.2"
+    assert cat.qemu_entry("10.0.2").version == "10.0.2"
     assert cat.qemu_entry("7.2").suite == "bookworm"
+    assert cat.qemu_entry("11.1.3").suite == "trixie-backports"
+    # a prefix that matches two builds names them instead of picking one
+    with pytest.raises(AmbiguousVersionError) as amb:
+        cat.qemu_entry("10.0")
+    assert amb.value.matching == ["10.0.13", "10.0.2"] and "ambiguous" in str(amb.value)
     with pytest.raises(UnknownVersionError) as err:
         cat.qemu_entry("6.0")
     assert "6.0" in str(err.value) and "10.0.2" in str(err.value) and "5.2" in str(err.value)
