@@ -277,6 +277,36 @@ class BootIncompatibility:
         return _version_ok(qemu, self.qemu) and _version_ok(firmware, self.firmware)
 
 
+@dataclass(frozen=True)
+class DeprecatedMachine:
+    """Versioned machine types a QEMU build deprecates: a hop onto such a build on such a
+    type must print QEMU's deprecation ``text``, and is then judged as usual (it still has
+    to migrate).  A warning no entry covers, or an entry whose warning does not appear,
+    is a problem of the hop: the file is kept true."""
+
+    qemu: str
+    family: str
+    versions: str
+    text: str
+    reason: str
+    where: str = ""
+
+    def applies(self, qemu: Version, machine: str) -> bool:
+        m = _MACHINE_RE.match(machine)
+        return (
+            m is not None and m.group(1) == self.family and _version_ok(qemu, self.qemu)
+            and _version_ok(Version.parse(m.group(2)), self.versions)
+        )  # fmt: skip
+
+
+_DEPRECATED_RE = re.compile(r"warning: Machine type '([^']+)' is deprecated: ?([^\n]*)")
+
+
+def deprecation_warnings(output: str) -> dict[str, str]:
+    """Machine type -> QEMU's deprecation text, from a QEMU's output."""
+    return {m.group(1): m.group(2).strip() for m in _DEPRECATED_RE.finditer(output)}
+
+
 def _version_ok(have: Version, constraint: str) -> bool:
     m = _CONSTRAINT_RE.match(constraint)
     if not m:  # validated on load; a hand-made entry with a bad constraint matches nothing
@@ -297,6 +327,33 @@ class Incompatibilities:
     path: Path
     entries: tuple[Incompatibility, ...] = ()
     boots: tuple[BootIncompatibility, ...] = ()
+    machines: tuple[DeprecatedMachine, ...] = ()
+
+    def lookup_machine(self, qemu: Version, machine: str) -> DeprecatedMachine | None:
+        """The ``[[deprecated-machine]]`` entry covering ``machine`` on this build, or None."""
+        for entry in self.machines:
+            if entry.applies(qemu, machine):
+                return entry
+        return None
+
+    def machine_problems(self, qemu: Version, label: str, machine: str, output: str) -> tuple[list[str], DeprecatedMachine | None]:
+        """Problems of a QEMU process's output against the deprecation entries (and the
+        entry that covers its machine type, if any)."""
+        warned = deprecation_warnings(output)
+        entry = self.lookup_machine(qemu, machine)
+        problems = []
+        for name, text in sorted(warned.items()):
+            covering = self.lookup_machine(qemu, name)
+            if covering is None:
+                problems.append(f"QEMU {label} deprecates machine type {name} ({text!r}), and no "
+                                f"[[deprecated-machine]] entry of {self.path.name} says so")  # fmt: skip
+            elif covering.text not in text:
+                problems.append(f"QEMU {label} deprecates {name} with {text!r}; {covering.where} "
+                                f"expects {covering.text!r}")  # fmt: skip
+        if entry is not None and machine not in warned:
+            problems.append(f"{entry.where} says QEMU {label} deprecates {machine}, but it printed "
+                            "no deprecation warning for it")  # fmt: skip
+        return problems, entry
 
     def lookup(self, source: Version, destination: Version, op: str, machine: str) -> Incompatibility | None:
         """The first entry covering this hop, or None (the hop must then succeed)."""
@@ -367,10 +424,10 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
     """Validate parsed TOML: every entry needs version constraints, a known signature and
     a reason; ``ops`` (optional) must name matrix operations.  ``[[incompatible]]`` tables
     are migration hops, ``[[boot]]`` tables QEMU x firmware pairs that do not boot."""
-    unknown = sorted(set(data) - {"incompatible", "boot"})
+    unknown = sorted(set(data) - {"incompatible", "boot", "deprecated-machine"})
     if unknown:
-        raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; "
-                                 "expected [[incompatible]] and [[boot]] tables")  # fmt: skip
+        raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; expected "
+                                 "[[incompatible]], [[boot]] and [[deprecated-machine]] tables")  # fmt: skip
     hops = []
     fields = {"source", "destination", "ops", "machine", "signature", "reason"}
     for i, (where, table) in enumerate(_tables(path, data, "incompatible", fields)):
@@ -393,7 +450,19 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         firmware = _constraint(path, where, table, "firmware")
         sig, reason = _signature_and_reason(path, where, table)
         boots.append(BootIncompatibility(qemu, firmware, sig, reason, f"{path.name} boot entry {i + 1}"))
-    return Incompatibilities(path, tuple(hops), tuple(boots))
+    machines = []
+    fields = {"qemu", "family", "versions", "text", "reason"}
+    for i, (where, table) in enumerate(_tables(path, data, "deprecated-machine", fields)):
+        family = _text(path, where, table, "family")
+        if family not in ("pc-q35", "pc-i440fx", "virt"):
+            raise CatalogError(path, f"{where}: family {family!r} is not pc-q35, pc-i440fx or virt")
+        text, reason = _text(path, where, table, "text"), _text(path, where, table, "reason")
+        assert family is not None and text is not None and reason is not None
+        machines.append(DeprecatedMachine(
+            _constraint(path, where, table, "qemu"), family,
+            _constraint(path, where, table, "versions"), text, reason,
+            f"{path.name} deprecated-machine entry {i + 1}"))  # fmt: skip
+    return Incompatibilities(path, tuple(hops), tuple(boots), tuple(machines))
 
 
 def load_incompatibilities(path: Path = INCOMPATIBILITIES) -> Incompatibilities:

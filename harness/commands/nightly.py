@@ -28,6 +28,9 @@ def _parser(sub: Any) -> None:
                    help="OVMF builds (repeatable; default: all)")
     p.add_argument("--scenario", action="append", default=[], metavar="NAME",
                    help="only these scenario families (repeatable or comma separated)")
+    p.add_argument("--full", action="store_true",
+                   help="every ordered cross-version pair (default: neighbours in version order "
+                        "and every build with the newest)")
     p.add_argument("--shard", default=None, metavar="K/N", help="run shard K of N (deterministic)")
     p.add_argument("--results", type=Path, default=None, metavar="DIR",
                    help="results directory (default: results/<timestamp>)")
@@ -67,7 +70,7 @@ def _nightly(args: argparse.Namespace) -> int:
         ovmf=args.ovmf, scenarios=scenarios, shard=args.shard, jobs=args.jobs,
         cycles=args.cycles, inject_failure=args.inject_failure, timeout_s=args.timeout,
         registrations={k: list(getattr(args, k)) for k in nightly.REGISTRATION_OPTIONS},
-        argv=sys.argv[1:], pytest_args=args.pytest_arg,
+        argv=sys.argv[1:], pytest_args=args.pytest_arg, full=args.full,
     )  # fmt: skip
 
     def echo(line: str) -> None:

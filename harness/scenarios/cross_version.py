@@ -276,7 +276,8 @@ class Runner:
             rec["ok_raw"] = False
             return False
         try:
-            problems = guest_problems(vm, before)
+            problems = self._machine_problems(vm, hop, rec)
+            problems += guest_problems(vm, before)
             rec["pause_s"] = round(state.guest_pause(before.state, state.snapshot(vm, memory=False)), 3)
             if plan.reboot_checks and hop.dest_firmware:
                 problems += self._firmware_checks(vm, hop, before, images, rec)
@@ -286,6 +287,15 @@ class Runner:
         rec["problems"] = problems
         rec["ok_raw"] = not problems
         return not problems
+
+    def _machine_problems(self, vm: Machine, hop: Hop, rec: dict[str, Any]) -> list[str]:
+        """The destination's machine-type deprecation warnings against the data file."""
+        problems, entry = self.incompat.machine_problems(
+            self.versions[hop.destination], hop.destination, hop.machine, vm.process.output())
+        if entry is not None:
+            rec["machine_deprecated"] = {"text": entry.text, "reason": entry.reason,
+                                         "where": entry.where}  # fmt: skip
+        return problems
 
     def _firmware_checks(self, vm: Machine, hop: Hop, before: Before,
                          images: dict[str, Path], rec: dict[str, Any]) -> list[str]:
