@@ -456,7 +456,8 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         family = _text(path, where, table, "family")
         if family not in ("pc-q35", "pc-i440fx", "virt"):
             raise CatalogError(path, f"{where}: family {family!r} is not pc-q35, pc-i440fx or virt")
-        text, reason = _text(path, where, table, "text"), _text(path, where, table, "reason")
+        text = _text(path, where, table, "text")
+        reason = _text(path, where, table, "reason")
         assert family is not None and text is not None and reason is not None
         machines.append(DeprecatedMachine(
             _constraint(path, where, table, "qemu"), family,
