@@ -456,12 +456,12 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         family = _text(path, where, table, "family")
         if family not in ("pc-q35", "pc-i440fx", "virt"):
             raise CatalogError(path, f"{where}: family {family!r} is not pc-q35, pc-i440fx or virt")
-        text = _text(path, where, table, "text")
-        reason = _text(path, where, table, "reason")
-        assert family is not None and text is not None and reason is not None
+        warn_text = _text(path, where, table, "text")
+        why = _text(path, where, table, "reason")
+        assert family is not None and warn_text is not None and why is not None
         machines.append(DeprecatedMachine(
             _constraint(path, where, table, "qemu"), family,
-            _constraint(path, where, table, "versions"), text, reason,
+            _constraint(path, where, table, "versions"), warn_text, why,
             f"{path.name} deprecated-machine entry {i + 1}"))  # fmt: skip
     return Incompatibilities(path, tuple(hops), tuple(boots), tuple(machines))
 
