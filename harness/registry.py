@@ -13,6 +13,11 @@ QEMU ``.deb`` files are unpacked once into a content-addressed prefix under
 may lack (``libcapstone4``, ``liburing2``, ...); when the given packages do not bring them,
 the library directories of the catalogue prefix of the same QEMU version are reused; when
 that is not enough either, :class:`~harness.errors.ProvisionError` names the missing sonames.
+A package built for a newer C library than the host's (trixie's, forky's) gets its whole
+closure resolved from the suite that has exactly that package version (the catalogue's
+closure suites are asked in turn) and runs through the prefix's own loader, like the
+catalogue's own-libc builds; when no such suite has it, the error names the version and the
+suites asked.
 
 Source builds (``harness build-qemu``) are found by their label ``src:VERSION+HASH8`` from
 the source-build cache, registry file or not.
@@ -95,6 +100,7 @@ def qemu_record(build: QemuBuild) -> dict[str, Any]:
         "label": build.label, "arch": build.arch, "binary": str(build.binary),
         "datadirs": [str(d) for d in build.datadirs], "libdirs": [str(d) for d in build.libdirs],
         "source": build.source, "prefix": str(build.prefix) if build.prefix else None,
+        "loader": str(build.loader) if build.loader else None,
     }  # fmt: skip
 
 
@@ -106,6 +112,7 @@ def qemu_from_record(rec: dict[str, Any]) -> QemuBuild:
             datadirs=tuple(Path(d) for d in rec["datadirs"]),
             libdirs=tuple(Path(d) for d in rec["libdirs"]),
             source=str(rec["source"]), prefix=Path(rec["prefix"]) if rec.get("prefix") else None,
+            loader=Path(rec["loader"]) if rec.get("loader") else None,
         )  # fmt: skip
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"malformed QEMU record in the registry: {rec!r}") from exc
@@ -187,6 +194,20 @@ def forget(path: Path) -> None:
 
 
 _NOT_FOUND = re.compile(r"^\s*(\S+)\s+=>\s+not found", re.MULTILINE)
+_LIBC_TOO_OLD = re.compile(r"version `(GLIBC_[\d.]+)' not found")
+
+
+def needs_newer_libc(binary: Path, libdirs: Sequence[Path] = ()) -> list[str]:
+    """The glibc symbol versions ``binary`` needs that the host's C library lacks."""
+    env = dict(os.environ)
+    if libdirs:
+        env["LD_LIBRARY_PATH"] = ":".join(str(d) for d in libdirs)
+    try:
+        proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True,
+                              env=env, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"ldd {binary} failed: {exc}") from exc
+    return sorted(set(_LIBC_TOO_OLD.findall(proc.stdout + proc.stderr)))
 
 
 def missing_sonames(binary: Path, libdirs: Sequence[Path]) -> list[str]:
@@ -290,22 +311,76 @@ def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
         if verify_prefix(prefix) is not None:
             _unpack_qemu(paths, prefix, packages, version)
     default_label = f"deb:{debver.split(':', 1)[-1]}"  # without the epoch
-    build = builds_mod.from_prefix(prefix, label or default_label, arch, f"deb:{debver}")
+    from harness.provision import read_manifest
+
+    own_libc = bool((read_manifest(prefix) or {}).get("own_libc"))
+    build = builds_mod.from_prefix(prefix, label or default_label, arch, f"deb:{debver}",
+                                   own_libc=own_libc)  # fmt: skip
     if not build.binary.is_file():
         raise ProvisionError(f"{QEMU_PACKAGE} {debver} has no {build.binary.relative_to(prefix)}")
-    return with_library_fallback(build, version)
+    return build if own_libc else with_library_fallback(build, version)
 
 
 def _unpack_qemu(paths: Sequence[Path], prefix: Path, packages: dict[str, tuple[Path, str]],
                  version: str) -> None:
-    from harness.provision import staging, unpack, write_manifest
+    from harness.provision import deb_field, staging, unpack, write_manifest
 
     with staging(prefix) as tmp:
         unpack(paths, tmp)
+        binary = tmp / "usr/bin/qemu-system-x86_64"
+        if not binary.is_file():
+            binary = next(iter(sorted((tmp / "usr/bin").glob("qemu-system-*"))), None)
+        closure: dict[str, str] = {}
+        suites: tuple[str, ...] = ()
+        own_libc = "libc6" in packages
+        if binary is not None and not own_libc:
+            too_new = needs_newer_libc(binary)
+            if too_new:
+                suites, debs = _resolve_closure(packages, too_new, binary)
+                extra = [d for d in debs if deb_field(d, "Package") not in packages]
+                unpack(extra, tmp)
+                closure = {deb_field(d, "Package"): deb_field(d, "Version") for d in extra}
+                own_libc = True
         write_manifest(tmp, {
             "kind": "qemu", "registered": [str(p) for p in paths],
             "packages": {k: v[1] for k, v in packages.items()}, "version": version,
+            "own_libc": own_libc, "closure_suites": list(suites), "closure": closure,
         })  # fmt: skip
+
+
+def _resolve_closure(packages: dict[str, tuple[Path, str]], too_new: Sequence[str],
+                     binary: Path) -> tuple[tuple[str, ...], list[Path]]:
+    """The suites whose archive has exactly the given QEMU package version, and the .debs
+    of the packages' whole closure from there (C library included)."""
+    from harness.catalog import PackageRef
+    from harness.provision import Provisioner
+
+    debver = packages[QEMU_PACKAGE][1]
+    cat = catalog_mod.default()
+    candidates = list(dict.fromkeys((e.closure, e.suite) for e in cat.qemu if e.closure))
+    prov = Provisioner(cat)
+    asked = []
+    with prov.lock():
+        for suites, target in candidates:
+            archive = prov.closure_archive(suites)
+            asked.append(target)
+            try:
+                have = archive.candidate(PackageRef(QEMU_PACKAGE, target))
+            except ProvisionError:
+                continue
+            if have != debver:
+                continue
+            refs = [PackageRef(name, target) for name in sorted(packages)]
+            dest = prov.debs_dir / f"registered-closure-{re.sub(r'[^A-Za-z0-9.+~-]', '_', debver)}"
+            log.info("%s needs %s: resolving its closure from %s", binary.name,
+                     ", ".join(too_new), "+".join(suites))  # fmt: skip
+            return tuple(suites), archive.closure(refs, target, dest)
+    raise ProvisionError(
+        f"{binary} needs a newer C library than this host's ({', '.join(too_new)}), and none of "
+        f"the suites asked ({', '.join(asked) or 'none: no catalogue entry has a closure'}) has "
+        f"{QEMU_PACKAGE} {debver} to resolve its libraries from; pass the library .debs too "
+        "(libc6 and the rest of the closure: apt-get install --download-only on that suite)"
+    )
 
 
 def register_qemu_dir(path: Path, label: str | None = None, arch: str = "x86_64") -> QemuBuild:

@@ -84,3 +84,26 @@ def test_missing_mode_parameter_means_normal_only() -> None:
     raw = recorded("10.0.2")
     raw["schema"] = [e for e in raw["schema"] if e.get("name") != "migrate-set-parameters"]
     assert capabilities_from_qmp(**raw).migration_modes == ("normal",)
+
+
+def test_an_own_libc_build_runs_through_its_loader_from_any_environment(tmp_path: Path) -> None:
+    from harness.builds import QemuBuild
+
+    lib = tmp_path / "usr/lib/x86_64-linux-gnu"
+    (lib / "qemu").mkdir(parents=True)
+    loader = lib / "ld-linux-x86-64.so.2"
+    loader.write_bytes(b"")
+    own = QemuBuild("11.1.3", "x86_64", tmp_path / "usr/bin/qemu-system-x86_64", (), (lib,),
+                    prefix=tmp_path, loader=loader)  # fmt: skip
+    assert own.wrapper() == [str(loader), "--library-path", str(lib)]
+    assert "LD_LIBRARY_PATH" not in own.env or own.env["LD_LIBRARY_PATH"] != str(lib)
+    assert own.env["QEMU_MODULE_DIR"] == str(lib / "qemu")
+    cmd = own.command()
+    # env first (clean LD_LIBRARY_PATH, this build's modules), then the loader, then QEMU
+    assert cmd[:3] == ["/usr/bin/env", "-u", "LD_LIBRARY_PATH"]
+    assert f"QEMU_MODULE_DIR={lib / 'qemu'}" in cmd
+    assert cmd[-4:] == [str(loader), "--library-path", str(lib), str(own.binary)]
+    host = QemuBuild("10.0.2", "x86_64", tmp_path / "qemu", (), (lib,), prefix=tmp_path)
+    assert host.wrapper() == [] and host.env["LD_LIBRARY_PATH"].startswith(str(lib))
+    assert host.command()[:2] == ["/usr/bin/env", f"LD_LIBRARY_PATH={lib}"]
+    assert host.command()[-1] == str(host.binary)

@@ -65,6 +65,25 @@ def test_default_matrix_covers_every_build_and_scenario() -> None:
     assert m.selected == [e.id for e in m.entries]
 
 
+def test_default_pairs_are_neighbours_and_the_newest_full_is_every_pair() -> None:
+    five = [*QEMU, nightly.BuildInfo("10.0.13", (10, 0, 13), frozenset({"normal"})),
+            nightly.BuildInfo("11.1.3", (11, 1, 3), frozenset({"normal", "cpr-exec"}))]  # fmt: skip
+    kw: dict[str, Any] = {"plans": fake_plans, "scenarios": ["cross-version"]}
+    full = nightly.build_matrix(nightly.DEFAULT_KINDS, five, OVMF, full=True, **kw)
+    default = nightly.build_matrix(nightly.DEFAULT_KINDS, five, OVMF, **kw)
+    pairs = {e.qemu for e in default.entries if e.part == "pairs"}
+    assert len({e.qemu for e in full.entries if e.part == "pairs"}) == 20
+    # neighbours 5.2-7.2, 7.2-10.0.2, 10.0.2-10.0.13, 10.0.13-11.1.3 and every build with the
+    # newest (5.2, 7.2, 10.0.2 besides its neighbour), both directions
+    assert len(pairs) == 14
+    assert ("10.0.2", "10.0.13") in pairs and ("10.0.13", "10.0.2") in pairs
+    assert ("5.2", "11.1.3") in pairs and ("11.1.3", "5.2") in pairs
+    assert ("5.2", "10.0.2") not in pairs and ("7.2", "10.0.13") not in pairs
+    assert any("6 ordered pairs" in n and "--full" in n for n in default.not_applicable)
+    # the chains still walk every build
+    assert [e.qemu for e in default.entries if e.part == "chains"] == [tuple(b.label for b in five)]
+
+
 def test_matrix_subset_and_bad_options() -> None:
     m = matrix(scenarios=["boot"])
     assert {e.scenario for e in m.entries} == {"boot"} and len(m.entries) == 9
