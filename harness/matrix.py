@@ -253,14 +253,20 @@ class Incompatibility:
     reason: str
     machine: str | None = None
     where: str = ""
+    firmware: str | None = None  # constraint on the source's firmware (firmware upgrades)
+    dest_firmware: str | None = None  # and on the destination's
 
-    def applies(self, source: Version, destination: Version, op: str, machine: str) -> bool:
+    def applies(self, source: Version, destination: Version, op: str, machine: str,
+                firmware: Version | None = None, dest_firmware: Version | None = None) -> bool:
         return (
             _version_ok(source, self.source)
             and _version_ok(destination, self.destination)
             and (not self.ops or op in self.ops)
             and (self.machine is None or self.machine == machine)
-        )
+            and (self.firmware is None or (firmware is not None and _version_ok(firmware, self.firmware)))
+            and (self.dest_firmware is None
+                 or (dest_firmware is not None and _version_ok(dest_firmware, self.dest_firmware)))
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -355,10 +361,11 @@ class Incompatibilities:
                             "no deprecation warning for it")  # fmt: skip
         return problems, entry
 
-    def lookup(self, source: Version, destination: Version, op: str, machine: str) -> Incompatibility | None:
+    def lookup(self, source: Version, destination: Version, op: str, machine: str,
+               firmware: Version | None = None, dest_firmware: Version | None = None) -> Incompatibility | None:
         """The first entry covering this hop, or None (the hop must then succeed)."""
         for entry in self.entries:
-            if entry.applies(source, destination, op, machine):
+            if entry.applies(source, destination, op, machine, firmware, dest_firmware):
                 return entry
         return None
 
@@ -429,7 +436,8 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         raise CatalogError(path, f"unknown top-level key(s) {', '.join(unknown)}; expected "
                                  "[[incompatible]], [[boot]] and [[deprecated-machine]] tables")  # fmt: skip
     hops = []
-    fields = {"source", "destination", "ops", "machine", "signature", "reason"}
+    fields = {"source", "destination", "ops", "machine", "signature", "reason", "firmware",
+              "dest_firmware"}
     for i, (where, table) in enumerate(_tables(path, data, "incompatible", fields)):
         src = _constraint(path, where, table, "source")
         dst = _constraint(path, where, table, "destination")
@@ -442,8 +450,10 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
                                      f"known: {', '.join(MATRIX_OPS)}")  # fmt: skip
         sig, reason = _signature_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
+        fws = {k: _constraint(path, where, table, k) if k in table else None
+               for k in ("firmware", "dest_firmware")}  # fmt: skip
         hops.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
-                                    f"{path.name} entry {i + 1}"))  # fmt: skip
+                                    f"{path.name} entry {i + 1}", **fws))  # fmt: skip
     boots = []
     for i, (where, table) in enumerate(_tables(path, data, "boot", {"qemu", "firmware", "signature", "reason"})):
         qemu = _constraint(path, where, table, "qemu")

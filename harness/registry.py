@@ -327,8 +327,8 @@ def _unpack_qemu(paths: Sequence[Path], prefix: Path, packages: dict[str, tuple[
 
     with staging(prefix) as tmp:
         unpack(paths, tmp)
-        binary = tmp / "usr/bin/qemu-system-x86_64"
-        if not binary.is_file():
+        binary: Path | None = tmp / "usr/bin/qemu-system-x86_64"
+        if binary is None or not binary.is_file():
             binary = next(iter(sorted((tmp / "usr/bin").glob("qemu-system-*"))), None)
         closure: dict[str, str] = {}
         suites: tuple[str, ...] = ()

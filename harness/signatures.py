@@ -265,6 +265,19 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness repro nested --mode live (a TCG L1 running an L2, "
         "QEMU 7.2 -> 10.0.2; recorded in tests/unit/test_nested.py)",
     ),
+    # --- not QEMU's text: findings of the harness's own checks --------------------------
+    signature(
+        "bootorder-apps-moved",
+        [r"the firmware moved its application entries \(load-option category APP\) after "
+         r"the boot devices in BootOrder"],
+        "The newer firmware rewrote BootOrder on its first boot of an older firmware's "
+        "varstore: its application entries (UiApp/'EFI Firmware Setup', the EFI Shell) now "
+        "come after the boot devices and it added a BootManagerMenuApp entry. The devices "
+        "and the guest's own entries kept their relative order, so what boots is unchanged; "
+        "tools that compare BootOrder byte for byte (or expect Boot0000 first) see a change.",
+        "real run here: harness nightly, firmware-upgrade-ovmf2025.02-to-ovmf2026.08 "
+        "(QEMU 11.1.3, OVMF 2025.02 varstore cold-booted by OVMF 2026.08)",
+    ),
     # --- not migration: a guest that never comes up ------------------------------------
     signature(
         "firmware-silent",

@@ -26,6 +26,7 @@ A hop that fails is judged against ``firmware/expected-incompatibilities.toml``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -223,7 +224,8 @@ class Runner:
     def _finish(self, rec: dict[str, Any], hop: Hop) -> dict[str, Any]:
         failed = not rec.get("ok_raw", False)
         expected = self.incompat.lookup(self.versions[hop.source], self.versions[hop.destination],
-                                        hop.op, hop.machine)  # fmt: skip
+                                        hop.op, hop.machine, _fw_version(rec.get("firmware")),
+                                        _fw_version(rec.get("dest_firmware")))  # fmt: skip
         verdict = matrix.judge(failed, rec.get("signature"), expected)
         rec.pop("ok_raw", None)
         rec["ok"] = verdict.ok
@@ -285,6 +287,12 @@ class Runner:
             rec["diagnosis"], problem = state.check_failure(vm, exc)
             problems = [problem]
         rec["problems"] = problems
+        if problems and not rec.get("signature"):
+            from harness import signatures
+
+            sig = signatures.classify("\n".join(problems))
+            if sig is not None:  # a finding of the checks, named like a QEMU error
+                rec["signature"], rec["signature_explanation"] = sig.name, sig.explanation
         rec["ok_raw"] = not problems
         return not problems
 
@@ -335,6 +343,14 @@ class Runner:
 AUTO_CREATED = bytes.fromhex("4eac0881119f594d850ee21a522c59b2")
 
 
+def _fw_version(label: object) -> Version | None:
+    """A firmware label's numeric version (``2025.02``; a registered ``2025.02-8+deb13u1``)."""
+    try:
+        return Version.parse(str(label)) if label else None
+    except ValueError:
+        return None
+
+
 def _after_boot(vm: Machine, before: Before, what: str,
                 pruned: dict[str, Any] | None = None) -> list[str]:
     """The guest-written variable and BootOrder after a reboot.  With ``pruned`` (another
@@ -359,8 +375,43 @@ def _after_boot(vm: Machine, before: Before, what: str,
     # another firmware may append options for what it finds; the same firmware must not
     kept = order[: len(expected)] if pruned is not None else order
     if kept != expected:
-        problems.append(f"after the {what} BootOrder changed: {_fmt(before.boot_order)} -> {_fmt(order)}")
+        moved = _apps_moved(vm, before, expected, order) if pruned is not None else None
+        if moved is not None:
+            problems.append(f"after the {what} the firmware moved its application entries "
+                            f"(load-option category APP) after the boot devices in BootOrder: "
+                            f"{_fmt(before.boot_order)} -> {_fmt(order)} ({moved}); the devices "
+                            "and the guest's own entries kept their order")  # fmt: skip
+        else:
+            problems.append(f"after the {what} BootOrder changed: {_fmt(before.boot_order)} -> {_fmt(order)}")
     return problems
+
+
+#: UEFI load option attributes: the category field and its APP value (UEFI 3.1.3).
+_CATEGORY_MASK, _CATEGORY_APP = 0x1F00, 0x100
+
+
+def _apps_moved(vm: Machine, before: Before, expected: list[int], order: list[int]) -> str | None:
+    """When the only change is that the firmware reordered (or added) application entries
+    (UiApp, the Shell, BootManagerMenuApp: what BDS skips when booting) while every other
+    entry kept its relative order, say which; else None (another change)."""
+    entries = dict(varstore.read_varstore(before.varstore).boot_entries)
+    with contextlib.suppress(HarnessError):  # the firmware's new entries, if readable
+        entries.update(varstore.read_varstore(vm.varstore_path).boot_entries)
+
+    def is_app(n: int) -> bool:
+        e = entries.get(n)
+        return e is not None and (e.attributes & _CATEGORY_MASK) == _CATEGORY_APP
+
+    def titled(ns: Sequence[int]) -> str:
+        return ", ".join(f"{n:04X} {entries[n].title!r}" if n in entries else f"{n:04X}" for n in ns)
+
+    added = [n for n in order if n not in expected]
+    if [n for n in order if not is_app(n)] != [n for n in expected if not is_app(n)]:
+        return None
+    if not all(is_app(n) for n in added):
+        return None
+    apps = [n for n in expected if is_app(n)]
+    return f"application entries {titled(apps)}" + (f"; added {titled(added)}" if added else "")
 
 
 def _bios_info(vm: Machine) -> dict[str, str]:
