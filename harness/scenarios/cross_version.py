@@ -445,9 +445,15 @@ def build_plans(opts: ScenarioOptions) -> tuple[list[Plan], dict[str, Version]]:
     (default: every catalogue and registered build) and ``--ovmf`` builds."""
     from harness import firmware
 
+    raw = opts.extra.get("parts", PARTS)
+    parts = (raw,) if isinstance(raw, str) else tuple(raw)  # `--set parts=firmware`: one part
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        from harness.errors import ConfigError
+
+        raise ConfigError(f"parts={','.join(unknown)}: unknown; expected some of {', '.join(PARTS)}")
     eps = matrix.endpoints(opts.qemu)
     ops = (opts.mode,) if opts.mode else matrix.DEFAULT_OPS
-    parts = tuple(opts.extra.get("parts", PARTS))
     plans: list[Plan] = []
     if "pairs" in parts:
         plans += matrix.pair_plans(eps, ops)

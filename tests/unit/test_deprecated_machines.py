@@ -48,3 +48,28 @@ def test_malformed_entries_name_the_file_and_field(tmp_path: Path, body: str, ne
     with pytest.raises(CatalogError) as err:
         matrix.load_incompatibilities(path)
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_firmware_constraints_narrow_an_incompatibility(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[[incompatible]]\nsource='>=0'\ndestination='>=0'\nfirmware='<2026'\n"
+                    "dest_firmware='>=2026.08'\nsignature='bootorder-apps-moved'\nreason='r'\n")
+    inc = matrix.load_incompatibilities(path)
+    q = Version.parse("11.1.3")
+    hit = inc.lookup(q, q, "live", "pc-q35-11.1", Version.parse("2025.02"), Version.parse("2026.08"))
+    assert hit is not None and hit.signature == "bootorder-apps-moved"
+    assert inc.lookup(q, q, "live", "pc-q35-11.1", Version.parse("2022.11"), Version.parse("2025.02")) is None
+    assert inc.lookup(q, q, "live", "pc-q35-11.1") is None  # a QEMU hop without firmware change
+    path.write_text("[[incompatible]]\nsource='>=0'\ndestination='>=0'\nfirmware='new'\n"
+                    "signature='bootorder-apps-moved'\nreason='r'\n")
+    with pytest.raises(CatalogError, match="firmware 'new' is not a version constraint"):
+        matrix.load_incompatibilities(path)
+
+
+def test_cross_version_parts_take_one_value_and_refuse_unknown_ones() -> None:
+    from harness.errors import ConfigError
+    from harness.scenarios import ScenarioOptions
+    from harness.scenarios.cross_version import build_plans
+
+    with pytest.raises(ConfigError, match="parts=nosuch: unknown"):
+        build_plans(ScenarioOptions(qemu=["7.2"], extra={"parts": "nosuch"}))
