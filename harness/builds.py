@@ -155,14 +155,16 @@ class QemuBuild:
         """The argv prefix that runs this build from a clean environment of the host
         (``env`` for the variables, then the loader if any, then the binary): what a
         cpr-exec command line starts with, whichever build the old process was."""
-        env = ["/usr/bin/env"]
+        unset, assign = [], []  # env takes its options before the assignments
         if self.loader is None and self.libdirs:
-            env.append("LD_LIBRARY_PATH=" + ":".join(str(d) for d in self.libdirs))
+            assign.append("LD_LIBRARY_PATH=" + ":".join(str(d) for d in self.libdirs))
         else:
-            env += ["-u", "LD_LIBRARY_PATH"]
-        env += [f"{k}={v}" for k, v in self.module_env().items()]
-        if not self.module_env():
-            env += ["-u", "QEMU_MODULE_DIR"]
+            unset += ["-u", "LD_LIBRARY_PATH"]
+        modules = self.module_env()
+        assign += [f"{k}={v}" for k, v in modules.items()]
+        if not modules:
+            unset += ["-u", "QEMU_MODULE_DIR"]
+        env = ["/usr/bin/env", *unset, *assign]
         return [*env, *self.wrapper(), str(self.binary)]
 
     def data_args(self) -> list[str]:

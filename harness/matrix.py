@@ -255,9 +255,11 @@ class Incompatibility:
     where: str = ""
     firmware: str | None = None  # constraint on the source's firmware (firmware upgrades)
     dest_firmware: str | None = None  # and on the destination's
+    boot: str | None = None  # constraint on the build the guest booted on (device ABI)
 
     def applies(self, source: Version, destination: Version, op: str, machine: str,
-                firmware: Version | None = None, dest_firmware: Version | None = None) -> bool:
+                firmware: Version | None = None, dest_firmware: Version | None = None,
+                boot: Version | None = None) -> bool:
         return (
             _version_ok(source, self.source)
             and _version_ok(destination, self.destination)
@@ -266,6 +268,7 @@ class Incompatibility:
             and (self.firmware is None or (firmware is not None and _version_ok(firmware, self.firmware)))
             and (self.dest_firmware is None
                  or (dest_firmware is not None and _version_ok(dest_firmware, self.dest_firmware)))
+            and (self.boot is None or (boot is not None and _version_ok(boot, self.boot)))
         )  # fmt: skip
 
 
@@ -362,10 +365,11 @@ class Incompatibilities:
         return problems, entry
 
     def lookup(self, source: Version, destination: Version, op: str, machine: str,
-               firmware: Version | None = None, dest_firmware: Version | None = None) -> Incompatibility | None:
+               firmware: Version | None = None, dest_firmware: Version | None = None,
+               boot: Version | None = None) -> Incompatibility | None:
         """The first entry covering this hop, or None (the hop must then succeed)."""
         for entry in self.entries:
-            if entry.applies(source, destination, op, machine, firmware, dest_firmware):
+            if entry.applies(source, destination, op, machine, firmware, dest_firmware, boot):
                 return entry
         return None
 
@@ -437,7 +441,7 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
                                  "[[incompatible]], [[boot]] and [[deprecated-machine]] tables")  # fmt: skip
     hops = []
     fields = {"source", "destination", "ops", "machine", "signature", "reason", "firmware",
-              "dest_firmware"}
+              "dest_firmware", "boot"}
     for i, (where, table) in enumerate(_tables(path, data, "incompatible", fields)):
         src = _constraint(path, where, table, "source")
         dst = _constraint(path, where, table, "destination")
@@ -451,7 +455,7 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         sig, reason = _signature_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
         fws = {k: _constraint(path, where, table, k) if k in table else None
-               for k in ("firmware", "dest_firmware")}  # fmt: skip
+               for k in ("firmware", "dest_firmware", "boot")}  # fmt: skip
         hops.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
                                     f"{path.name} entry {i + 1}", **fws))  # fmt: skip
     boots = []

@@ -61,7 +61,7 @@ DEFAULT_JOBS = 2
 DEFAULT_TIMEOUT_S = 3 * 3600.0
 INJECTED = "injected-failure"
 RUNNERS = ("scenario", "boot", "pytest", "inject")
-AXES = ("qemu*ovmf", "qemu+ovmf", "pairs", "chains", "firmware-pairs", "newest", "tests")
+AXES = ("qemu*ovmf", "qemu+ovmf", "qemu", "pairs", "chains", "firmware-pairs", "newest", "tests")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("cpr-reboot", "scenario", "qemu+ovmf", target="cpr-reboot", mode="cpr-reboot", cycles=True, cost_s=19),
     Kind("cpr-transfer", "scenario", "qemu+ovmf", target="cpr-transfer", mode="cpr-transfer", cycles=True, cost_s=20),
     Kind("cpr-exec", "scenario", "qemu+ovmf", target="cpr-exec", mode="cpr-exec", cycles=True, cost_s=20),
+    Kind("storm", "scenario", "qemu", target="storm", cost_s=70),
     Kind("cross-version", "scenario", "pairs", target="cross-version", cost_s=22),
     Kind("cross-version", "scenario", "chains", target="cross-version", cost_s=24),
     Kind("firmware-upgrade", "scenario", "firmware-pairs", target="cross-version", cost_s=48),
@@ -320,9 +321,11 @@ def _expand(kind: Kind, qemu: Sequence[BuildInfo], ovmf: list[str], newest: Buil
     if kind.axis == "tests":
         out.append(mk(kind.scenario, tests=kind.tests))
         return out
-    if kind.axis in ("qemu*ovmf", "qemu+ovmf", "newest"):
+    if kind.axis in ("qemu*ovmf", "qemu+ovmf", "qemu", "newest"):
         if kind.axis == "qemu*ovmf":
             combos = [(b, f) for b in qemu for f in ovmf]
+        elif kind.axis == "qemu":
+            combos = [(b, fw_default) for b in qemu]
         elif kind.axis == "qemu+ovmf":
             combos = [(b, fw_default) for b in qemu] + [(newest, f) for f in ovmf if f != fw_default]
         else:

@@ -290,6 +290,16 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness boot --qemu 5.2 --ovmf 2025.02 (OVMF 2025.02 on QEMU 5.2, q35, TCG)",
     ),
     signature(
+        "virtio-vring-exceeds-max",
+        [r"VQ \d+ vring\.num \d+ exceeds allocated max \d+"],
+        "A virtqueue arrived bigger than the destination allocated for that device: the "
+        "source ran it with a larger ring (vring.num) than the destination's device model "
+        "has for the machine type, so the guest-visible device ABI differs between the two "
+        "builds. Newer QEMUs check this on load and refuse the device's state.",
+        "real run here: harness repro cross-version --qemu 10.0.13 --qemu 11.1.2 --set parts=pairs "
+        "(a guest booted on 10.0.13, live to 11.1.2 on pc-q35-10.0)",
+    ),
+    signature(
         "device-load-failed",
         [r"error while loading state for instance 0x[0-9a-fA-F]+ of device '[^']*'"],
         "One device's saved state was rejected by the destination (device named in the "

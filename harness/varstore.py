@@ -576,3 +576,86 @@ def private_copy(template: Path | str, dest: Path | str) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+# --- the store's structure: every header, its state, and what follows the last -------------
+
+#: edk2 variable header states (MdeModulePkg VariableFormat.h); a state byte only ever loses
+#: bits, so an updated variable goes ADDED -> ADDED & IN_DELETED_TRANSITION -> ... & DELETED.
+VAR_HEADER_VALID_ONLY, VAR_ADDED = 0x7F, 0x3F
+VAR_IN_DELETED_TRANSITION, VAR_DELETED = 0xFE, 0xFD
+_SETTLED_STATES = {
+    VAR_ADDED: "added",
+    VAR_ADDED & VAR_DELETED: "deleted",
+    VAR_ADDED & VAR_IN_DELETED_TRANSITION & VAR_DELETED: "deleted",
+}
+_TRANSITIONAL_STATES = {
+    VAR_HEADER_VALID_ONLY: "header valid only (its data was never completed)",
+    VAR_ADDED & VAR_IN_DELETED_TRANSITION: "in deleted transition (an update did not finish)",
+}
+_HEADER = struct.Struct("<HBxLQ16sLLL16s")  # authenticated header: 60 bytes
+
+
+@dataclass(frozen=True)
+class StoreSlot:
+    """One variable header in the raw store: where, its state, its sizes."""
+
+    offset: int
+    state: int
+    name_size: int
+    data_size: int
+
+    @property
+    def end(self) -> int:
+        return (self.offset + _HEADER.size + self.name_size + self.data_size + 3) & ~3
+
+
+def store_slots(path: Path | str) -> tuple[list[StoreSlot], list[str]]:
+    """Walk every variable header of an edk2 (authenticated) varstore file: the slots, and
+    the problems a complete parse cannot accept, each naming the file and the offset: a
+    header that runs past the store's end, a state byte edk2 never writes, anything but
+    erased flash (0xff) after the last header."""
+    from virt.firmware.varstore import edk2
+
+    path = Path(path)
+    with _virt_firmware(path, "reading"):
+        if not edk2.Edk2VarStore.probe(str(path)):
+            raise VarstoreError(path, "no edk2 variable store (NvData firmware volume)")
+        store = edk2.Edk2VarStore(str(path))
+    data, pos, end = store.filedata, store.start, min(store.end, len(store.filedata))
+    slots: list[StoreSlot] = []
+    problems: list[str] = []
+    while pos + _HEADER.size <= end:
+        magic, state, _attr, _count, _time, _pk, nsize, dsize, _guid = _HEADER.unpack_from(data, pos)
+        if magic != 0x55AA:
+            break
+        slot = StoreSlot(pos, state, nsize, dsize)
+        if slot.end > end:
+            problems.append(f"{path}: the variable at offset {pos:#x} ({nsize}-byte name, "
+                            f"{dsize}-byte data) runs past the store's end {end:#x}")  # fmt: skip
+            return slots, problems
+        if state not in _SETTLED_STATES and state not in _TRANSITIONAL_STATES:
+            problems.append(f"{path}: the variable at offset {pos:#x} has state byte "
+                            f"{state:#04x}, which edk2 never writes")  # fmt: skip
+        slots.append(slot)
+        pos = slot.end
+    tail = bytes(data[pos:end])
+    erased = b"\xff"
+    if tail.strip(erased):
+        first = pos + len(tail) - len(tail.lstrip(erased))
+        last = pos + len(tail.rstrip(erased))
+        problems.append(f"{path}: bytes that are neither a variable header nor erased flash "
+                        f"at offset {first:#x}..{last:#x} (the last header ends at {pos:#x})")
+    return slots, problems
+
+
+def integrity_problems(path: Path | str, *, settled: bool = True) -> list[str]:
+    """What is wrong with the store's structure; with ``settled`` (no write in progress)
+    a variable left half-written or half-updated is a problem too."""
+    slots, problems = store_slots(path)
+    if settled:
+        for s in slots:
+            why = _TRANSITIONAL_STATES.get(s.state)
+            if why is not None:
+                problems.append(f"{path}: the variable at offset {s.offset:#x} is {why}")
+    return problems

@@ -182,6 +182,7 @@ class Runner:
     _vm: Machine | None = None
     _vm_plan: str | None = None
     _vm_machine: str | None = None
+    _vm_boot: str | None = None  # the build the carried guest booted on
 
     def _drop(self) -> None:
         if self._vm is not None:
@@ -208,6 +209,7 @@ class Runner:
         boot = time.monotonic() - t0
         self.boots.append(boot)
         self._vm, self._vm_plan, self._vm_machine = vm, plan.name, plan.machine
+        self._vm_boot = label
         return vm, boot
 
     def _base_record(self, plan: Plan, hop: Hop) -> dict[str, Any]:
@@ -223,9 +225,11 @@ class Runner:
 
     def _finish(self, rec: dict[str, Any], hop: Hop) -> dict[str, Any]:
         failed = not rec.get("ok_raw", False)
+        booted = rec.get("booted_on")
         expected = self.incompat.lookup(self.versions[hop.source], self.versions[hop.destination],
                                         hop.op, hop.machine, _fw_version(rec.get("firmware")),
-                                        _fw_version(rec.get("dest_firmware")))  # fmt: skip
+                                        _fw_version(rec.get("dest_firmware")),
+                                        self.versions.get(booted) if booted else None)  # fmt: skip
         verdict = matrix.judge(failed, rec.get("signature"), expected)
         rec.pop("ok_raw", None)
         rec["ok"] = verdict.ok
@@ -251,6 +255,7 @@ class Runner:
                 continue
             if boot is not None:
                 rec["boot_s"] = round(boot, 1)
+            rec["booted_on"] = self._vm_boot
             ok = self._hop(vm, plan, hop, rec)
             self._finish(rec, hop)
             if not ok:

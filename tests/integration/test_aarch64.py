@@ -195,6 +195,30 @@ def test_os_state_persists_across_back_to_back_cpr_transfer(vm_factory: MachineF
     _assert_persisted(vm, order, "after a reboot following two cpr-transfers")
 
 
+def test_new_releases_migrate_and_cpr_exec_on_aarch64(vm_factory: MachineFactory) -> None:
+    """The newer suites' ARM emulators (own C library, through their loader) with AAVMF
+    2026.08: live 10.0.13 -> 11.1.3 and back on the newest virt type both offer, then two
+    cpr-exec updates of the same process on 11.1.3; the OS-set state survives each."""
+    old, new = builds.get_build("10.0.13", ARCH), builds.get_build("11.1.3", ARCH)
+    for b in (old, new):
+        assert b.loader is not None, f"{b.label} should run through its own loader"
+    if not new.capabilities.has_mode("cpr-exec"):
+        pytest.fail(f"QEMU {new.label} ({ARCH}) lost cpr-exec")
+    machine = builds.newest_common_machine(old.capabilities, new.capabilities, family="virt")
+    vm = vm_factory(arch=ARCH, qemu="11.1.3", machine=machine, cpu=CPU, firmware="2026.08",
+                    name="arm-new", fast=True, **migration.spec_fields_for("cpr-exec"))  # fmt: skip
+    order = _set_os_state(vm)
+    _step(vm, f"live 11.1.3 -> 10.0.13 ({machine})", lambda: migration.live(vm, to=old), order)
+    _step(vm, f"live 10.0.13 -> 11.1.3 ({machine})", lambda: migration.live(vm, to=new), order)
+    pid = vm.process.pid
+    for n in (1, 2):
+        _step(vm, f"cpr-exec #{n} 11.1.3", lambda: migration.cpr_exec(vm, to=new), order)
+        assert vm.process.pid == pid and migration.machine_type(vm) == machine
+    mark = state.reboot(vm)
+    bootorder.assert_booted(vm, bootorder.USER_ENTRY, since=mark)
+    _assert_persisted(vm, order, "after a reboot following the migrations and cpr-execs")
+
+
 def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: MachineFactory) -> None:
     """7.2 -> 10.0.2 on virt-7.2 with a named CPU model: QEMU refuses the 'cpu' section
     (firmware/expected-incompatibilities.toml says why); the guest must keep running on

@@ -26,7 +26,7 @@ HARNESS = [sys.executable, "-m", "harness"]
 def test_every_build_launches_through_qemu_machine(entry: catalog.QemuEntry, tmp_path: Path) -> None:
     b = builds.from_catalog(entry)
     vm = QEMUMachine(str(b.binary), args=[*b.data_args(), "-machine", "none", "-nodefaults"],
-                     wrapper=["env", f"LD_LIBRARY_PATH={b.env.get('LD_LIBRARY_PATH', '')}"],
+                     wrapper=b.command()[:-1],  # env (libraries, modules), then its loader if any
                      base_temp_dir=str(tmp_path))  # fmt: skip
     with vm:
         vm.launch()

@@ -73,3 +73,21 @@ def test_archive_drift_names_the_wanted_and_the_offered_version() -> None:
         Provisioner._check_version([deb], "qemu-system-x86", "10.0.12", "trixie")
     text = str(err.value)
     assert "10.0.13" in text and "10.0.12" in text and "trixie" in text and "catalogue" in text
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_deprecated_machine_data_matches_every_builds_own_flags(arch: str) -> None:
+    """[[deprecated-machine]] is kept true: for every build, the versioned machine types its
+    query-machines flags deprecated are exactly those an entry covers."""
+    from harness import matrix
+
+    inc = matrix.load_incompatibilities()
+    problems = []
+    for b in builds.all_builds(arch):
+        flagged = {m.name for m in b.capabilities.machine_types if m.versioned() and m.deprecated}
+        covered = {m.name for m in b.capabilities.machine_types
+                   if m.versioned() and inc.lookup_machine(b.version, m.name) is not None}
+        if flagged != covered:
+            problems.append(f"QEMU {b.label} ({arch}): flagged but not covered "
+                            f"{sorted(flagged - covered)}, covered but not flagged {sorted(covered - flagged)}")
+    assert not problems, "\n".join(problems)

@@ -106,4 +106,7 @@ def test_an_own_libc_build_runs_through_its_loader_from_any_environment(tmp_path
     host = QemuBuild("10.0.2", "x86_64", tmp_path / "qemu", (), (lib,), prefix=tmp_path)
     assert host.wrapper() == [] and host.env["LD_LIBRARY_PATH"].startswith(str(lib))
     assert host.command()[:2] == ["/usr/bin/env", f"LD_LIBRARY_PATH={lib}"]
+    bare = QemuBuild("5.2", "x86_64", tmp_path / "qemu", (), (tmp_path,), prefix=None)
+    # env's options come before its assignments (`env VAR=x -u NAME` runs a program '-u')
+    assert bare.command()[:4] == ["/usr/bin/env", "-u", "QEMU_MODULE_DIR", f"LD_LIBRARY_PATH={tmp_path}"]
     assert host.command()[-1] == str(host.binary)

@@ -20,7 +20,9 @@ def test_shipped_file_covers_the_11_1_deprecations() -> None:
     v = Version.parse("11.1.3")
     problems, entry = inc.machine_problems(v, "11.1.3", "pc-q35-5.2", WARN)
     assert problems == [] and entry is not None and "3 years" in entry.text
-    assert inc.lookup_machine(Version.parse("10.0.13"), "pc-q35-5.2") is None
+    assert inc.lookup_machine(Version.parse("10.0.13"), "pc-q35-5.2") is not None
+    assert inc.lookup_machine(Version.parse("10.0.13"), "pc-q35-7.1") is None
+    assert inc.lookup_machine(Version.parse("7.2"), "pc-q35-5.2") is None
     assert inc.lookup_machine(v, "pc-q35-8.2") is None
     assert inc.lookup_machine(Version.parse("11.1.2"), "virt-7.2") is not None
 
@@ -29,7 +31,7 @@ def test_a_missing_warning_and_an_uncovered_one_are_problems() -> None:
     inc = matrix.load_incompatibilities()
     silent, _ = inc.machine_problems(Version.parse("11.1.3"), "11.1.3", "pc-q35-5.2", "")
     assert silent and "printed no deprecation warning" in silent[0]
-    uncovered, entry = inc.machine_problems(Version.parse("10.0.2"), "10.0.2", "pc-q35-5.2", WARN)
+    uncovered, entry = inc.machine_problems(Version.parse("7.2"), "7.2", "pc-q35-5.2", WARN)
     assert entry is None and uncovered and "no [[deprecated-machine]] entry" in uncovered[0]
     other_text = WARN.replace("3 years old", "2 years old")
     changed, _ = inc.machine_problems(Version.parse("11.1.3"), "11.1.3", "pc-q35-5.2", other_text)

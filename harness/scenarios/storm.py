@@ -1,0 +1,92 @@
+"""The variable-write storm as a scenario: hops of every kind the builds offer, cut while the
+guest writes EFI variables (:mod:`harness.storm`).
+
+``--qemu A [--qemu B ...]``: the guest boots on A; each round makes, on the build it runs
+on, every hop kind that build offers (live, save-restore, cpr-reboot, cpr-transfer, cpr-exec;
+``--set ops=live,cpr-transfer`` chooses), then a warm reboot (where edk2 reclaims the full
+store), then a live migration to the next ``--qemu`` build (cross-version, on the newest
+versioned machine type they all offer).  ``--cycles N`` makes N rounds.  One record per hop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from harness import builds, migration, storm
+from harness.builds import QemuBuild
+from harness.errors import ConfigError, HarnessError
+from harness.factory import MachineFactory
+from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
+from harness.spec import VmSpec
+
+#: The hop kinds, in the order a round makes them (each only where the build offers it).
+KINDS = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "cpr-exec")
+_MODES = {"cpr-reboot": "cpr-reboot", "cpr-transfer": "cpr-transfer", "cpr-exec": "cpr-exec"}
+
+
+def offered(build: QemuBuild, wanted: tuple[str, ...] = KINDS) -> list[str]:
+    """The hop kinds of ``wanted`` that ``build``'s schema offers."""
+    caps = build.capabilities
+    return [k for k in wanted if k not in _MODES or caps.has_mode(_MODES[k])]
+
+
+def plan(qbuilds: list[QemuBuild], rounds: int, wanted: tuple[str, ...] = KINDS,
+         reboot: bool = True) -> list[tuple[str, QemuBuild | None]]:
+    """The hops of ``rounds`` rounds over ``qbuilds`` (see the module docstring)."""
+    hops: list[tuple[str, QemuBuild | None]] = []
+    for r in range(rounds):
+        here = qbuilds[r % len(qbuilds)]
+        hops += [(k, here) for k in offered(here, wanted)]
+        if reboot:
+            hops.append(("reboot", None))
+        if len(qbuilds) > 1:
+            hops.append(("live", qbuilds[(r + 1) % len(qbuilds)]))
+    return hops
+
+
+@scenario("storm", "hops of every kind cut while the guest writes EFI variables (the storm)")
+def run_storm(opts: ScenarioOptions) -> ScenarioReport:
+    report = ScenarioReport("storm")
+    t0 = time.monotonic()
+    arch = str(opts.extra.get("arch", "x86_64"))
+    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or ["10.0.2"])]
+    raw = opts.extra.get("ops", KINDS)
+    wanted = (raw,) if isinstance(raw, str) else tuple(raw)
+    bad = [k for k in wanted if k not in KINDS]
+    if bad:
+        raise ConfigError(f"ops={','.join(bad)}: unknown; the storm's hop kinds are {', '.join(KINDS)}")
+    family = "virt" if arch == "aarch64" else "pc-q35"
+    machine = qbuilds[0].capabilities.resolve_machine("virt" if arch == "aarch64" else "q35")
+    for other in qbuilds[1:]:
+        machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities, family)
+    fields: dict[str, Any] = dict(migration.spec_fields_for("cpr-transfer"))
+    if arch == "aarch64":
+        fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
+    firmware = (opts.ovmf or ["2022.11"])[0]
+    spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch,
+                  name="storm", **fields)  # fmt: skip
+    reboot = str(opts.extra.get("reboot", "1")) not in ("0", "no", "false")
+    hops = plan(qbuilds, max(1, opts.cycles), wanted, reboot)
+    failed = False
+    with MachineFactory(spec, base=opts.workdir) as factory:
+        try:
+            vm = factory(fast=bool(opts.extra.get("fast")))
+
+            def record(hop: storm.StormHop) -> None:
+                rec = hop.to_json()
+                rec.update(scenario="storm", arch=arch, machine=machine, firmware=firmware,
+                           downtime_ms=hop.result.get("downtime_ms"))  # fmt: skip
+                report.add(rec, opts)
+
+            results = storm.run(vm, hops, on_hop=record,
+                                dump_dir=opts.workdir or vm.workdir)  # fmt: skip
+            failed = any(not h.ok for h in results)
+        except HarnessError as exc:
+            record_error(report, "storm", exc, opts)
+            failed = True
+        finally:
+            if failed and opts.artifacts is not None:
+                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+    report.duration_s = time.monotonic() - t0
+    return report
