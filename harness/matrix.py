@@ -256,10 +256,14 @@ class Incompatibility:
     firmware: str | None = None  # constraint on the source's firmware (firmware upgrades)
     dest_firmware: str | None = None  # and on the destination's
     boot: str | None = None  # constraint on the build the guest booted on (device ABI)
+    arch: str | None = None  # the guest architecture it is seen on (default: any)
+    scenario: str | None = None  # the scenario it is seen in (default: any)
+    intermittent: bool = False  # a race: the hop may pass; when it fails, with the signature
 
     def applies(self, source: Version, destination: Version, op: str, machine: str,
                 firmware: Version | None = None, dest_firmware: Version | None = None,
-                boot: Version | None = None) -> bool:
+                boot: Version | None = None, arch: str | None = None,
+                scenario: str | None = None) -> bool:
         return (
             _version_ok(source, self.source)
             and _version_ok(destination, self.destination)
@@ -269,6 +273,8 @@ class Incompatibility:
             and (self.dest_firmware is None
                  or (dest_firmware is not None and _version_ok(dest_firmware, self.dest_firmware)))
             and (self.boot is None or (boot is not None and _version_ok(boot, self.boot)))
+            and (self.arch is None or self.arch == arch)
+            and (self.scenario is None or self.scenario == scenario)
         )  # fmt: skip
 
 
@@ -366,10 +372,12 @@ class Incompatibilities:
 
     def lookup(self, source: Version, destination: Version, op: str, machine: str,
                firmware: Version | None = None, dest_firmware: Version | None = None,
-               boot: Version | None = None) -> Incompatibility | None:
+               boot: Version | None = None, arch: str | None = None,
+               scenario: str | None = None) -> Incompatibility | None:
         """The first entry covering this hop, or None (the hop must then succeed)."""
         for entry in self.entries:
-            if entry.applies(source, destination, op, machine, firmware, dest_firmware, boot):
+            if entry.applies(source, destination, op, machine, firmware, dest_firmware, boot,
+                             arch, scenario):
                 return entry
         return None
 
@@ -441,7 +449,7 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
                                  "[[incompatible]], [[boot]] and [[deprecated-machine]] tables")  # fmt: skip
     hops = []
     fields = {"source", "destination", "ops", "machine", "signature", "reason", "firmware",
-              "dest_firmware", "boot"}
+              "dest_firmware", "boot", "arch", "scenario", "intermittent"}
     for i, (where, table) in enumerate(_tables(path, data, "incompatible", fields)):
         src = _constraint(path, where, table, "source")
         dst = _constraint(path, where, table, "destination")
@@ -454,10 +462,18 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
                                      f"known: {', '.join(MATRIX_OPS)}")  # fmt: skip
         sig, reason = _signature_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
-        fws = {k: _constraint(path, where, table, k) if k in table else None
-               for k in ("firmware", "dest_firmware", "boot")}  # fmt: skip
+        fws: dict[str, Any] = {k: _constraint(path, where, table, k) if k in table else None
+                               for k in ("firmware", "dest_firmware", "boot")}  # fmt: skip
+        extra: dict[str, Any] = {}
+        for key in ("arch", "scenario"):
+            if key in table:
+                extra[key] = _text(path, where, table, key)
+        if "intermittent" in table:
+            if not isinstance(table["intermittent"], bool):
+                raise CatalogError(path, f"{where}: field 'intermittent' must be true or false")
+            extra["intermittent"] = table["intermittent"]
         hops.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
-                                    f"{path.name} entry {i + 1}", **fws))  # fmt: skip
+                                    f"{path.name} entry {i + 1}", **fws, **extra))  # fmt: skip
     boots = []
     for i, (where, table) in enumerate(_tables(path, data, "boot", {"qemu", "firmware", "signature", "reason"})):
         qemu = _constraint(path, where, table, "qemu")
@@ -513,6 +529,9 @@ def judge(failed: bool, signature: str | None,
     if expected is None:
         return Verdict(ok=not failed, expected_failure=False)
     if not failed:
+        if isinstance(expected, Incompatibility) and expected.intermittent:
+            return Verdict(True, False, f"passed this time; listed as an intermittent failure "
+                                        f"({expected.where}: {expected.signature})")  # fmt: skip
         return Verdict(False, False, f"listed as incompatible ({expected.where}: {expected.signature}) "
                                      "but it passed: remove or narrow the entry")  # fmt: skip
     if signature == expected.signature:

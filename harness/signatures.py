@@ -267,6 +267,18 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     # --- not QEMU's text: findings of the harness's own checks --------------------------
     signature(
+        "varstore-file-lost-writes",
+        [r"the varstore file \S+: HarnessStorm\d+ (?:is missing|holds other data|exists, but "
+         r"its last completed write deleted it)"],
+        "After the hop the destination's varstore file lacks variable writes the guest saw "
+        "complete (its own view, served from the firmware's cache, still has them): the "
+        "flash contents QEMU wrote to the destination's file are older than the guest's last "
+        "writes. Variables written while the flash was being migrated are lost at the next "
+        "cold start.",
+        "real run here: harness repro storm --qemu 10.0.2 --set arch=aarch64 --set ops=live "
+        "(AAVMF 2022.11, a live migration while the agent's storm wrote variables)",
+    ),
+    signature(
         "bootorder-apps-moved",
         [r"the firmware moved its application entries \(load-option category APP\) after "
          r"the boot devices in BootOrder"],

@@ -358,6 +358,7 @@ def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables:
         hop.store_used = store_used(vm.varstore_path)
         hop.reclaimed = used is not None and hop.store_used is not None and hop.store_used < used
         used = hop.store_used
+        _classify(hop)
         out.append(hop)
         if on_hop is not None:
             on_hop(hop)
@@ -375,7 +376,19 @@ def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables:
         final.problems += flash_problems(vm, dump)
     except HarnessError as exc:
         final.problems.append(f"checking after the storm stopped: {exc}")
+    _classify(final)
     out.append(final)
     if on_hop is not None:
         on_hop(final)
     return out
+
+
+def _classify(hop: StormHop) -> None:
+    """A hop whose checks failed gets the signature of what they found (QEMU's own error,
+    when the hop itself failed, keeps its signature)."""
+    if hop.problems and not hop.signature:
+        from harness import signatures
+
+        sig = signatures.classify("\n".join(hop.problems))
+        if sig is not None:
+            hop.signature = sig.name
