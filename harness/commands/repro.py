@@ -36,6 +36,19 @@ def _parser(sub: Any) -> None:
                    help="where logs are kept when a cycle fails")
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options (a comma makes a list)."""
+    from harness.errors import ConfigError
+
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = [v for v in value.split(",") if v] if "," in value else value
+    return extra
+
+
 @command("repro")
 def _repro(args: argparse.Namespace) -> int:
     from harness import scenarios
@@ -65,12 +78,7 @@ def _repro(args: argparse.Namespace) -> int:
             parts.append(err.splitlines()[0][:200] if err else "")
         print("  ".join(p for p in parts if p), flush=True)
 
-    extra: dict[str, Any] = {}
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        extra[key] = [v for v in value.split(",") if v] if "," in value else value
+    extra = parse_settings(args.settings)
     opts = scenarios.ScenarioOptions(
         qemu=args.qemu, ovmf=args.ovmf, cycles=args.cycles, until_fail=args.until_fail,
         mode=args.mode, artifacts=args.artifacts, on_record=show, extra=extra,
