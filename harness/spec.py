@@ -72,7 +72,7 @@ class VmSpec:
             )
 
         if not isinstance(self.qemu, str) or not self.qemu:
-            raise bad("qemu", "a QEMU version such as '10.0' or a path")
+            raise bad("qemu", "a QEMU version such as '10.0.2' or a path")
         # types first: the checks below (and qemu_args) assume them
         for name in ("arch", "machine", "cpu", "image", "seed", "name"):
             if not isinstance(getattr(self, name), str):
