@@ -413,8 +413,9 @@ def register(path: Path | str, label: str | None = None, arch: str = "x86_64") -
     if (p / exe).is_file():  # a QEMU build directory
         datadirs = [d for d in (p / "pc-bios", p.parent / "pc-bios") if d.is_dir()]
         return QemuBuild(label or f"custom:{p}", arch, p / exe, tuple(datadirs), (), "build-dir")
-    if (p / "usr/bin" / exe).is_file():  # unpacked packages
-        return from_prefix(p, label or f"custom:{p}", arch, "unpacked")
+    if (p / "usr/bin" / exe).is_file():  # unpacked packages (with their own libc6, or not)
+        return from_prefix(p, label or f"custom:{p}", arch, "unpacked",
+                           own_libc=find_loader(p) is not None)  # fmt: skip
     raise ProvisionError(
         f"{p} is not a QEMU binary, a QEMU build directory (with {exe}) or a directory of "
         f"unpacked packages (with usr/bin/{exe})"

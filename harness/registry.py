@@ -384,8 +384,18 @@ def _resolve_closure(packages: dict[str, tuple[Path, str]], too_new: Sequence[st
 
 
 def register_qemu_dir(path: Path, label: str | None = None, arch: str = "x86_64") -> QemuBuild:
-    """A QEMU build directory or a directory of unpacked packages (libraries checked)."""
+    """A QEMU build directory or a directory of unpacked packages (libraries checked; a
+    directory that holds its own libc6 runs through its own loader)."""
     build = builds_mod.register(path, label=label, arch=arch)
+    if build.loader is not None:
+        return build
+    too_new = needs_newer_libc(build.binary, build.libdirs)
+    if too_new:
+        raise ProvisionError(
+            f"{build.binary} needs a newer C library than this host's ({', '.join(too_new)}): "
+            "pass the package's .debs with --qemu-deb (their closure is resolved from their "
+            "suite) or a directory that also holds the closure's libc6 unpacked"
+        )
     version = _binary_version(build)
     return with_library_fallback(build, version) if version else build
 

@@ -91,3 +91,19 @@ def test_deprecated_machine_data_matches_every_builds_own_flags(arch: str) -> No
             problems.append(f"QEMU {b.label} ({arch}): flagged but not covered "
                             f"{sorted(flagged - covered)}, covered but not flagged {sorted(covered - flagged)}")
     assert not problems, "\n".join(problems)
+
+
+def test_qemu_dir_with_its_own_libc_runs_through_its_loader_and_without_it_is_refused(tmp_path: Path) -> None:
+    from harness import registry
+
+    prefix = builds.get_build("11.1.3").prefix
+    assert prefix is not None
+    build = registry.register_qemu_dir(prefix, label="dir-11.1.3")
+    assert build.loader is not None and build.capabilities.version == "11.1.3"
+    bare = tmp_path / "bare"
+    (bare / "usr/bin").mkdir(parents=True)
+    (bare / "usr/bin/qemu-system-x86_64").write_bytes((prefix / "usr/bin/qemu-system-x86_64").read_bytes())
+    (bare / "usr/bin/qemu-system-x86_64").chmod(0o755)
+    with pytest.raises(ProvisionError) as err:
+        registry.register_qemu_dir(bare)
+    assert "GLIBC_2.38" in str(err.value) and "--qemu-deb" in str(err.value)
