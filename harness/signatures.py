@@ -302,6 +302,16 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness boot --qemu 5.2 --ovmf 2025.02 (OVMF 2025.02 on QEMU 5.2, q35, TCG)",
     ),
     signature(
+        "vmstate-load-assertion",
+        [r"vmstate_load_state: Assertion `[^']*' failed"],
+        "The destination QEMU aborted on an assertion while loading the stream instead of "
+        "refusing it: it cannot load what the source sent (usually a newer build's device "
+        "state), and it crashes where it should report an error. The source keeps the guest "
+        "after a live attempt; after a save the old process must be kept to go back.",
+        "real run here: aarch64 live migration QEMU 11.1.3 -> 10.0.13 on virt-10.0, "
+        "cortex-a57 (tests/integration/test_aarch64.py)",
+    ),
+    signature(
         "virtio-vring-exceeds-max",
         [r"VQ \d+ vring\.num \d+ exceeds allocated max \d+"],
         "A virtqueue arrived bigger than the destination allocated for that device: the "
