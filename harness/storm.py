@@ -318,17 +318,33 @@ def store_used(path: Path) -> int | None:
     return sum(s.end - s.offset for s in slots)
 
 
+def wait_full(vm: Machine, timeout: float) -> bool:
+    """Let the storm write until the firmware refuses a write (its store is full: edk2
+    reclaims only at boot), at most ``timeout`` seconds; whether it filled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        if any(w.failed is not None for w in read_log(vm)):
+            return True
+    return False
+
+
 def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables: int = DEFAULT_VARIABLES,
-        warmup_s: float = 6.0, interval_s: float = 2.0, dump_dir: Path | None = None,
+        warmup_s: float = 6.0, interval_s: float = 2.0, fill_first_s: float = 0.0,
+        dump_dir: Path | None = None,
         on_hop: Callable[[StormHop], None] | None = None) -> list[StormHop]:
     """Start the storm, make ``hops`` (operation, destination build) back to back while it
     writes (``warmup_s`` before the first, ``interval_s`` of writes between two), check
-    after each, and at the end stop it and compare the flash with the file.  Stops at the
+    after each, and at the end stop it and compare the flash with the file.  With
+    ``fill_first_s`` the first hop waits (that long at most) until the store is full, so a
+    slow machine still reaches the refused writes and a reboot's reclaim.  Stops at the
     first hop that fails (the guest cannot be trusted after it)."""
     out: list[StormHop] = []
     earlier: list[Write] = []  # the writes of earlier boots (a reboot restarts the storm)
     start(vm, variables)
     time.sleep(warmup_s)  # let the writes get going (and the store fill) before the first cut
+    if fill_first_s > 0:
+        wait_full(vm, fill_first_s)
     used: int | None = None
     for i, (op, dest) in enumerate(hops, 1):
         if i > 1:

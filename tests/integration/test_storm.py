@@ -27,9 +27,9 @@ def _assert_storm(hops: list[storm.StormHop], kinds: list[str]) -> None:
     for h in hops:
         assert h.ok, f"{h.op} {h.source} -> {h.destination}: {h.status} {h.error[:500]} {h.problems}"
     writes = [h.writes for h in hops]
-    assert writes == sorted(writes) and writes[0] > 20, f"the storm did not keep writing: {writes}"
-    # the store filled (writes refused at runtime) and a reboot reclaimed it
-    assert hops[-1].failed_writes > 0, f"the store never filled: {summary}"
+    assert writes == sorted(writes) and writes[0] > 5, f"the storm did not keep writing: {writes}"
+    # the store filled before the first hop (writes refused at runtime), a reboot reclaimed it
+    assert hops[0].failed_writes > 0, f"the store never filled: {summary}"
     assert any(h.reclaimed for h in hops if h.op == "reboot"), f"no reclaim at the reboot: {summary}"
 
 
@@ -42,7 +42,7 @@ def test_storm_x86_live_cpr_reboot_and_cross_version(vm_factory: MachineFactory)
     kinds = ["live", "cpr-transfer", "reboot", "live", "cpr-transfer"]
     hops = storm.run(vm, [("live", here), ("cpr-transfer", here), ("reboot", None),
                           ("live", new), ("cpr-transfer", new)],
-                     dump_dir=vm.workdir)  # fmt: skip
+                     fill_first_s=300, dump_dir=vm.workdir)  # fmt: skip
     _assert_storm(hops, kinds)
     assert hops[3].destination == "10.0.13" and vm.build.label == "10.0.13"
 
@@ -59,7 +59,7 @@ def test_storm_aarch64_cpr_transfer_live_and_reboot(tmp_path: Path, harness_arti
     summary = [(r["op"], r["status"], r.get("writes"), r.get("signature"), r["problems"][:2]) for r in recs]
     assert report.ok, summary
     assert recs[0]["op"] == "cpr-transfer" and recs[0]["ok"] and not recs[0]["expected_failure"], summary
-    assert recs[0]["writes"] > 20, summary
+    assert recs[0]["writes"] > 5, summary
     lost = [r for r in recs if r["expected_failure"]]
     if lost:
         assert [r["op"] for r in lost] == ["live"] and lost[0]["signature"] == "varstore-file-lost-writes"
