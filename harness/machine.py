@@ -353,13 +353,8 @@ class Machine:
                           alive=lambda p=proc: p.running)  # type: ignore[misc]
         return Incarnation(proc, resolved, varstore, console), argv, qmp_path
 
-    def adopt_exec(self, inc: Incarnation) -> None:
-        """The current process now runs ``inc``'s image (after a cpr-exec): the process is
-        the same and stays owned; only the old image's console and SSH are closed."""
-        previous = self.current
-        if inc.process is not previous.process:
-            raise MachineError(f"{self.spec.name}: adopt_exec of another process")
-        previous.console.close()
+    def _make_current(self, inc: Incarnation) -> None:
+        """``inc`` runs the guest from now on: its build and varstore; SSH reconnects."""
         self._current = inc
         self.build = inc.process.build
         if inc.varstore is not None:
@@ -367,6 +362,15 @@ class Machine:
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
+
+    def adopt_exec(self, inc: Incarnation) -> None:
+        """The current process now runs ``inc``'s image (after a cpr-exec): the process is
+        the same and stays owned; only the old image's console and SSH are closed."""
+        previous = self.current
+        if inc.process is not previous.process:
+            raise MachineError(f"{self.spec.name}: adopt_exec of another process")
+        previous.console.close()
+        self._make_current(inc)
         self.history.append({"serial_log": str(inc.resolved.serial_log),
                              "qemu": inc.process.build.label, "machine": inc.resolved.machine,
                              "pid": inc.process.pid, "exec": True,
@@ -377,13 +381,7 @@ class Machine:
         previous = self._current
         if inc in self._others:
             self._others.remove(inc)
-        self._current = inc
-        self.build = inc.process.build
-        if inc.varstore is not None:
-            self._last_varstore = inc.varstore
-        if self._ssh is not None:
-            self._ssh.close()
-            self._ssh = None
+        self._make_current(inc)
         if previous is not None and reap_previous:
             self._reap(previous)
         elif previous is not None:
