@@ -313,10 +313,15 @@ def live(
     multifd: bool = False,
     postcopy: bool = False,
     capabilities: Sequence[str] = (),
+    bandwidth: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
 ) -> MigrationResult:
-    """Precopy live migration to a new QEMU (``to``, default the same build)."""
+    """Precopy live migration to a new QEMU (``to``, default the same build).
+
+    ``bandwidth`` (bytes/s) caps the stream (QEMU's ``max-bandwidth``) so that precopy lasts
+    long enough for the guest to write during it; a source that keeps the guest gets its
+    previous cap back."""
     src = vm.current
     dest_build = to or vm.build
     mtype = machine_type(vm)
@@ -339,6 +344,7 @@ def live(
     else:
         raise UnsupportedError(f"transport {transport!r}", "live migration", "use unix or tcp")
     was_running = guest_running(src)
+    old_cap: int | None = None
     t0 = time.monotonic()
     dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
     if dest is None:
@@ -348,7 +354,11 @@ def live(
     try:
         _set_up(dest, caps, {})
         dest.process.qmp("migrate-incoming", uri=uri)
-        _set_up(src, caps, {"mode": "normal"} if "mode" in vm.build.capabilities.migration_parameters else {})
+        params: dict[str, Any] = {"mode": "normal"} if "mode" in vm.build.capabilities.migration_parameters else {}
+        if bandwidth is not None:
+            old_cap = (src.process.qmp("query-migrate-parameters") or {}).get("max-bandwidth")
+            params["max-bandwidth"] = bandwidth
+        _set_up(src, caps, params)
         src.process.qmp("migrate", uri=uri)
         on_active = (lambda: src.process.qmp("migrate-start-postcopy")) if postcopy else None
         info = _poll_source(src, timeout, on_active=on_active)
@@ -358,6 +368,7 @@ def live(
     if info.get("status") != "completed":
         _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {info.get('status')}"))
         recover_source(src, result, was_running=was_running)
+        _restore_bandwidth(src, old_cap)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     why = _wait_running(dest, 60)
@@ -365,12 +376,23 @@ def live(
     if why:
         _dest_failure(vm, dest, result, why)
         recover_source(src, result, was_running=was_running)
+        _restore_bandwidth(src, old_cap)
         return _check(result, check)
     vm.adopt(dest)
     _clear_settings(dest, caps)  # the next operation on this process starts clean
     result.status = "completed"
     _incomplete_load(dest, result)
     return _check(result, check)
+
+
+def _restore_bandwidth(inc: Incarnation, cap: int | None) -> None:
+    """Give a source that keeps the guest its stream cap back after a capped migration."""
+    if cap is None or not inc.process.running:
+        return
+    try:
+        inc.process.qmp("migrate-set-parameters", **{"max-bandwidth": cap})
+    except HarnessError as exc:
+        log.warning("could not restore max-bandwidth on %s: %s", inc.process.name, exc)
 
 
 # --- save / restore ----------------------------------------------------------------------

@@ -331,14 +331,16 @@ def wait_full(vm: Machine, timeout: float) -> bool:
 
 def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables: int = DEFAULT_VARIABLES,
         warmup_s: float = 6.0, interval_s: float = 2.0, fill_first_s: float = 0.0,
-        dump_dir: Path | None = None,
+        dump_dir: Path | None = None, bandwidth: int | None = None,
         on_hop: Callable[[StormHop], None] | None = None) -> list[StormHop]:
     """Start the storm, make ``hops`` (operation, destination build) back to back while it
     writes (``warmup_s`` before the first, ``interval_s`` of writes between two), check
     after each, and at the end stop it and compare the flash with the file.  With
     ``fill_first_s`` the first hop waits (that long at most) until the store is full, so a
-    slow machine still reaches the refused writes and a reboot's reclaim.  Stops at the
-    first hop that fails (the guest cannot be trusted after it)."""
+    slow machine still reaches the refused writes and a reboot's reclaim.  ``bandwidth``
+    (bytes/s) caps the live hops' stream, so that the guest writes while precopy runs (the
+    cut that makes ``varstore-file-lost-writes`` show on aarch64).  Stops at the first hop
+    that fails (the guest cannot be trusted after it)."""
     out: list[StormHop] = []
     earlier: list[Write] = []  # the writes of earlier boots (a reboot restarts the storm)
     start(vm, variables)
@@ -354,7 +356,8 @@ def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables:
         if op == "reboot":
             hop = _reboot(vm, i, earlier, variables)
         else:
-            res = migration.operation(op)(vm, to=dest, check=False)
+            kw: dict[str, Any] = {"bandwidth": bandwidth} if op == "live" and bandwidth else {}
+            res = migration.operation(op)(vm, to=dest, check=False, **kw)
             hop = StormHop(i, op, src, res.destination, res.status, 0, 0, error=res.error,
                            signature=res.signature, result=res.to_json())  # fmt: skip
             if res.ok:

@@ -3,7 +3,8 @@ guest writes EFI variables (:mod:`harness.storm`).
 
 ``--qemu A [--qemu B ...]``: the guest boots on A; each round makes, on the build it runs
 on, every hop kind that build offers (live, save-restore, cpr-reboot, cpr-transfer, cpr-exec;
-``--set ops=live,cpr-transfer`` chooses), then a warm reboot (where edk2 reclaims the full
+``--set ops=live,cpr-transfer`` chooses; ``--set bandwidth=20M`` caps the live hops' stream
+so the guest writes during precopy), then a warm reboot (where edk2 reclaims the full
 store), then a live migration to the next ``--qemu`` build (cross-version, on the newest
 versioned machine type they all offer).  ``--cycles N`` makes N rounds.  One record per hop.
 """
@@ -32,6 +33,22 @@ def offered(build: QemuBuild, wanted: tuple[str, ...] = KINDS, shared: bool = Tr
     needs_shared = ("cpr-transfer", "cpr-exec")
     return [k for k in wanted if (k not in _MODES or caps.has_mode(_MODES[k]))
             and (shared or k not in needs_shared)]  # fmt: skip
+
+
+def parse_bandwidth(raw: object) -> int | None:
+    """``--set bandwidth=20M``: the live hops' stream cap in bytes/s (K, M, G suffixes)."""
+    if raw is None or raw == "":
+        return None
+    text = str(raw).strip()
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    try:
+        value = int(float(digits) * scale)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"bandwidth={raw}: expected a positive number of bytes/s, e.g. 20M")
+    return value
 
 
 def plan(qbuilds: list[QemuBuild], rounds: int, wanted: tuple[str, ...] = KINDS,
@@ -89,6 +106,7 @@ def run_storm(opts: ScenarioOptions) -> ScenarioReport:
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch,
                   name="storm", **fields)  # fmt: skip
     reboot = str(opts.extra.get("reboot", "1")) not in ("0", "no", "false")
+    bandwidth = parse_bandwidth(opts.extra.get("bandwidth"))
     hops = plan(qbuilds, max(1, opts.cycles), wanted, reboot, shared)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
     failed = False
@@ -103,7 +121,8 @@ def run_storm(opts: ScenarioOptions) -> ScenarioReport:
                 judge(rec, hop, incompat, arch, machine)
                 report.add(rec, opts)
 
-            storm.run(vm, hops, on_hop=record, dump_dir=opts.workdir or vm.workdir)
+            storm.run(vm, hops, on_hop=record, dump_dir=opts.workdir or vm.workdir,
+                      bandwidth=bandwidth)
             failed = not report.ok
         except HarnessError as exc:
             record_error(report, "storm", exc, opts)

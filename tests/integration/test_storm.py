@@ -42,8 +42,8 @@ def test_storm_x86_live_cpr_reboot_and_cross_version(vm_factory: MachineFactory)
     kinds = ["live", "cpr-transfer", "reboot", "live", "cpr-transfer"]
     hops = storm.run(vm, [("live", here), ("cpr-transfer", here), ("reboot", None),
                           ("live", new), ("cpr-transfer", new)],
-                     fill_first_s=300, dump_dir=vm.workdir)  # fmt: skip
-    _assert_storm(hops, kinds)
+                     fill_first_s=300, dump_dir=vm.workdir, bandwidth=20_000_000)  # fmt: skip
+    _assert_storm(hops, kinds)  # the capped live hops (precopy under writes) keep every write
     assert hops[3].destination == "10.0.13" and vm.build.label == "10.0.13"
 
 
@@ -67,3 +67,22 @@ def test_storm_aarch64_cpr_transfer_live_and_reboot(tmp_path: Path, harness_arti
     else:
         assert [r["op"] for r in recs] == ["cpr-transfer", "live", "reboot", "stop"], summary
         assert recs[1].get("note", "").startswith("passed this time"), recs[1]
+
+
+def test_storm_aarch64_capped_live_loses_writes(tmp_path: Path, harness_artifacts: Path) -> None:
+    """The finding varstore-file-lost-writes made to show: live hops with the stream capped
+    (precopy lasts seconds while AAVMF programs the flash) on aarch64 10.0.13.  The loss came
+    within three hops in 10 of 11 runs (docs/findings.md); six hops make a miss improbable.
+    It must be judged as that finding, not as anything else; the day every hop keeps its
+    writes this test fails and the data entry is to be revisited."""
+    opts = ScenarioOptions(qemu=["10.0.13"], workdir=tmp_path, artifacts=harness_artifacts, cycles=6,
+                           extra={"arch": "aarch64", "ops": ["live"], "bandwidth": "20M",
+                                  "reboot": "0", "fast": True})  # fmt: skip
+    report = run_storm(opts)
+    recs = report.records
+    summary = [(r["op"], r["status"], r.get("writes"), r.get("signature"), r["problems"][:2]) for r in recs]
+    assert report.ok, summary  # judged against the data: the loss is expected, nothing else is
+    lost = [r for r in recs if r["expected_failure"]]
+    assert lost, f"six capped live hops kept every write: is the finding fixed in this build? {summary}"
+    assert lost[0]["op"] == "live" and lost[0]["signature"] == "varstore-file-lost-writes", summary
+    assert any("is missing" in p for p in lost[0]["problems"]), summary

@@ -149,3 +149,15 @@ def test_no_store_at_all_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\xff" * 4096)
     with pytest.raises(VarstoreError, match="no edk2 variable store"):
         varstore.store_slots(path)
+
+
+def test_bandwidth_setting_parses_suffixes_and_refuses_nonsense() -> None:
+    from harness.errors import ConfigError
+    from harness.scenarios.storm import parse_bandwidth
+
+    assert parse_bandwidth(None) is None and parse_bandwidth("") is None
+    assert parse_bandwidth("20M") == 20_000_000 and parse_bandwidth("1.5g") == 1_500_000_000
+    assert parse_bandwidth("512k") == 512_000 and parse_bandwidth(4096) == 4096
+    for bad in ("fast", "-3M", "0"):
+        with pytest.raises(ConfigError, match=f"bandwidth={bad}: expected a positive number"):
+            parse_bandwidth(bad)
