@@ -77,6 +77,7 @@ class Kind:
     cycles: bool = False  # back-to-back: takes --cycles
     cost_s: float = 30.0  # estimated wall time of one entry here (TCG, 2 cores)
     tests: tuple[str, ...] = ()  # pytest node ids (runner "pytest")
+    arch: str = "x86_64"  # guest architecture; other than x86_64: the selected builds that have it
 
 
 # The default nightly matrix.  cost_s: wall seconds of one entry measured in a full run here
@@ -90,6 +91,7 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("cpr-transfer", "scenario", "qemu+ovmf", target="cpr-transfer", mode="cpr-transfer", cycles=True, cost_s=20),
     Kind("cpr-exec", "scenario", "qemu+ovmf", target="cpr-exec", mode="cpr-exec", cycles=True, cost_s=20),
     Kind("storm", "scenario", "qemu", target="storm", cost_s=70),
+    Kind("storm-aarch64", "scenario", "qemu", target="storm", cost_s=90, arch="aarch64"),
     Kind("cross-version", "scenario", "pairs", target="cross-version", cost_s=22),
     Kind("cross-version", "scenario", "chains", target="cross-version", cost_s=24),
     Kind("firmware-upgrade", "scenario", "firmware-pairs", target="cross-version", cost_s=48),
@@ -132,6 +134,7 @@ class Entry:
     plan: str | None = None  # cross-version plan name
     tests: tuple[str, ...] = ()
     cost_s: float = 30.0
+    arch: str = "x86_64"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +226,14 @@ def probe_builds(labels: Sequence[str]) -> list[BuildInfo]:
     return out
 
 
+def aarch64_labels(labels: Sequence[str]) -> list[str]:
+    """The labels of ``labels`` that have an aarch64 build (catalogue or registered)."""
+    from harness import builds
+
+    have = {b.label for b in builds.all_builds("aarch64")}
+    return [label for label in labels if label in have]
+
+
 def default_builds() -> tuple[list[str], list[str]]:
     """Every provisioned (catalogue and registered) QEMU and OVMF build, by label."""
     from harness import builds, firmware
@@ -252,6 +263,7 @@ def build_matrix(
     registered: Sequence[str] | None = None,
     plans: PlanLister = cross_version_plans,
     full: bool = False,
+    arch_builds: Mapping[str, Sequence[str]] | None = None,
 ) -> Matrix:
     """Entries for ``kinds`` over the given builds, ordered by cost (most expensive first,
     so xdist starts the long ones early).  ``scenarios`` restricts to those families;
@@ -260,7 +272,10 @@ def build_matrix(
     ``full``: every ordered cross-version pair.  Otherwise (the default nightly, sized for
     30 minutes on a 2-core TCG host) the pairs of builds next to each other in version
     order and every build with the newest, both directions; the chains still walk every
-    build in order."""
+    build in order.
+
+    ``arch_builds``: for rows of another guest architecture (``Kind.arch``), the labels of
+    the selected builds that exist for it (a row whose architecture has none is skipped)."""
     if cycles < 1:
         raise ConfigError(f"--cycles {cycles}: expected a positive number")
     if not qemu:
@@ -280,7 +295,14 @@ def build_matrix(
             continue
         if kind.runner not in RUNNERS or kind.axis not in AXES:
             raise ConfigError(f"matrix row {kind.scenario}: runner {kind.runner!r} / axis {kind.axis!r} unknown")
-        new = _expand(kind, qemu, list(ovmf), newest, fw_default, cycles, plans, skipped, full)
+        rows = qemu
+        if kind.arch != "x86_64":
+            have = set((arch_builds or {}).get(kind.arch, ()))
+            rows = [b for b in qemu if b.label in have]
+            if not rows:
+                skipped.append(f"{kind.scenario}: no selected QEMU build has an {kind.arch} build")
+                continue
+        new = _expand(kind, rows, list(ovmf), newest, fw_default, cycles, plans, skipped, full)
         if registered is not None and kind.runner == "scenario" and kind.target not in registered:
             skipped.append(f"{kind.scenario}: scenario {kind.target!r} is not registered in "
                            "harness.scenarios (its entries are reported as skipped)")  # fmt: skip
@@ -312,7 +334,7 @@ def _expand(kind: Kind, qemu: Sequence[BuildInfo], ovmf: list[str], newest: Buil
 
     def mk(eid: str, **kw: Any) -> Entry:
         return Entry(id=eid, scenario=kind.scenario, runner=kind.runner, target=kind.target,
-                     cycles=n, cost_s=cost, **kw)  # fmt: skip
+                     cycles=n, cost_s=cost, arch=kind.arch, **kw)  # fmt: skip
 
     def able(b: BuildInfo) -> bool:
         return kind.mode is None or kind.mode in b.modes
@@ -452,6 +474,8 @@ def _run_scenario(entry: Entry, artifacts: Path | None, workdir: Path | None,
 
     opts = ScenarioOptions(qemu=list(entry.qemu), ovmf=list(entry.ovmf), cycles=entry.cycles,
                            mode=entry.mode, workdir=workdir, artifacts=artifacts, on_record=on_record)  # fmt: skip
+    if entry.arch != "x86_64":
+        opts.extra["arch"] = entry.arch
     target = entry.target or entry.scenario
     if target not in scenarios.names():
         return EntryOutcome(entry, ScenarioReport(entry.scenario),
@@ -589,7 +613,8 @@ def plan(opts: NightlyOptions) -> Matrix:
     qemu = probe_builds(opts.qemu or qlabels)
     ovmf = list(dict.fromkeys(opts.ovmf or flabels))
     m = build_matrix(DEFAULT_KINDS, qemu, ovmf, cycles=opts.cycles, scenarios=opts.scenarios,
-                     registered=list(scenarios.names()), full=opts.full)  # fmt: skip
+                     registered=list(scenarios.names()), full=opts.full,
+                     arch_builds={"aarch64": aarch64_labels([b.label for b in qemu])})  # fmt: skip
     if opts.inject_failure:
         newest = max(qemu, key=lambda b: (b.version, b.label))
         m.entries.append(inject_entry(newest.label))
