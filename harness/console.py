@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.errors import ConsoleSilent, GuestTimeout, MachineError
+from harness.errors import BootRefused, ConsoleSilent, GuestTimeout, MachineError
 
 MAX_LINE = 64 * 1024
 # CSI sequences, OSC strings (window titles), other two-byte escapes, control characters
@@ -66,12 +66,14 @@ class Console:
         since: int | None = None,
         what: str | None = None,
         silence: float | None = None,
+        refuse: re.Pattern[str] | None = None,
     ) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) appears in the log after ``since`` (default: the
         last :meth:`mark`).  Raises :class:`GuestTimeout` with the last lines seen, or
         :class:`MachineError` when QEMU exits first.  With ``silence``, a console that has
         printed nothing at all after ``since`` for that many seconds gives up early with
-        :class:`ConsoleSilent` (firmware that hangs before its console comes up)."""
+        :class:`ConsoleSilent` (firmware that hangs before its console comes up).  A line
+        matching ``refuse`` ends the wait at once with :class:`BootRefused`."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         start = self._offset if since is None else since
         t0 = time.monotonic()
@@ -83,6 +85,8 @@ class Console:
             m = rx.search(text)
             if m:
                 return m
+            if refuse is not None and (bad := refuse.search(text)):
+                raise BootRefused(what or rx.pattern, bad.group(0), self.log_path)
             if quiet_until is not None:
                 if text:
                     quiet_until = None

@@ -148,6 +148,14 @@ class GuestTimeout(MachineError):
         super().__init__(msg)
 
 
+class BootRefused(MachineError):
+    """The firmware said it will not boot the image (a Secure Boot refusal)."""
+
+    def __init__(self, what: str, line: str, log: object) -> None:
+        self.what, self.line, self.log = what, line, log
+        super().__init__(f"the firmware refused to boot while waiting for {what} ({log}): {line.strip()}")
+
+
 class ConsoleSilent(GuestTimeout):
     """Not one byte on the console: the guest's firmware never reached it."""
 

@@ -52,6 +52,10 @@ _MACHINE_ALIASES = {"q35": "pc-q35-*", "pc": "pc-i440fx-*", "virt": "virt-*"}
 DEFAULT_MACHINE = {"x86_64": "pc-q35-*", "aarch64": "virt-*"}
 
 
+#: Enrolled key sets a Secure Boot varstore can start from (see FirmwareBuild.secure_boot_pair).
+SB_KEYS = ("snakeoil", "ms")
+
+
 @dataclass(frozen=True)
 class FirmwareTarget:
     """One (emulator architecture, machine type globs) pair a descriptor supports."""
@@ -151,6 +155,27 @@ class FirmwareDescriptor:
             "features": list(self.features),
             "tags": list(self.tags),
         }
+
+
+@dataclass(frozen=True)
+class SecureBootPair:
+    """A Secure Boot firmware build: its descriptor (code, features), the enrolled varstore
+    template, and the key and certificate that sign images it accepts (None for keys the
+    package does not ship, such as Microsoft's)."""
+
+    descriptor: FirmwareDescriptor
+    template: Path
+    key: Path | None
+    cert: Path | None
+    passphrase: bytes | None = None  # the key's (README.Debian: 'snakeoil')
+
+    @property
+    def code(self) -> Path:
+        return self.descriptor.code
+
+    @property
+    def requires_smm(self) -> bool:
+        return self.descriptor.requires_smm
 
 
 def _size(path: Path, descriptor: Path) -> int:
@@ -423,18 +448,23 @@ class FirmwareBuild:
         machine: str | None = None,
         flash_size: int | None = None,
         mode: str = "split",
+        enrolled: bool | None = None,
     ) -> FirmwareDescriptor:
         """The first descriptor (by file name) that matches; synthesized pairs come last.
 
         ``machine`` defaults to the build's architecture's (``pc-q35-*``, ``virt-*``).
         ``flash_size`` is code + vars in bytes (``4 * MiB``, ``2 * MiB``), or None for any.
+        ``enrolled``: the descriptor's template must (True) or must not (False) have keys
+        enrolled (feature ``enrolled-keys``); None: either.
         """
         machine = machine or DEFAULT_MACHINE.get(self.arch, "pc-q35-*")
         wanted = f"mode={mode} secure_boot={secure_boot} machine={machine}" + (
             f" flash_size={flash_size}" if flash_size is not None else ""
-        )
+        ) + (f" enrolled_keys={enrolled}" if enrolled is not None else "")
         for d in self.candidates():
             if d.mode != mode or d.secure_boot != secure_boot:
+                continue
+            if enrolled is not None and d.enrolled_keys != enrolled:
                 continue
             if d.device != "flash" and mode != "stateless":
                 continue
@@ -451,6 +481,30 @@ class FirmwareBuild:
         raise FirmwareError(
             f"{self.key} ({self.prefix}): no firmware for {wanted}; offered: {offered or 'none'}"
         )
+
+    def secure_boot_pair(self, keys: str = "snakeoil", machine: str | None = None) -> SecureBootPair:
+        """The Secure Boot build and an enrolled varstore template for it, chosen by the
+        descriptors' features (``secure-boot`` + ``enrolled-keys``, and on x86
+        ``requires-smm``): ``keys="ms"`` is the descriptor's own template (Microsoft's keys),
+        ``keys="snakeoil"`` Debian's sibling template with the package's test key enrolled
+        (``*_VARS*.snakeoil.fd``), whose key and certificate sign test images."""
+        if keys not in SB_KEYS:
+            raise FirmwareError(f"secure boot keys {keys!r}: expected one of {', '.join(SB_KEYS)}")
+        d = self.select(secure_boot=True, machine=machine, enrolled=True)
+        if d.vars_template is None:
+            raise FirmwareError(f"{d.path}: a Secure Boot descriptor without an NVRAM template")
+        if keys == "ms":
+            return SecureBootPair(d, d.vars_template, None, None)
+        stem = re.sub(r"\.ms$", "", d.vars_template.stem)
+        template = d.vars_template.with_name(f"{stem}.snakeoil{d.vars_template.suffix}")
+        pkg = "ovmf" if self.arch == "x86_64" else "qemu-efi-aarch64"
+        key = self.prefix / "usr/share" / pkg / "PkKek-1-snakeoil.key"
+        cert = key.with_suffix(".pem")
+        missing = [str(p) for p in (template, key, cert) if not p.is_file()]
+        if missing:
+            raise FirmwareError(f"{self.key}: Secure Boot with the snakeoil key needs {', '.join(missing)}, "
+                                f"which the package does not ship (use keys='ms' with an image signed for it)")  # fmt: skip
+        return SecureBootPair(d, template, key, cert, b"snakeoil")
 
     def variant(self, size: str, secure_boot: bool = False) -> FirmwareDescriptor:
         """The ``"4m"`` or ``"2m"`` flash pair (2m exists in 2020.11 and 2022.11 only)."""

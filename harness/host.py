@@ -33,6 +33,8 @@ HOST_TOOLS: dict[str, str] = {
     "mmd": "mtools",
     "mke2fs": "e2fsprogs",
     "cc": "gcc",  # a small static QMP client copied into nested L1 guests (harness.nested)
+    "sbsign": "sbsigntool",  # Secure Boot: signed images
+    "sbvarsign": "sbsigntool",  # Secure Boot: signed authenticated variable writes
 }
 
 

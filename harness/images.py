@@ -31,6 +31,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -595,6 +596,63 @@ class CpioWriter:
 # --- tools -----------------------------------------------------------------------------
 
 
+def make_esp(uki: Path, dest: Path, boot_file: str, size_mb: int) -> None:
+    """A FAT ESP disk image holding ``uki`` as the removable-media boot file."""
+    dest.unlink(missing_ok=True)
+    run_tool(["mkfs.vfat", "-C", "-n", "HARNESS-ESP", dest, str(size_mb * 1024)])
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    run_tool(["mmd", "-i", dest, "::/EFI", "::/EFI/BOOT"], env=env)
+    run_tool(["mcopy", "-i", dest, uki, f"::/EFI/BOOT/{boot_file}"], env=env)
+
+
+#: The removable-media boot file per guest architecture (UEFI spec 3.5.1.1).
+BOOT_FILES = {"x86_64": "BOOTX64.EFI", "aarch64": "BOOTAA64.EFI"}
+
+
+def write_plain_key(key: Path, dest: Path, passphrase: bytes | None) -> None:
+    """``key`` (PEM, perhaps encrypted) unencrypted at ``dest`` (mode 0600), for tools that
+    would prompt for the passphrase."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        pkey = serialization.load_pem_private_key(key.read_bytes(), password=passphrase)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ImageBuildError(f"signing key {key}: cannot load it ({exc})") from exc
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))  # fmt: skip
+
+
+def signed_esp(image: Image, key: Path, cert: Path, passphrase: bytes | None = None) -> Path:
+    """``image``'s ESP with its UKI signed (sbsign) by ``key``/``cert``, for a Secure Boot
+    varstore that enrolls that certificate; built once per image and certificate.  An
+    encrypted key is decrypted with ``passphrase`` into the private work directory."""
+    fp = hashlib.sha256(cert.read_bytes()).hexdigest()[:12]
+    out = image.root / f"signed-{fp}"
+    esp = out / ESP_IMG
+    if esp.is_file():
+        return esp
+    with FileLock(str(out) + ".lock", timeout=LOCK_TIMEOUT):
+        if esp.is_file():
+            return esp
+        work = Path(tempfile.mkdtemp(prefix=".signed-", dir=image.root))
+        try:
+            uki = work / UKI
+            plain = work / "signing.key"
+            write_plain_key(key, plain, passphrase)
+            run_tool(["sbsign", "--key", plain, "--cert", cert, "--output", uki, image.uki])
+            plain.unlink()
+            size_mb = (image.esp.stat().st_size + (1 << 20) - 1) >> 20
+            make_esp(uki, work / ESP_IMG, BOOT_FILES.get(image.arch, "BOOTX64.EFI"), size_mb)
+            (work / "cert.pem").write_bytes(cert.read_bytes())
+            shutil.rmtree(out, ignore_errors=True)  # a half-made one from a killed run
+            os.replace(work, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return esp
+
+
 def run_tool(
     cmd: Sequence[str | Path],
     *,
@@ -1135,11 +1193,7 @@ class Builder:
         size_mb = self.recipe.esp_size_mb or (uki.stat().st_size >> 20) + 8
         if (size_mb << 20) < uki.stat().st_size + (1 << 20):
             raise ImageBuildError(f"recipe {self.name}: esp.size_mb={size_mb} cannot hold the UKI")
-        dest.unlink(missing_ok=True)
-        run_tool(["mkfs.vfat", "-C", "-n", "HARNESS-ESP", dest, str(size_mb * 1024)])
-        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-        run_tool(["mmd", "-i", dest, "::/EFI", "::/EFI/BOOT"], env=env)
-        run_tool(["mcopy", "-i", dest, uki, f"::/EFI/BOOT/{self.recipe.boot_file}"], env=env)
+        make_esp(uki, dest, self.recipe.boot_file, size_mb)
 
     def _data_disk(self, dest: Path, data: Path, context: Mapping[str, Any]) -> None:
         """QEMU (binary, libraries, blobs), OVMF and the L2 image on an ext2 disk."""

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import builds, host
 from harness.builds import QemuBuild
@@ -40,6 +40,9 @@ from harness.errors import (
 )
 from harness.qemu_process import QemuProcess
 from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
+
+if TYPE_CHECKING:
+    from harness import firmware as firmware_mod
 from harness.ssh import CommandResult, SshClient
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("HARNESS_BOOT_TIMEOUT", "240"))
 # OVMF and AAVMF print their first console line within ~2-10 s under TCG here (more under
 # load); firmware that prints nothing for this long has hung before its console came up
 # (OVMF 2025.02 on QEMU 5.2), and the boot gives up then instead of at the full timeout.
+# edk2's BDS when Secure Boot refuses an image (the only boot image of a harness guest)
+SB_REFUSED_RE = re.compile(r"BdsDxe: failed to load Boot[0-9A-F]{4} [^\n]*: (?:Access Denied|Security Violation)")
 FIRMWARE_SILENCE_S = float(os.environ.get("HARNESS_FIRMWARE_SILENCE", "90"))
 
 
@@ -136,7 +141,9 @@ class Machine:
         if spec.accel == "auto" and spec.arch != os.uname().machine:
             self.accel = "tcg"  # a guest of another architecture than the host's: emulated
         self.image = images.ensure_image(spec.image, spec.arch)
+        self._sb: firmware_mod.SecureBootPair | None = None
         self._code, self._template, self._bios = self._firmware_files()
+        self._esp = self._boot_disk()
         self._varstore_arg = varstore
         self._gen = 0
         self._current: Incarnation | None = None
@@ -165,8 +172,28 @@ class Machine:
                     f"firmware {fw.version} has no combined image {bios} for stateless mode"
                 )
             return None, None, bios
+        if spec.secure_boot:
+            self._sb = fw.secure_boot_pair(spec.sb_keys, spec.machine)
+            return self._sb.code, self._sb.template, None
         desc = fw.variant(spec.flash) if spec.flash != "4m" else fw.select()
         return desc.code, desc.vars_template, None
+
+    def _boot_disk(self) -> Path:
+        """The ESP image: for Secure Boot, signed with the enrolled key set's key (unless
+        the spec asks for the unsigned one)."""
+        from harness import images
+
+        if self._sb is None or not self.spec.sb_signed:
+            return self.image.esp
+        if self._sb.key is None or self._sb.cert is None:
+            raise FirmwareError(f"{self.spec.name}: no key to sign the image for sb_keys="
+                                f"{self.spec.sb_keys!r}; use sb_keys='snakeoil'")  # fmt: skip
+        return images.signed_esp(self.image, self._sb.key, self._sb.cert, self._sb.passphrase)
+
+    @property
+    def secure_boot(self) -> firmware_mod.SecureBootPair | None:
+        """The Secure Boot firmware in use (descriptor, template, signing key), if any."""
+        return self._sb
 
     def use_firmware(self, version: str, *, flash: str | None = None,
                      allow_size_change: bool = False) -> None:
@@ -205,6 +232,18 @@ class Machine:
             if key is not None:
                 self._fitting_pairs.add(key)
 
+    def _check_varstore_kind(self, path: Path) -> None:
+        """Secure Boot code needs a varstore with keys enrolled: a plain one would boot in
+        setup mode, enforcing nothing, and every Secure Boot check would be moot."""
+        if self._sb is None:
+            return
+        from harness import varstore
+
+        if varstore.read_varstore(path).get("PK") is None:
+            raise VarstoreError(path, f"has no Secure Boot keys enrolled (no PK), but {self.spec.name} boots the "
+                                      f"Secure Boot build {self._sb.code.name}; expected a varstore made from an "
+                                      f"enrolled template such as {self._sb.template}")  # fmt: skip
+
     @property
     def firmware_code(self) -> Path | None:
         return self._code
@@ -241,7 +280,8 @@ class Machine:
             code=self._code,
             vars=varstore,
             bios=self._bios,
-            esp=img.esp if self.spec.boot == "uefi" else None,
+            esp=self._esp if self.spec.boot == "uefi" else None,
+            smm=self._sb is not None and self._sb.requires_smm,
             kernel=img.kernel,
             initrd=img.initrd,
             cmdline=img.cmdline,
@@ -303,6 +343,8 @@ class Machine:
         self._gen += 1
         if self._code is not None and varstore is None:
             varstore = self.new_varstore(f"vars-{gen}.fd")
+        elif varstore is not None and not incoming:
+            self._check_varstore_kind(varstore)  # a caller's varstore the firmware will boot from
         if self._code is not None and varstore is not None:
             self._check_flash_pair(self._code, varstore)
         last: LaunchError | None = None
@@ -462,7 +504,8 @@ class Machine:
         start = time.monotonic() if t0 is None else t0
         silence = FIRMWARE_SILENCE_S if silence is None else silence
         m = self.console.wait_for(READY_RE, timeout, since=since, silence=silence,
-                                  what="the agent's HARNESS-READY line")
+                                  what="the agent's HARNESS-READY line",
+                                  refuse=SB_REFUSED_RE if self._sb is not None else None)  # fmt: skip
         try:
             info = json.loads(m.group(1))
         except (ValueError, RecursionError) as exc:  # guest output: deep nesting too

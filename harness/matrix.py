@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 INCOMPATIBILITIES = FIRMWARE_DIR / "expected-incompatibilities.toml"
 DEFAULT_OPS = ("live", "save-restore")
 MATRIX_OPS = ("live", "save-restore")
+# what an [[incompatible]] entry may name: the cross-version matrix's operations, and the
+# CPR kinds that scenarios (storm, secure-boot) judge against the same data
+ENTRY_OPS = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "cpr-exec")
 _MACHINE_RE = re.compile(r"^(pc-q35|pc-i440fx|virt)-(\d+\.\d+)$")
 _CONSTRAINT_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*(\d+(?:\.\d+)*)\s*$")
 
@@ -456,10 +459,10 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         ops = table.get("ops", [])
         if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
             raise CatalogError(path, f"{where}: field 'ops' must be a list of strings")
-        bad = [o for o in ops if o not in MATRIX_OPS]
+        bad = [o for o in ops if o not in ENTRY_OPS]
         if bad:
             raise CatalogError(path, f"{where}: unknown operation(s) {', '.join(bad)}; "
-                                     f"known: {', '.join(MATRIX_OPS)}")  # fmt: skip
+                                     f"known: {', '.join(ENTRY_OPS)}")  # fmt: skip
         sig, reason = _signature_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
         fws: dict[str, Any] = {k: _constraint(path, where, table, k) if k in table else None

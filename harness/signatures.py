@@ -265,7 +265,29 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness repro nested --mode live (a TCG L1 running an L2, "
         "QEMU 7.2 -> 10.0.2; recorded in tests/unit/test_nested.py)",
     ),
+    # --- the firmware's own text ---------------------------------------------------------
+    signature(
+        "secure-boot-image-refused",
+        [r"BdsDxe: failed to load Boot[0-9A-F]{4} .*: (?:Access Denied|Security Violation)"],
+        "The firmware's Secure Boot check refused the boot image (its signature is not in "
+        "db, or it is in dbx): expected for an unsigned image, a finding for one signed with "
+        "an enrolled key.",
+        "real run here: harness boot --set secure_boot=true --set sb_signed=false (OVMF "
+        "2022.11 secboot, snakeoil keys)",
+    ),
     # --- not QEMU's text: findings of the harness's own checks --------------------------
+    signature(
+        "smbase-lock-lost",
+        [r"the SMRAM regions of QEMU's memory tree differ: source only \[[^\]]*smbase-(?:blackhole|window)"],
+        "The firmware locked SMRAM at the default SMBASE (QEMU's smbase-blackhole and "
+        "smbase-window regions enabled), and after the hop the destination has them disabled: "
+        "the area at 0x30000-0x4ffff is ordinary RAM again for the non-SMM guest, which can "
+        "then plant code that the next SMI on a hot-plugged CPU runs in SMM. The destination "
+        "does not re-derive the lock from the migrated MCH configuration (QEMU before 10.0.8; "
+        "its stable release notes list 'q35: Fix migration of SMRAM state').",
+        "real run here: harness repro secure-boot --qemu 10.0.2 --set ops=live (OVMF 2022.11 "
+        "secboot, q35 smm=on)",
+    ),
     signature(
         "varstore-file-lost-writes",
         [r"the varstore file \S+: HarnessStorm\d+ (?:is missing|holds other data|exists, but "

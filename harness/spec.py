@@ -21,6 +21,7 @@ MEMORY_BACKENDS = ("plain", "file", "memfd")
 BOOT_MODES = ("uefi", "direct")
 FIRMWARE_MODES = ("split", "stateless")
 FLASH_LAYOUTS = ("4m", "2m")
+SB_KEYS = ("snakeoil", "ms")  # harness.firmware.SB_KEYS
 ACCELS = ("auto", "kvm", "tcg")
 # aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).
 _AARCH64_MACHINE_RE = re.compile(r"^virt(-\d+\.\d+)?$")
@@ -43,6 +44,13 @@ class VmSpec:
     firmware: str | None = "2022.11"
     firmware_mode: str = "split"
     flash: str = "4m"
+    # Secure Boot: the firmware build whose descriptor has secure-boot + enrolled-keys (and
+    # on x86 requires-smm: SMM on, a secure varstore chip, S3 off), a varstore from the
+    # enrolled template of sb_keys, and the image signed with that key set's key (sb_signed
+    # False boots it unsigned, which the firmware must refuse).
+    secure_boot: bool = False
+    sb_keys: str = "snakeoil"
+    sb_signed: bool = True
     boot: str = "uefi"
     image: str = "minimal"
     ssh: bool = True
@@ -80,7 +88,7 @@ class VmSpec:
         for name in ("firmware", "boot_order", "uuid"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a string or None")
-        for name in ("ssh", "aux_ram_share", "nested"):
+        for name in ("ssh", "aux_ram_share", "nested", "secure_boot", "sb_signed"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.disk_bootindex is not None and (
@@ -109,6 +117,15 @@ class VmSpec:
             raise bad("machine", "virt or a versioned virt-X.Y for arch='aarch64'")
         if self.boot == "uefi" and self.firmware is None:
             raise bad("firmware", "a firmware version when boot='uefi' (None means SeaBIOS)")
+        if self.sb_keys not in SB_KEYS:
+            raise bad("sb_keys", " | ".join(SB_KEYS))
+        if self.secure_boot:
+            if self.boot != "uefi" or self.firmware_mode != "split":
+                raise bad("secure_boot", "false unless boot='uefi' with split flash (the varstore holds the keys)")
+            if self.flash != "4m":
+                raise bad("secure_boot", "false with flash='2m' (Secure Boot builds come as 4m pairs)")
+            if self.arch == "x86_64" and not (self.machine == "q35" or self.machine.startswith("pc-q35")):
+                raise bad("secure_boot", "a q35 machine on x86_64 (OVMF's Secure Boot build requires SMM)")
         if self.uuid is not None and not _UUID_RE.match(self.uuid):
             raise bad("uuid", "a UUID such as 12345678-1234-1234-1234-123456789abc")
         if self.aux_ram_share and self.memory_backend == "plain":
@@ -171,6 +188,7 @@ class Resolved:
     ram_path: Path | None = None
     ssh_port: int | None = None
     incoming: tuple[str, ...] = ()
+    smm: bool = False  # the firmware requires SMM: smm=on, a secure varstore chip, S3 off
 
 
 def guest_config_text(spec: VmSpec) -> str:
@@ -192,7 +210,12 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
         machine.append("memory-backend=ram0")
     if spec.aux_ram_share:
         machine.append("aux-ram-share=on")
+    if r.smm:
+        machine.append("smm=on")
     args += ["-machine", ",".join(machine)]
+    if r.smm:  # as libvirt does for a secure loader: only SMM may write the varstore chip
+        args += ["-global", "driver=cfi.pflash01,property=secure,value=on",
+                 "-global", "ICH9-LPC.disable_s3=1"]  # fmt: skip
     cpu = spec.cpu
     if r.accel == "kvm" and spec.nested and cpu == "max":
         cpu = "host"
