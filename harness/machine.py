@@ -505,7 +505,7 @@ class Machine:
         silence = FIRMWARE_SILENCE_S if silence is None else silence
         m = self.console.wait_for(READY_RE, timeout, since=since, silence=silence,
                                   what="the agent's HARNESS-READY line",
-                                  refuse=SB_REFUSED_RE if self._sb is not None else None)  # fmt: skip
+                                  refuse=SB_REFUSED_RE if getattr(self, "_sb", None) is not None else None)  # fmt: skip
         try:
             info = json.loads(m.group(1))
         except (ValueError, RecursionError) as exc:  # guest output: deep nesting too
