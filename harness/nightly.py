@@ -92,6 +92,8 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("cpr-exec", "scenario", "qemu+ovmf", target="cpr-exec", mode="cpr-exec", cycles=True, cost_s=20),
     Kind("storm", "scenario", "qemu", target="storm", cost_s=70),
     Kind("storm-aarch64", "scenario", "qemu", target="storm", cost_s=90, arch="aarch64"),
+    Kind("secure-boot", "scenario", "qemu", target="secure-boot", cost_s=75),
+    Kind("secure-boot-aarch64", "scenario", "qemu", target="secure-boot", cost_s=75, arch="aarch64"),
     Kind("cross-version", "scenario", "pairs", target="cross-version", cost_s=22),
     Kind("cross-version", "scenario", "chains", target="cross-version", cost_s=24),
     Kind("firmware-upgrade", "scenario", "firmware-pairs", target="cross-version", cost_s=48),
