@@ -14,6 +14,7 @@ process that already died.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
 
 if TYPE_CHECKING:
     from harness import firmware as firmware_mod
+    from harness.tpm import Swtpm
 from harness.ssh import CommandResult, SshClient
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class Incarnation:
     resolved: Resolved
     varstore: Path | None
     console: Console
+    tpm: Swtpm | None = None  # its vTPM (VmSpec.tpm), reaped with it
 
 
 class Machine:
@@ -142,6 +145,7 @@ class Machine:
             self.accel = "tcg"  # a guest of another architecture than the host's: emulated
         self.image = images.ensure_image(spec.image, spec.arch)
         self._sb: firmware_mod.SecureBootPair | None = None
+        self._tpm_state: Path | None = None
         self._code, self._template, self._bios = self._firmware_files()
         self._esp = self._boot_disk()
         self._varstore_arg = varstore
@@ -349,16 +353,23 @@ class Machine:
             self._check_flash_pair(self._code, varstore)
         last: LaunchError | None = None
         for _attempt in range(3):
+            vtpm = self._start_tpm(gen, incoming)
             resolved = self._resolve(gen, varstore, incoming, machine, build)
+            if vtpm is not None:
+                resolved = dataclasses.replace(resolved, tpm_sock=vtpm.ctrl_sock)
             args = qemu_args(self.spec, resolved) + list(extra_args)
             proc = QemuProcess(build, args, workdir=self.workdir, name=f"qemu-{gen}",
                                defer_qmp=defer_qmp)
             console = Console(resolved.serial_log or Path(os.devnull), resolved.serial_sock,
                               alive=lambda p=proc: p.running)  # type: ignore[misc]
-            inc = Incarnation(proc, resolved, varstore, console)
+            inc = Incarnation(proc, resolved, varstore, console, vtpm)
             try:
                 proc.launch()
-            except LaunchError as exc:
+            except BaseException as exc:
+                if vtpm is not None:
+                    vtpm.stop()
+                if not isinstance(exc, LaunchError):
+                    raise
                 last = exc
                 if "host forwarding" in exc.output or "Address already in use" in exc.output:
                     continue  # the port was taken between probing and binding: try another
@@ -384,6 +395,9 @@ class Machine:
             varstore = self.new_varstore(f"vars-{gen}.fd")
             self._check_flash_pair(self._code, varstore)
         resolved = self._resolve(gen, varstore, incoming, machine, build)
+        vtpm = self._start_tpm(gen, incoming)  # the new image's own vTPM (state from the stream)
+        if vtpm is not None:
+            resolved = dataclasses.replace(resolved, tpm_sock=vtpm.ctrl_sock)
         qmp_path = self.sock_dir / f"qmp-{gen}.sock"
         argv = [
             *build.command(), *build.data_args(), "-display", "none", "-vga", "none",
@@ -393,7 +407,7 @@ class Machine:
         proc = self.current.process
         console = Console(resolved.serial_log or Path(os.devnull), resolved.serial_sock,
                           alive=lambda p=proc: p.running)  # type: ignore[misc]
-        return Incarnation(proc, resolved, varstore, console), argv, qmp_path
+        return Incarnation(proc, resolved, varstore, console, vtpm), argv, qmp_path
 
     def _make_current(self, inc: Incarnation) -> None:
         """``inc`` runs the guest from now on: its build and varstore; SSH reconnects."""
@@ -412,6 +426,8 @@ class Machine:
         if inc.process is not previous.process:
             raise MachineError(f"{self.spec.name}: adopt_exec of another process")
         previous.console.close()
+        if previous.tpm is not None:
+            previous.tpm.stop()  # the old image's vTPM; the new image brought its own
         self._make_current(inc)
         self.history.append({"serial_log": str(inc.resolved.serial_log),
                              "qemu": inc.process.build.label, "machine": inc.resolved.machine,
@@ -442,11 +458,26 @@ class Machine:
 
     def _reap(self, inc: Incarnation, hard: bool = False) -> None:
         inc.console.close()
-        if hard:
-            inc.process.kill()
-        else:
-            inc.process.stop(timeout=10)
+        try:
+            if hard:
+                inc.process.kill()
+            else:
+                inc.process.stop(timeout=10)
+        finally:
+            if inc.tpm is not None:
+                inc.tpm.stop()
 
+    def _start_tpm(self, gen: int, incoming: Sequence[str]) -> Swtpm | None:
+        """The vTPM of process ``gen``: a fresh state directory for a migration's
+        destination (the state comes in the stream), the previous one for a restart."""
+        if not self.spec.tpm:
+            return None
+        from harness.tpm import Swtpm
+
+        if incoming or self._tpm_state is None:
+            self._tpm_state = self.workdir / f"tpm-{gen}"
+        return Swtpm(self._tpm_state, self.sock_dir / f"tpm-{gen}.sock",
+                     self.workdir / f"swtpm-{gen}.log").start()
     @property
     def current(self) -> Incarnation:
         if self._current is None:
@@ -515,6 +546,21 @@ class Machine:
         self.ready = Ready(info["boot_id"], time.monotonic() - start, info)
         return self.ready
 
+    def cold_restart(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        """Power the guest off from inside (QEMU exits, its varstore file complete) and boot
+        it in a new QEMU process of the current build with the same varstore (and vTPM
+        state): what a host does to restart a domain."""
+        from harness import state
+
+        path, old = self.varstore_path, self.current
+        state.poweroff(self)
+        self.release(old)  # exited already: closes its console, reaps it (and its vTPM)
+        t0 = time.monotonic()
+        self.adopt(self.spawn(varstore=path))
+        self.wait_ready(timeout, t0=t0)
+        if self.spec.ssh:
+            self.ssh.connect(timeout=max(30.0, timeout - (time.monotonic() - t0)))
+
     def stop(self, timeout: float = 20.0, hard: bool = False) -> None:
         """Reap every QEMU process of this guest; errors are logged, never raised."""
         if self._ssh is not None:
@@ -532,6 +578,9 @@ class Machine:
                     inc.process.stop(timeout=timeout)
             except Exception:  # noqa: BLE001 - keep reaping the rest
                 log.exception("reaping %s failed", inc.process.name)
+            finally:
+                if inc.tpm is not None:
+                    inc.tpm.stop()
         if self._ram_dir is not None:
             import shutil
 

@@ -775,6 +775,8 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
 
     def give_up(why: str) -> MigrationResult:
         new.console.close()
+        if new.tpm is not None:
+            new.tpm.stop()
         result.fail(why)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)

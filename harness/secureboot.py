@@ -62,6 +62,7 @@ class SbView:
     mtree: list[str] = field(default_factory=list)  # SMRAM/SMBASE/TSEG lines of info mtree
     xp: dict[str, str] = field(default_factory=dict)  # range -> digest of HMP xp's bytes
     devmem: dict[str, str] = field(default_factory=dict)  # range -> digest of the guest's read
+    tpm: Any = None  # a harness.tpm.TpmView when the guest has a vTPM
 
     def to_json(self) -> dict[str, Any]:
         return {"secure_boot": self.secure_boot, "setup_mode": self.setup_mode,
@@ -123,12 +124,14 @@ def guest_devmem(vm: Machine) -> dict[str, str]:
     kernel may serve RAM in the first MiB as zeros, which is fine: it must not change).
     Under Secure Boot Debian's kernel locks itself down and refuses ``/dev/mem``; then the
     observation is that refusal with the lockdown mode, which must not change either."""
-    script = "; ".join(
+    cmds = [
         f"if d=$(dd if=/dev/mem bs=4096 skip={a // 4096} count={n // 4096} 2>/dev/null | sha256sum) "
         f"&& dd if=/dev/mem bs=1 count=1 >/dev/null 2>&1; then echo ${{d%% *}}; "
         f"else echo denied:$(cat /sys/kernel/security/lockdown 2>/dev/null | tr -d ' '); fi"
-        for a, n in SMRAM_RANGES)  # fmt: skip
-    res = vm.ssh.run(script, timeout=60)
+        for a, n in SMRAM_RANGES]  # fmt: skip
+    mount = ("grep -q ' /sys/kernel/security ' /proc/mounts || "
+             "mount -t securityfs securityfs /sys/kernel/security 2>/dev/null")
+    res = vm.ssh.run("; ".join([mount, *cmds]), timeout=60)
     sums = [ln.strip()[:40] for ln in res.stdout.splitlines() if ln.strip()]
     return {f"{a:#x}+{n:#x}": s for (a, n), s in zip(SMRAM_RANGES, sums, strict=False)}
 

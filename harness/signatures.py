@@ -272,8 +272,8 @@ SIGNATURES: tuple[Signature, ...] = (
         "The firmware's Secure Boot check refused the boot image (its signature is not in "
         "db, or it is in dbx): expected for an unsigned image, a finding for one signed with "
         "an enrolled key.",
-        "real run here: harness boot --set secure_boot=true --set sb_signed=false (OVMF "
-        "2022.11 secboot, snakeoil keys)",
+        "real run here: harness boot --secure-boot --unsigned (OVMF 2022.11 secboot, "
+        "snakeoil keys)",
     ),
     # --- not QEMU's text: findings of the harness's own checks --------------------------
     signature(

@@ -22,6 +22,7 @@ BOOT_MODES = ("uefi", "direct")
 FIRMWARE_MODES = ("split", "stateless")
 FLASH_LAYOUTS = ("4m", "2m")
 SB_KEYS = ("snakeoil", "ms")  # harness.firmware.SB_KEYS
+TPM_DEVICES = {"x86_64": "tpm-crb", "aarch64": "tpm-tis-device"}  # the vTPM's device model
 ACCELS = ("auto", "kvm", "tcg")
 # aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).
 _AARCH64_MACHINE_RE = re.compile(r"^virt(-\d+\.\d+)?$")
@@ -51,6 +52,7 @@ class VmSpec:
     secure_boot: bool = False
     sb_keys: str = "snakeoil"
     sb_signed: bool = True
+    tpm: bool = False  # a vTPM: one swtpm per QEMU process (harness.tpm)
     boot: str = "uefi"
     image: str = "minimal"
     ssh: bool = True
@@ -88,7 +90,7 @@ class VmSpec:
         for name in ("firmware", "boot_order", "uuid"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a string or None")
-        for name in ("ssh", "aux_ram_share", "nested", "secure_boot", "sb_signed"):
+        for name in ("ssh", "aux_ram_share", "nested", "secure_boot", "sb_signed", "tpm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.disk_bootindex is not None and (
@@ -189,6 +191,7 @@ class Resolved:
     ssh_port: int | None = None
     incoming: tuple[str, ...] = ()
     smm: bool = False  # the firmware requires SMM: smm=on, a secure varstore chip, S3 off
+    tpm_sock: Path | None = None  # the vTPM's swtpm control socket
 
 
 def guest_config_text(spec: VmSpec) -> str:
@@ -263,6 +266,11 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
         ]  # fmt: skip
     if spec.boot_order:
         args += ["-boot", f"order={spec.boot_order}"]
+
+    if r.tpm_sock is not None:
+        args += ["-chardev", f"socket,id=chrtpm,path={_opt(str(r.tpm_sock))}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                 "-device", f"{TPM_DEVICES.get(spec.arch, 'tpm-crb')},tpmdev=tpm0"]  # fmt: skip
 
     # guest agent configuration
     if r.fwcfg_file is not None:

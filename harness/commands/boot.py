@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from harness.cli import command, emit_json, register_parser
+from harness.errors import ConfigError
 
 
 @register_parser
@@ -23,6 +24,10 @@ def _parser(sub: Any) -> None:
     p.add_argument("--memory", type=int, default=None, metavar="MIB")
     p.add_argument("--boot", choices=["uefi", "direct"], default=None)
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    p.add_argument("--secure-boot", action="store_true",
+                   help="the firmware's Secure Boot build (SMM on x86), snakeoil keys, the image signed")
+    p.add_argument("--unsigned", action="store_true", help="with --secure-boot: boot the image unsigned (refused)")
+    p.add_argument("--tpm", action="store_true", help="attach a vTPM (swtpm)")
     p.add_argument("--json", action="store_true", help="print {ready_s, boot_id, accel, qemu, ovmf, output}")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND to run in the guest")
 
@@ -47,6 +52,12 @@ def _boot(args: argparse.Namespace) -> int:
         fields["machine"] = args.machine
     if args.memory:
         fields["memory_mb"] = args.memory
+    if args.secure_boot:
+        fields.update(secure_boot=True, sb_signed=not args.unsigned)
+    elif args.unsigned:
+        raise ConfigError("--unsigned: only with --secure-boot")
+    if args.tpm:
+        fields["tpm"] = True
     t0 = time.monotonic()
     with MachineFactory(VmSpec(**fields)) as factory:
         vm = factory()

@@ -327,12 +327,7 @@ class Runner:
         problems += _after_boot(vm, before, "warm reboot")
         # cold restart: the guest powers off (QEMU exits, the varstore file is complete),
         # then a new QEMU process on the destination boots with its firmware
-        path, old = vm.varstore_path, vm.current
-        state.poweroff(vm)
-        vm.release(old)  # exited already: closes its console, reaps it
-        vm.adopt(vm.spawn(varstore=path))
-        vm.wait_ready()
-        vm.ssh.connect(timeout=120)
+        vm.cold_restart()
         seen["after_cold_restart"] = which_firmware(vm, images)
         bios["after_cold_restart"] = _bios_info(vm)
         if seen["after_cold_restart"] != dst_fw:

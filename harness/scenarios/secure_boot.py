@@ -6,11 +6,14 @@ UKI signed with that key) boots on A, owns an authenticated variable, and makes,
 of live, save-restore, cpr-reboot, cpr-transfer and cpr-exec that A offers
 (``--set ops=live,cpr-transfer`` chooses); then, with B, a live migration to B on the newest
 q35 machine type both offer (cross-version).  ``--set arch=aarch64``: AAVMF's Secure Boot
-build (no SMM there, so no SMRAM checks).  After every hop: SecureBoot/SetupMode, PK,
+build (no SMM there, so no SMRAM checks).  The guest has a vTPM (:mod:`harness.tpm`): the
+sha256 PCRs, the event log and an NV index the guest wrote must be as before each hop.  After every hop: SecureBoot/SetupMode, PK,
 KEK, db and dbx in the guest's view and in the varstore file, the SMRAM lock (QEMU's memory
 tree, HMP ``xp`` and the guest's ``/dev/mem``) as on the source before the hop, and the
 authenticated variable (a write by its owner accepted and persisted, another signer
-refused).  A hop that left problems is followed by a warm reboot (the firmware locks SMRAM
+refused), and the vTPM (``--set tpm=0`` leaves it out).  At the end a restart in a new QEMU (power
+off, boot with the same varstore and vTPM state; ``--set restart=0`` skips it) must show
+the first boot's keys, lock and PCRs again.  A hop that left problems is followed by a warm reboot (the firmware locks SMRAM
 anew), so the next hop is judged on its own.  One record per hop, judged against ``expected-incompatibilities.toml`` with
 scenario ``secure-boot``.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from harness import builds, matrix, migration, secureboot, state
+from harness import builds, matrix, migration, secureboot, state, tpm
 from harness.builds import QemuBuild
 from harness.errors import ConfigError, HarnessError
 from harness.factory import MachineFactory
@@ -57,8 +60,10 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     if arch == "aarch64":
         fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
     firmware = (opts.ovmf or ["2022.11"])[0]
+    with_tpm = str(opts.extra.get("tpm", "1")) not in ("0", "no", "false")
+    tpm_note = ""
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch, secure_boot=True,
-                  name="secure-boot", **fields)  # fmt: skip
+                  tpm=with_tpm, name="secure-boot", **fields)  # fmt: skip
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
     failed = False
     with MachineFactory(spec, base=opts.workdir) as factory:
@@ -66,17 +71,32 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
             vm = factory(fast=bool(opts.extra.get("fast")))
             before = secureboot.observe(vm)
             first = secureboot.auth_round(vm, "before the first hop")
+            if with_tpm and arch != "x86_64":
+                tpm_note = (f"attached ({'tpm-tis-device'}) and migrated with the guest, not checked from inside: "
+                            "Debian bookworm's arm64 kernel has no TIS driver (CONFIG_TCG_TIS unset)")
+            elif with_tpm:
+                tpm_note = "checked: sha256 PCRs, event log, NV index"
+                tpm.nv_write(vm, b"harness!")
+                before.tpm = tpm.observe(vm)
+                if not before.tpm.pcrs or before.tpm.nv != b"harness!".hex():
+                    first.append(f"the vTPM is not as expected before any hop: {before.tpm.to_json()}")
             if arch == "x86_64" and not any("smbase-blackhole" in ln for ln in before.mtree):
                 first.append("the firmware's SMBASE lock is not in QEMU's memory tree (with fast=1 the guest "
                              "was restored, itself a migration: boot it cold on a build that loses the lock)")
             if first or secureboot.problems(before, before, "at boot"):
                 raise HarnessError("the Secure Boot guest is not as expected before any hop: "
                                    + "; ".join(first + secureboot.problems(before, before, "at boot")))
-            for i, (op, dest) in enumerate(hops(qbuilds, wanted), 1):
+            initial = before
+            plan = hops(qbuilds, wanted)
+            last_status = "completed"
+            for i, (op, dest) in enumerate(plan, 1):
                 rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch)
+                if tpm_note:
+                    rec["tpm"] = tpm_note
                 report.add(rec, opts)
                 if not rec["ok"] and not rec.get("expected_failure"):
                     failed = True
+                last_status = rec["status"]
                 if rec["status"] != "completed":
                     break
                 if rec["problems"]:
@@ -84,6 +104,13 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
                     # cannot be lost again): a warm reboot, where the firmware locks anew
                     state.reboot(vm)
                 before = secureboot.observe(vm)  # the next hop starts from here
+                if with_tpm and arch == "x86_64":
+                    before.tpm = tpm.observe(vm)
+            if last_status == "completed" and str(opts.extra.get("restart", "1")) not in ("0", "no", "false"):
+                rec = _restart(vm, len(plan) + 1, initial, machine, firmware, arch)
+                if tpm_note:
+                    rec["tpm"] = tpm_note
+                report.add(rec, opts)
             failed = failed or not report.ok
         except HarnessError as exc:
             record_error(report, "secure-boot", exc, opts)
@@ -95,6 +122,32 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     return report
 
 
+def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firmware: str,
+             arch: str) -> dict[str, Any]:
+    """Power off and boot again in a new QEMU with the same varstore and vTPM state: the
+    keys, the SMRAM lock, the authenticated variable, and (with a vTPM) the PCRs and event
+    log of a fresh boot must be as at the first boot, the NV index as written."""
+    where = f"after a restart on {vm.build.label}"
+    problems: list[str] = []
+    try:
+        vm.cold_restart()
+        after = secureboot.observe(vm)
+        problems += secureboot.problems(initial, after, where)
+        problems += secureboot.auth_round(vm, where)
+        if initial.tpm is not None:
+            problems += tpm.problems(initial.tpm, tpm.observe(vm), where, same_boot=False)
+    except HarnessError as exc:
+        problems.append(f"{where}: {exc}")
+    from harness import signatures
+
+    sig = signatures.classify("\n".join(problems)) if problems else None
+    return {"scenario": "secure-boot", "hop": index, "op": "restart", "source": vm.build.label,
+            "destination": vm.build.label, "machine": machine, "firmware": firmware, "arch": arch,
+            "status": "completed" if not problems else "failed", "problems": problems,
+            "signature": sig.name if sig else None, "error": "; ".join(problems)[:2000],
+            "ok": not problems, "expected_failure": False}  # fmt: skip
+
+
 def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbView,
          incompat: matrix.Incompatibilities, machine: str, firmware: str, arch: str) -> dict[str, Any]:
     source = vm.build
@@ -103,7 +156,10 @@ def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbVie
     if res.ok:
         try:
             after = secureboot.observe(vm)
-            problems += secureboot.problems(before, after, f"after {op} {source.label} -> {dest.label}")
+            where = f"after {op} {source.label} -> {dest.label}"
+            problems += secureboot.problems(before, after, where)
+            if before.tpm is not None:
+                problems += tpm.problems(before.tpm, tpm.observe(vm), where)
             problems += secureboot.auth_round(vm, f"after {op}")
         except HarnessError as exc:
             problems.append(f"checking after the hop: {exc}")

@@ -51,16 +51,34 @@ def test_plain_varstore_with_secure_boot_code_is_refused_before_launch(vm_factor
     assert mine.read_bytes() == before  # nothing written, nothing started
 
 
-def test_hops_on_a_fixed_build_keep_keys_lock_and_authenticated_writes(tmp_path: Path,
-                                                                       harness_artifacts: Path) -> None:
-    """10.0.13: live, save-restore and cpr-transfer keep every check (cpr-reboot is in the
-    nightly's row)."""
+def test_hops_on_a_fixed_build_keep_keys_lock_authenticated_writes_and_vtpm(tmp_path: Path,
+                                                                             harness_artifacts: Path) -> None:
+    """10.0.13 with a vTPM: live, save-restore and cpr-transfer keep every check, and so
+    does a restart in a new QEMU (cpr-reboot and cpr-exec are in the nightly's rows)."""
     opts = ScenarioOptions(qemu=["10.0.13"], workdir=tmp_path, artifacts=harness_artifacts,
-                           extra={"ops": ["live", "save-restore", "cpr-transfer"], "fast": True})  # fmt: skip
+                           extra={"ops": ["live", "save-restore", "cpr-transfer"], "tpm": "1", "fast": True})  # fmt: skip
     report = run_secure_boot(opts)
     summary = [(r["op"], r["status"], r.get("signature"), r["problems"][:2]) for r in report.records]
-    assert report.ok and [r["op"] for r in report.records] == ["live", "save-restore", "cpr-transfer"], summary
-    assert all(r["ok"] and not r["expected_failure"] for r in report.records), summary
+    assert report.ok, summary
+    assert [r["op"] for r in report.records] == ["live", "save-restore", "cpr-transfer", "restart"], summary
+    assert all(r["ok"] and not r["expected_failure"] and r["tpm"].startswith("checked") for r in report.records), summary
+
+
+def test_vtpm_is_owned_and_reaped_with_its_qemu(vm_factory: MachineFactory) -> None:
+    from harness import migration, tpm
+
+    vm = vm_factory(qemu="10.0.13", tpm=True, name="vtpm", fast=True)
+    tpm.nv_write(vm, b"12345678")
+    before = tpm.observe(vm)
+    old = vm.current.tpm
+    assert old is not None and old.running and old.ctrl_sock.parent == vm.sock_dir
+    migration.live(vm)
+    new = vm.current.tpm
+    assert new is not None and new.running and new.state_dir != old.state_dir  # the destination's own
+    assert not old.running, "the source's swtpm outlived its QEMU"
+    assert tpm.problems(before, tpm.observe(vm)) == []
+    vm.stop()
+    assert not new.running
 
 
 def test_smbase_lock_lost_on_10_0_2_and_kept_across_to_10_0_13(tmp_path: Path, harness_artifacts: Path) -> None:
@@ -68,7 +86,7 @@ def test_smbase_lock_lost_on_10_0_2_and_kept_across_to_10_0_13(tmp_path: Path, h
     expected failure from the data); after the reboot that re-locks it, a cross-version
     live migration to 10.0.13 keeps every check."""
     opts = ScenarioOptions(qemu=["10.0.2", "10.0.13"], workdir=tmp_path, artifacts=harness_artifacts,
-                           extra={"ops": ["live"]})  # fmt: skip  (cold: a restore on 10.0.2 would drop the lock)
+                           extra={"ops": ["live"], "restart": "0"})  # fmt: skip  (cold: a restore on 10.0.2 would drop the lock)
     report = run_secure_boot(opts)
     recs = report.records
     summary = [(r["op"], r["source"], r["destination"], r.get("signature"), r["problems"][:1]) for r in recs]
@@ -78,11 +96,15 @@ def test_smbase_lock_lost_on_10_0_2_and_kept_across_to_10_0_13(tmp_path: Path, h
     assert recs[1]["ok"] and not recs[1]["expected_failure"] and not recs[1]["problems"], summary
 
 
-def test_aarch64_secure_boot_live_and_cpr_transfer(tmp_path: Path, harness_artifacts: Path) -> None:
-    """AAVMF's Secure Boot build with the snakeoil keys, BOOTAA64.EFI signed: keys and the
-    authenticated variable survive live and cpr-transfer (no SMM on aarch64)."""
+def test_aarch64_secure_boot_and_vtpm_live_and_cpr_transfer(tmp_path: Path, harness_artifacts: Path) -> None:
+    """AAVMF's Secure Boot build with the snakeoil keys, BOOTAA64.EFI signed, a vTPM
+    (tpm-tis-device): keys and the authenticated variable survive live and cpr-transfer (no
+    SMM on aarch64); the vTPM migrates with the guest, which cannot read it (no TIS driver
+    in Debian bookworm's arm64 kernel: the records say so)."""
     opts = ScenarioOptions(qemu=["10.0.13"], workdir=tmp_path, artifacts=harness_artifacts,
-                           extra={"arch": "aarch64", "ops": ["live", "cpr-transfer"], "fast": True})  # fmt: skip
+                           extra={"arch": "aarch64", "ops": ["live", "cpr-transfer"], "restart": "0",
+                                  "fast": True})  # fmt: skip
     report = run_secure_boot(opts)
     summary = [(r["op"], r["status"], r.get("signature"), r["problems"][:2]) for r in report.records]
     assert report.ok and [r["op"] for r in report.records] == ["live", "cpr-transfer"], summary
+    assert all("no TIS driver" in r["tpm"] for r in report.records), summary

@@ -118,3 +118,34 @@ def test_guest_config_is_sorted_key_value_lines() -> None:
     assert text == "mem_mb=8\nready_tag=x\nseed=s1\n"
     with pytest.raises(SpecError, match="guest_config"):
         VmSpec(guest_config={"Bad Key": "v"})
+
+
+def test_smm_firmware_gets_smm_a_secure_varstore_chip_and_no_s3() -> None:
+    text = joined(qemu_args(VmSpec(secure_boot=True), resolved(smm=True)))
+    assert "-machine q35,accel=tcg,smm=on" in text
+    assert "-global driver=cfi.pflash01,property=secure,value=on" in text
+    assert "-global ICH9-LPC.disable_s3=1" in text
+    plain = joined(qemu_args(VmSpec(), resolved()))
+    assert "smm=on" not in plain and "secure,value=on" not in plain
+
+
+def test_secure_boot_fields_are_validated() -> None:
+    with pytest.raises(SpecError, match="spec field secure_boot=True: expected a q35 machine"):
+        VmSpec(secure_boot=True, machine="pc")
+    with pytest.raises(SpecError, match="spec field secure_boot=True: expected false with flash='2m'"):
+        VmSpec(secure_boot=True, flash="2m")
+    with pytest.raises(SpecError, match="spec field secure_boot=True: expected false unless boot='uefi'"):
+        VmSpec(secure_boot=True, boot="direct", firmware=None)
+    with pytest.raises(SpecError, match="spec field sb_keys='mine': expected snakeoil | ms"):
+        VmSpec(sb_keys="mine")
+    assert VmSpec(arch="aarch64", secure_boot=True).machine == "virt"
+
+
+def test_vtpm_device_per_architecture() -> None:
+    sock = Path("/run/s/tpm-0.sock")
+    x86 = qemu_args(VmSpec(tpm=True), resolved(tpm_sock=sock))
+    assert "socket,id=chrtpm,path=/run/s/tpm-0.sock" in x86 and "tpm-crb,tpmdev=tpm0" in x86
+    assert "emulator,id=tpm0,chardev=chrtpm" in x86
+    arm = qemu_args(VmSpec(tpm=True, arch="aarch64"), resolved(tpm_sock=sock, machine="virt"))
+    assert "tpm-tis-device,tpmdev=tpm0" in arm
+    assert "-tpmdev" not in qemu_args(VmSpec(), resolved())
