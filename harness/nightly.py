@@ -78,6 +78,7 @@ class Kind:
     cost_s: float = 30.0  # estimated wall time of one entry here (TCG, 2 cores)
     tests: tuple[str, ...] = ()  # pytest node ids (runner "pytest")
     arch: str = "x86_64"  # guest architecture; other than x86_64: the selected builds that have it
+    settings: tuple[tuple[str, str], ...] = ()  # scenario settings (``--set K=V``) of its entries
 
 
 # The default nightly matrix.  cost_s: wall seconds of one entry measured in a full run here
@@ -94,6 +95,8 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("storm-aarch64", "scenario", "qemu", target="storm", cost_s=90, arch="aarch64"),
     Kind("secure-boot", "scenario", "qemu", target="secure-boot", cost_s=75),
     Kind("secure-boot-aarch64", "scenario", "qemu", target="secure-boot", cost_s=75, arch="aarch64"),
+    Kind("secure-boot", "scenario", "chains", target="secure-boot", cost_s=150,
+         settings=(("ops", "live"), ("restart", "0"))),
     Kind("cross-version", "scenario", "pairs", target="cross-version", cost_s=22),
     Kind("cross-version", "scenario", "chains", target="cross-version", cost_s=24),
     Kind("firmware-upgrade", "scenario", "firmware-pairs", target="cross-version", cost_s=48),
@@ -137,6 +140,7 @@ class Entry:
     tests: tuple[str, ...] = ()
     cost_s: float = 30.0
     arch: str = "x86_64"
+    settings: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +150,7 @@ class Entry:
         d = dict(data)
         for key in ("qemu", "ovmf", "tests"):
             d[key] = tuple(d.get(key) or ())
+        d["settings"] = tuple(tuple(kv) for kv in d.get("settings") or ())
         try:
             return cls(**d)
         except TypeError as exc:
@@ -336,7 +341,7 @@ def _expand(kind: Kind, qemu: Sequence[BuildInfo], ovmf: list[str], newest: Buil
 
     def mk(eid: str, **kw: Any) -> Entry:
         return Entry(id=eid, scenario=kind.scenario, runner=kind.runner, target=kind.target,
-                     cycles=n, cost_s=cost, arch=kind.arch, **kw)  # fmt: skip
+                     cycles=n, cost_s=cost, arch=kind.arch, settings=kind.settings, **kw)  # fmt: skip
 
     def able(b: BuildInfo) -> bool:
         return kind.mode is None or kind.mode in b.modes
@@ -478,6 +483,7 @@ def _run_scenario(entry: Entry, artifacts: Path | None, workdir: Path | None,
                            mode=entry.mode, workdir=workdir, artifacts=artifacts, on_record=on_record)  # fmt: skip
     if entry.arch != "x86_64":
         opts.extra["arch"] = entry.arch
+    opts.extra.update(dict(entry.settings))
     target = entry.target or entry.scenario
     if target not in scenarios.names():
         return EntryOutcome(entry, ScenarioReport(entry.scenario),

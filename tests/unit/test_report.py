@@ -429,3 +429,18 @@ def test_boot_entries_are_validated(table: dict[str, object], message: str) -> N
     with pytest.raises(CatalogError, match=message) as info:
         parse_incompatibilities(Path("x.toml"), {"boot": [table]})
     assert "[[boot]] entry 1" in str(info.value) and "x.toml" in str(info.value)
+
+
+def test_rows_of_another_architecture_and_settings_reach_their_entries() -> None:
+    m = matrix(arch_builds={"aarch64": ["7.2", "10.0.2"]})
+    by_id = {e.id: e for e in m.entries}
+    arm = sorted(i for i, e in by_id.items() if e.arch == "aarch64")
+    assert arm == ["secure-boot-aarch64-qemu10.0.2-ovmf2022.11", "secure-boot-aarch64-qemu7.2-ovmf2022.11",
+                   "storm-aarch64-qemu10.0.2-ovmf2022.11", "storm-aarch64-qemu7.2-ovmf2022.11"]
+    chain = by_id["secure-boot-chains"]
+    assert chain.qemu == ("5.2", "7.2", "10.0.2") and dict(chain.settings) == {"ops": "live", "restart": "0"}
+    again = nightly.Entry.from_json(chain.to_json())
+    assert again == chain  # settings survive the matrix file
+    none = matrix()  # no aarch64 builds: the rows are skipped, saying why
+    assert not [e for e in none.entries if e.arch == "aarch64"]
+    assert any("storm-aarch64: no selected QEMU build has an aarch64 build" in s for s in none.not_applicable)
