@@ -5,7 +5,8 @@
 UKI signed with that key) boots on A, owns an authenticated variable, and makes, on A, each
 of live, save-restore, cpr-reboot, cpr-transfer and cpr-exec that A offers
 (``--set ops=live,cpr-transfer`` chooses); then, with B, a live migration to B on the newest
-q35 machine type both offer (cross-version).  ``--set arch=aarch64``: AAVMF's Secure Boot
+q35 machine type both offer (cross-version); with ``--ovmf A --ovmf B`` a firmware upgrade
+(live migration to B's Secure Boot build, cold restart from the guest's varstore).  ``--set arch=aarch64``: AAVMF's Secure Boot
 build (no SMM there, so no SMRAM checks).  The guest has a vTPM (:mod:`harness.tpm`): the
 sha256 PCRs, the event log and an NV index the guest wrote must be as before each hop.  After every hop: SecureBoot/SetupMode, PK,
 KEK, db and dbx in the guest's view and in the varstore file, the SMRAM lock (QEMU's memory
@@ -106,6 +107,15 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
                 before = secureboot.observe(vm)  # the next hop starts from here
                 if with_tpm and arch == "x86_64":
                     before.tpm = tpm.observe(vm)
+            if last_status == "completed" and len(opts.ovmf or []) > 1:
+                rec = _firmware_upgrade(vm, len(plan) + 1, (opts.ovmf or [])[1], initial, machine, firmware, arch)
+                if tpm_note:
+                    rec["tpm"] = tpm_note
+                report.add(rec, opts)
+                last_status = rec["status"]
+                plan.append(("firmware-upgrade", vm.build))
+                if initial.tpm is not None and last_status == "completed":
+                    initial.tpm = tpm.observe(vm)  # the PCRs measure the new firmware from here
             if last_status == "completed" and str(opts.extra.get("restart", "1")) not in ("0", "no", "false"):
                 rec = _restart(vm, len(plan) + 1, initial, machine, firmware, arch)
                 if tpm_note:
@@ -120,6 +130,42 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
                 report.artifacts = str(factory.save_artifacts(opts.artifacts))
     report.duration_s = time.monotonic() - t0
     return report
+
+
+def _firmware_upgrade(vm: Any, index: int, new_fw: str, initial: secureboot.SbView, machine: str,
+                      firmware: str, arch: str) -> dict[str, Any]:
+    """A host's OVMF package upgrade under a running Secure Boot guest: a live migration to
+    a QEMU that has the new firmware's Secure Boot build, then a cold restart that boots it
+    from the guest's own varstore (which keeps its enrolled keys: the image signed with
+    the old snakeoil key must still boot).  Keys, SMRAM lock, authenticated variable and
+    NV index as before; the PCRs measure the new firmware, so they are not compared."""
+    where = f"after upgrading the firmware {firmware} -> {new_fw}"
+    problems: list[str] = []
+    try:
+        before_keys = secureboot.observe(vm)
+        vm.use_firmware(new_fw)
+        res = migration.live(vm, check=False)
+        if not res.ok:
+            problems += [f"{where}: the live migration: {res.error or res.status}"] + res.problems
+        else:
+            vm.cold_restart()
+            after = secureboot.observe(vm)
+            problems += secureboot.problems(before_keys, after, where)
+            problems += secureboot.auth_round(vm, where)
+            if initial.tpm is not None:
+                now = tpm.observe(vm)
+                if now.nv != initial.tpm.nv:
+                    problems.append(f"{where}: the TPM NV index reads {now.nv}, it held {initial.tpm.nv}")
+    except HarnessError as exc:
+        problems.append(f"{where}: {exc}")
+    from harness import signatures
+
+    sig = signatures.classify("\n".join(problems)) if problems else None
+    return {"scenario": "secure-boot", "hop": index, "op": "firmware-upgrade", "source": vm.build.label,
+            "destination": vm.build.label, "machine": machine, "firmware": firmware, "dest_firmware": new_fw,
+            "arch": arch, "status": "completed" if not problems else "failed", "problems": problems,
+            "signature": sig.name if sig else None, "error": "; ".join(problems)[:2000],
+            "ok": not problems, "expected_failure": False}  # fmt: skip
 
 
 def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firmware: str,

@@ -53,14 +53,18 @@ def test_plain_varstore_with_secure_boot_code_is_refused_before_launch(vm_factor
 
 def test_hops_on_a_fixed_build_keep_keys_lock_authenticated_writes_and_vtpm(tmp_path: Path,
                                                                              harness_artifacts: Path) -> None:
-    """10.0.13 with a vTPM: live, save-restore and cpr-transfer keep every check, and so
-    does a restart in a new QEMU (cpr-reboot and cpr-exec are in the nightly's rows)."""
-    opts = ScenarioOptions(qemu=["10.0.13"], workdir=tmp_path, artifacts=harness_artifacts,
+    """10.0.13 with a vTPM: live, save-restore and cpr-transfer keep every check, and so do
+    an OVMF upgrade 2022.11 -> 2025.02 (whose snakeoil key differs: the guest's varstore
+    keeps the old one, so its image still boots) and a restart in a new QEMU (cpr-reboot
+    and cpr-exec are in the nightly's rows)."""
+    opts = ScenarioOptions(qemu=["10.0.13"], ovmf=["2022.11", "2025.02"], workdir=tmp_path,
+                           artifacts=harness_artifacts,
                            extra={"ops": ["live", "save-restore", "cpr-transfer"], "tpm": "1", "fast": True})  # fmt: skip
     report = run_secure_boot(opts)
     summary = [(r["op"], r["status"], r.get("signature"), r["problems"][:2]) for r in report.records]
     assert report.ok, summary
-    assert [r["op"] for r in report.records] == ["live", "save-restore", "cpr-transfer", "restart"], summary
+    ops = [r["op"] for r in report.records]
+    assert ops == ["live", "save-restore", "cpr-transfer", "firmware-upgrade", "restart"], summary
     assert all(r["ok"] and not r["expected_failure"] and r["tpm"].startswith("checked") for r in report.records), summary
 
 
