@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -99,11 +100,21 @@ def file_keys(path: Path) -> dict[str, str]:
     return out
 
 
+_REGION_KIND = re.compile(r"\(prio (-?\d+), [a-z/-]+\)")
+
+
 def smram_mtree(vm: Machine) -> list[str]:
-    """The SMRAM, SMBASE and TSEG lines of QEMU's memory tree (enabled or not, as QEMU
-    prints them), in order."""
+    """The SMRAM, SMBASE and TSEG lines of QEMU's memory tree (enabled or not), sorted, as
+    :func:`normalize_mtree` makes them comparable across QEMU versions."""
     text = str(vm.qmp("human-monitor-command", **{"command-line": "info mtree"}))
-    return sorted(ln.strip() for ln in text.splitlines() if any(w in ln.lower() for w in _MTREE_WORDS))
+    return normalize_mtree(text)
+
+
+def normalize_mtree(text: str) -> list[str]:
+    """The lines naming SMRAM, SMBASE or TSEG, without the region kind QEMU prints after
+    the priority (11.1 says ``container`` where 10.0 said ``i/o`` for the same region)."""
+    return sorted(_REGION_KIND.sub(r"(prio \1)", ln.strip()) for ln in text.splitlines()
+                  if any(w in ln.lower() for w in _MTREE_WORDS))  # fmt: skip
 
 
 def hmp_xp(vm: Machine, addr: int, size: int) -> bytes:

@@ -6,8 +6,8 @@ from harness import secureboot, tpm
 from harness.secureboot import SbView
 
 KEYS = {"PK": "aa", "KEK": "bb", "db": "cc", "dbx": "dd"}
-LOCKED = ["0000000000030000-000000000004ffff (prio 1, i/o): smbase-blackhole",
-          "0000000000030000-000000000004ffff (prio 0, ram): alias smbase-window @ram0 0000000000030000-000000000004ffff"]
+LOCKED = ["0000000000030000-000000000004ffff (prio 1): smbase-blackhole",
+          "0000000000030000-000000000004ffff (prio 0): alias smbase-window @ram0 0000000000030000-000000000004ffff"]
 
 
 def view(**kw: object) -> SbView:
@@ -46,3 +46,15 @@ def test_tpm_views_compared() -> None:
     assert any("PCR(s) 7 changed (PCR 7: 22 -> 99)" in p for p in out), out
     assert any("event log changed" in p for p in out) and any("reads rc:0000018b" in p for p in out), out
     assert tpm.problems(tpm.TpmView(), tpm.TpmView())[0].endswith("saw no TPM PCRs before the hop")
+
+
+def test_memory_tree_lines_compare_across_versions() -> None:
+    old = ("    0000000000000000-00000000ffffffff (prio 0, i/o): smram\n"
+           "  0000000000030000-000000000004ffff (prio 1, i/o): smbase-blackhole\n"
+           "  00000000000c0000-00000000000dffff (prio 1, ram): pc.rom\n")
+    new = ("    0000000000000000-00000000ffffffff (prio 0, container): smram\n"
+           "  0000000000030000-000000000004ffff (prio 1, i/o): smbase-blackhole\n")
+    assert secureboot.normalize_mtree(old) == secureboot.normalize_mtree(new)
+    assert secureboot.normalize_mtree(old) == [
+        "0000000000000000-00000000ffffffff (prio 0): smram",
+        "0000000000030000-000000000004ffff (prio 1): smbase-blackhole"]
