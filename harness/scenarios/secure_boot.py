@@ -88,10 +88,11 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
                 raise HarnessError("the Secure Boot guest is not as expected before any hop: "
                                    + "; ".join(first + secureboot.problems(before, before, "at boot")))
             initial = before
+            booted_on = qbuilds[0]  # the build whose devices the guest initialized (data: boot=)
             plan = hops(qbuilds, wanted)
             last_status = "completed"
             for i, (op, dest) in enumerate(plan, 1):
-                rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch)
+                rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch, booted_on)
                 if tpm_note:
                     rec["tpm"] = tpm_note
                 report.add(rec, opts)
@@ -104,6 +105,7 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
                     # the next hop must not inherit this one's damage (a lost SMRAM lock
                     # cannot be lost again): a warm reboot, where the firmware locks anew
                     state.reboot(vm)
+                    booted_on = vm.build
                 before = secureboot.observe(vm)  # the next hop starts from here
                 if with_tpm and arch == "x86_64":
                     before.tpm = tpm.observe(vm)
@@ -195,7 +197,8 @@ def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firm
 
 
 def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbView,
-         incompat: matrix.Incompatibilities, machine: str, firmware: str, arch: str) -> dict[str, Any]:
+         incompat: matrix.Incompatibilities, machine: str, firmware: str, arch: str,
+         booted_on: QemuBuild) -> dict[str, Any]:
     source = vm.build
     res = migration.operation(op)(vm, to=dest, check=False)
     problems = list(res.problems) if not res.ok else []
@@ -221,7 +224,9 @@ def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbVie
         "arch": arch, "status": res.status, "problems": problems, "signature": signature,
         "error": res.error or "; ".join(problems)[:2000], "downtime_ms": res.to_json().get("downtime_ms"),
     }  # fmt: skip
-    expected = incompat.lookup(source.version, dest.version, op, machine, arch=arch, scenario="secure-boot")
+    expected = incompat.lookup(source.version, dest.version, op, machine, boot=booted_on.version, arch=arch,
+                               scenario="secure-boot")  # fmt: skip
+    rec["booted_on"] = booted_on.label
     verdict = matrix.judge(bool(problems) or not res.ok, signature, expected)
     rec["ok"], rec["expected_failure"] = verdict.ok, verdict.expected_failure
     if expected is not None:
