@@ -73,8 +73,9 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
             before = secureboot.observe(vm)
             first = secureboot.auth_round(vm, "before the first hop")
             if with_tpm and arch != "x86_64":
-                tpm_note = (f"attached ({'tpm-tis-device'}) and migrated with the guest, not checked from inside: "
-                            "Debian bookworm's arm64 kernel has no TIS driver (CONFIG_TCG_TIS unset)")
+                tpm_note = ("attached (tpm-tis-device) and migrated with the guest, not checked from inside: "
+                            "Debian's arm64 kernels have no TIS driver (CONFIG_TCG_TIS unset in bookworm's "
+                            "6.1 and trixie's 6.12), and QEMU's virt machine offers no other TPM interface")
             elif with_tpm:
                 tpm_note = "checked: sha256 PCRs, event log, NV index"
                 tpm.nv_write(vm, b"harness!")
