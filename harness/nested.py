@@ -1108,7 +1108,7 @@ def run_cycles(
 
 # --- an L1 with its L2, owned; fast start from a saved pair ------------------------------------
 
-PAIR_FORMAT = 1
+PAIR_FORMAT = 2  # 2: L2's vCPUs paused for the save, continued after the restore
 
 
 @dataclass
@@ -1148,7 +1148,8 @@ def _cold_pair(l1: Machine, plan: L1Plan, l2_opts: dict[str, Any]) -> tuple[L2, 
 def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any]) -> Any:
     """The saved pair for ``template``'s inputs (a :class:`harness.snapshots.Snapshot`
     whose meta also holds L2's start record and the cold timings), made if missing: the
-    unstarted ``template`` boots, starts L2, is saved with L2 running, and is stopped."""
+    unstarted ``template`` boots, starts L2, is saved with L2's vCPUs paused (continued by
+    :func:`restore_pair`), and is stopped."""
     from filelock import FileLock
 
     from harness import migration, snapshots
@@ -1168,6 +1169,10 @@ def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any
         try:
             l2, timings = _cold_pair(template, plan, l2_opts)
             assert l2.started is not None and template.ready is not None
+            # L2's vCPUs paused for the cut: with none inside KVM_RUN, L1's vCPU cannot be
+            # in L2 guest mode, which a TCG L0's stream cannot carry (a snapshot cut there
+            # never restores: GUEST_MODE_LOAD_ERROR, seen on a fresh cache)
+            set_l2_running(l2, False)
             l2.close()
             template.ssh.close()  # no half-open sessions in the saved guest
             res = migration.save(template, tmp / snapshots.STATE, check=True)
@@ -1179,6 +1184,7 @@ def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any
                 "qemu": template.build.label, "state_size": (tmp / snapshots.STATE).stat().st_size,
                 "has_vars": True, "vars_size": (tmp / snapshots.VARS).stat().st_size,
                 "l2": asdict(l2.started), "l2_opts": l2_opts, "timings": timings.to_json(),
+                "l2_paused": True,
             }  # fmt: skip
             (tmp / snapshots.META).write_text(json.dumps(meta, indent=1))
             template.stop(timeout=10)
@@ -1205,6 +1211,8 @@ def restore_pair(l1: Machine, snap: Any, *, timeout: float = 300.0) -> tuple[L2,
     meta = snap.meta
     l2.started = L2Start(**meta["l2"])
     try:
+        if meta.get("l2_paused"):
+            set_l2_running(l2, True)  # paused for the save (see ensure_pair_snapshot)
         l2.ssh.connect(timeout=timeout)
         first = l2.agent("heartbeat")
         status = l2.agent("status")
