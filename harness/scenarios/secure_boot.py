@@ -135,6 +135,18 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     return report
 
 
+def _step_record(vm: Any, index: int, op: str, problems: list[str], **fields: Any) -> dict[str, Any]:
+    """The record of a step on the guest's own build (no data entry covers those: any
+    problem fails it), its problems named by a signature where one fits."""
+    from harness import signatures
+
+    sig = signatures.classify("\n".join(problems)) if problems else None
+    return {"scenario": "secure-boot", "hop": index, "op": op, "source": vm.build.label,
+            "destination": vm.build.label, **fields, "status": "completed" if not problems else "failed",
+            "problems": problems, "signature": sig.name if sig else None,
+            "error": "; ".join(problems)[:2000], "ok": not problems, "expected_failure": False}  # fmt: skip
+
+
 def _firmware_upgrade(vm: Any, index: int, new_fw: str, initial: secureboot.SbView, machine: str,
                       firmware: str, arch: str) -> dict[str, Any]:
     """A host's OVMF package upgrade under a running Secure Boot guest: a live migration to
@@ -161,14 +173,8 @@ def _firmware_upgrade(vm: Any, index: int, new_fw: str, initial: secureboot.SbVi
                     problems.append(f"{where}: the TPM NV index reads {now.nv}, it held {initial.tpm.nv}")
     except HarnessError as exc:
         problems.append(f"{where}: {exc}")
-    from harness import signatures
-
-    sig = signatures.classify("\n".join(problems)) if problems else None
-    return {"scenario": "secure-boot", "hop": index, "op": "firmware-upgrade", "source": vm.build.label,
-            "destination": vm.build.label, "machine": machine, "firmware": firmware, "dest_firmware": new_fw,
-            "arch": arch, "status": "completed" if not problems else "failed", "problems": problems,
-            "signature": sig.name if sig else None, "error": "; ".join(problems)[:2000],
-            "ok": not problems, "expected_failure": False}  # fmt: skip
+    return _step_record(vm, index, "firmware-upgrade", problems, machine=machine, firmware=firmware,
+                        dest_firmware=new_fw, arch=arch)  # fmt: skip
 
 
 def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firmware: str,
@@ -187,14 +193,7 @@ def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firm
             problems += tpm.problems(initial.tpm, tpm.observe(vm), where, same_boot=False)
     except HarnessError as exc:
         problems.append(f"{where}: {exc}")
-    from harness import signatures
-
-    sig = signatures.classify("\n".join(problems)) if problems else None
-    return {"scenario": "secure-boot", "hop": index, "op": "restart", "source": vm.build.label,
-            "destination": vm.build.label, "machine": machine, "firmware": firmware, "arch": arch,
-            "status": "completed" if not problems else "failed", "problems": problems,
-            "signature": sig.name if sig else None, "error": "; ".join(problems)[:2000],
-            "ok": not problems, "expected_failure": False}  # fmt: skip
+    return _step_record(vm, index, "restart", problems, machine=machine, firmware=firmware, arch=arch)
 
 
 def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbView,
