@@ -24,12 +24,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from harness import builds, matrix, migration, secureboot, state, tpm
+from harness import matrix, migration, secureboot, state, tpm
 from harness.builds import QemuBuild
-from harness.errors import ConfigError, HarnessError
+from harness.errors import HarnessError
 from harness.factory import MachineFactory
 from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
-from harness.scenarios.storm import KINDS, offered
+from harness.scenarios.storm import hop_setup, offered
 from harness.spec import VmSpec
 
 
@@ -45,22 +45,9 @@ def hops(qbuilds: list[QemuBuild], wanted: tuple[str, ...]) -> list[tuple[str, Q
 def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     report = ScenarioReport("secure-boot")
     t0 = time.monotonic()
-    arch = str(opts.extra.get("arch", "x86_64"))
-    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or ["10.0.2"])]
-    raw = opts.extra.get("ops", KINDS)
-    wanted = (raw,) if isinstance(raw, str) else tuple(raw)
-    bad = [k for k in wanted if k not in KINDS]
-    if bad:
-        raise ConfigError(f"ops={','.join(bad)}: unknown; the hop kinds are {', '.join(KINDS)}")
-    family = "virt" if arch == "aarch64" else "pc-q35"
-    machine = qbuilds[0].capabilities.resolve_machine("virt" if arch == "aarch64" else "q35")
-    for other in qbuilds[1:]:
-        machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities, family)
-    shared = all(b.capabilities.has_mode("cpr-transfer") for b in qbuilds)
-    fields: dict[str, Any] = dict(migration.spec_fields_for("cpr-transfer")) if shared else {}
-    if arch == "aarch64":
-        fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
-    firmware = (opts.ovmf or ["2022.11"])[0]
+    setup = hop_setup(opts)
+    arch, qbuilds, wanted, machine = setup.arch, setup.qbuilds, setup.wanted, setup.machine
+    fields, firmware = setup.fields, setup.firmware
     with_tpm = str(opts.extra.get("tpm", "1")) not in ("0", "no", "false")
     tpm_note = ""
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch, secure_boot=True,

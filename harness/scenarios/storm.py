@@ -12,6 +12,7 @@ versioned machine type they all offer).  ``--cycles N`` makes N rounds.  One rec
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from harness import builds, matrix, migration, storm
@@ -33,6 +34,42 @@ def offered(build: QemuBuild, wanted: tuple[str, ...] = KINDS, shared: bool = Tr
     needs_shared = ("cpr-transfer", "cpr-exec")
     return [k for k in wanted if (k not in _MODES or caps.has_mode(_MODES[k]))
             and (shared or k not in needs_shared)]  # fmt: skip
+
+
+@dataclass
+class HopSetup:
+    """What a scenario that hops one guest across ``--qemu`` builds derives from its options."""
+
+    arch: str
+    qbuilds: list[QemuBuild]
+    wanted: tuple[str, ...]  # the hop kinds asked for (``--set ops=``)
+    machine: str  # the newest versioned machine type every build offers
+    shared: bool  # every build can share guest RAM (the CPR kinds need it)
+    fields: dict[str, Any]  # VmSpec fields that follow from the above
+    firmware: str
+
+
+def hop_setup(opts: ScenarioOptions, what: str = "the hop kinds") -> HopSetup:
+    """Builds, hop kinds, machine type and spec fields from ``--qemu``, ``--ovmf`` and
+    ``--set arch= ops= cpu=`` (shared by the storm and secure-boot scenarios)."""
+    arch = str(opts.extra.get("arch", "x86_64"))
+    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or ["10.0.2"])]
+    raw = opts.extra.get("ops", KINDS)
+    wanted = (raw,) if isinstance(raw, str) else tuple(raw)
+    bad = [k for k in wanted if k not in KINDS]
+    if bad:
+        raise ConfigError(f"ops={','.join(bad)}: unknown; {what} are {', '.join(KINDS)}")
+    family = "virt" if arch == "aarch64" else "pc-q35"
+    machine = qbuilds[0].capabilities.resolve_machine("virt" if arch == "aarch64" else "q35")
+    for other in qbuilds[1:]:
+        machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities, family)
+    # memfd RAM shared with QEMU's auxiliary RAM where every build can (the CPR kinds need
+    # it; older builds lack -machine aux-ram-share)
+    shared = all(b.capabilities.has_mode("cpr-transfer") for b in qbuilds)
+    fields: dict[str, Any] = dict(migration.spec_fields_for("cpr-transfer")) if shared else {}
+    if arch == "aarch64":
+        fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
+    return HopSetup(arch, qbuilds, wanted, machine, shared, fields, (opts.ovmf or ["2022.11"])[0])
 
 
 def parse_bandwidth(raw: object) -> int | None:
@@ -85,24 +122,9 @@ def judge(rec: dict[str, Any], hop: storm.StormHop, incompat: matrix.Incompatibi
 def run_storm(opts: ScenarioOptions) -> ScenarioReport:
     report = ScenarioReport("storm")
     t0 = time.monotonic()
-    arch = str(opts.extra.get("arch", "x86_64"))
-    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or ["10.0.2"])]
-    raw = opts.extra.get("ops", KINDS)
-    wanted = (raw,) if isinstance(raw, str) else tuple(raw)
-    bad = [k for k in wanted if k not in KINDS]
-    if bad:
-        raise ConfigError(f"ops={','.join(bad)}: unknown; the storm's hop kinds are {', '.join(KINDS)}")
-    family = "virt" if arch == "aarch64" else "pc-q35"
-    machine = qbuilds[0].capabilities.resolve_machine("virt" if arch == "aarch64" else "q35")
-    for other in qbuilds[1:]:
-        machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities, family)
-    # memfd RAM shared with QEMU's auxiliary RAM where every build can (the CPR kinds need
-    # it; older builds lack -machine aux-ram-share)
-    shared = all(b.capabilities.has_mode("cpr-transfer") for b in qbuilds)
-    fields: dict[str, Any] = dict(migration.spec_fields_for("cpr-transfer")) if shared else {}
-    if arch == "aarch64":
-        fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
-    firmware = (opts.ovmf or ["2022.11"])[0]
+    setup = hop_setup(opts, "the storm's hop kinds")
+    arch, qbuilds, wanted, machine = setup.arch, setup.qbuilds, setup.wanted, setup.machine
+    shared, fields, firmware = setup.shared, setup.fields, setup.firmware
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch,
                   name="storm", **fields)  # fmt: skip
     reboot = str(opts.extra.get("reboot", "1")) not in ("0", "no", "false")
