@@ -33,11 +33,9 @@ $(DEPS_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[avocado,dev]"
 	@rm -f $(VENV)/.deps-*; touch $@
 
-# qemu.machine is not on PyPI: install QEMU's own python/ tree (see README).
+# qemu.machine is not on PyPI: installed from QEMU's own python/ tree (see README).
 $(VENV)/.qemu-python: $(DEPS_STAMP) harness/data/qemu.toml
-	@# not through the CLI: its commands import qemu.machine, which this step installs
-	src=$$($(PY) -c 'from harness import catalog; from harness.provision import Provisioner; print(Provisioner(catalog.default()).ensure_python_source())') && \
-	  $(PY) -m pip install -q --no-build-isolation "$$src/python"
+	$(HARNESS) install-qemu-machine
 	@touch $@
 
 provision: venv
@@ -49,12 +47,12 @@ images: provision
 doctor: setup
 	$(HARNESS) doctor
 
-# The nightly matrix (tests/scenarios, run by `harness nightly`) and the avocado wrappers
+# The nightly matrix (harness/nightly_suite, run by `harness nightly`) and the avocado wrappers
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
 # `--durations` lists the slowest tests: what to move to fast start next.  `worksteal` lets
 # an idle worker take queued tests from a busy one (the long nested tests end the run).
 test: setup
-	$(PYTEST) -n $(JOBS) --dist worksteal --ignore=tests/scenarios --durations=25 tests
+	$(PYTEST) -n $(JOBS) --dist worksteal --durations=25 tests
 
 # The nested L1/L2 tests alone (they are part of `make test` too).
 nested: setup

@@ -139,7 +139,8 @@ def raw_live(vm: Machine) -> float:
         while q.cmd("query-status").get("status") != "running":
             time.sleep(RAW_POLL_S)
         dt = time.monotonic() - t0
-        q.close()
+        with contextlib.suppress(Exception):  # the destination may close first
+            q.close()
     finally:
         proc.kill()
         proc.wait()
@@ -174,6 +175,22 @@ def _wait_status(cmd: Callable[..., Any], wanted: tuple[str, ...], what: str) ->
         time.sleep(RAW_POLL_S)
 
 
+def _quit_raw(proc: subprocess.Popen[bytes], q: Any) -> None:
+    """Quit a raw QEMU and close its QMP.  After ``quit`` the monitor goes away under the
+    client: the reply, or the legacy client's ``close()``, can meet end-of-file (EOFError,
+    ConnectionResetError, ...) depending on timing; a slower machine meets it more often.
+    QEMU's own exit is what counts."""
+    with contextlib.suppress(Exception):
+        q.cmd("quit")
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(Exception):
+        q.close()
+
+
 def raw_cpr_reboot_chain(vm: Machine, cycles: int) -> list[float]:
     """The same cpr-reboot cycles as migration.cpr_reboot(), driven by a minimal script.
 
@@ -201,9 +218,7 @@ def raw_cpr_reboot_chain(vm: Machine, cycles: int) -> list[float]:
             if src_proc is None:
                 vm.release(vm.current)
             else:
-                src_cmd("quit")
-                src_proc.wait()
-                src_q.close()
+                _quit_raw(src_proc, src_q)
             proc, q = _raw_qemu(vm, f"c{i}", machine)
             q.cmd("migrate-set-capabilities", capabilities=caps)
             q.cmd("migrate-set-parameters", mode="cpr-reboot")

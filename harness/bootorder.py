@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import CatalogError, StateError, VarstoreError
+from harness.paths import FIRMWARE_DIR
 from harness.varstore import (
     EFI_GLOBAL_VARIABLE,
     BootEntry,
@@ -49,7 +50,7 @@ BDS_START_RE = re.compile(r'BdsDxe: starting Boot([0-9A-Fa-f]{4}) "([^"\n]*)"')
 #: The entry number :func:`add_boot_entry` uses unless told otherwise.
 USER_ENTRY = 0x0100
 USER_TITLE = "harness-user"
-FWCFG_RECORD = Path(__file__).resolve().parent.parent / "firmware" / "bootorder-fwcfg.toml"
+FWCFG_RECORD = FIRMWARE_DIR / "bootorder-fwcfg.toml"
 _ATTR_BOOT = 0x07  # NV | BS | RT, as the UEFI spec requires for Boot####/BootOrder
 
 

@@ -460,9 +460,21 @@ def get_build(version: str, arch: str = "x86_64") -> QemuBuild:
 
 
 def all_builds(arch: str = "x86_64") -> list[QemuBuild]:
-    """Every catalogue build for ``arch`` plus registered ones, oldest first."""
+    """Every catalogue build for ``arch`` plus registered ones, oldest first (inside
+    :func:`harness.provision.no_provisioning`: the provisioned ones only)."""
+    from harness.provision import NotProvisioned, provisioning_allowed
+
     _load_registry()
-    builds = [from_catalog(e) for e in catalog_mod.default().qemu if e.arch == arch]
+    builds = []
+    for e in catalog_mod.default().qemu:
+        if e.arch != arch:
+            continue
+        try:
+            builds.append(from_catalog(e))
+        except NotProvisioned:
+            if provisioning_allowed():
+                raise
+            # a listing: what is not provisioned is not listed (doctor names it)
     builds += [b for b in _REGISTERED.values() if b.arch == arch]
     return builds
 

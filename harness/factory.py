@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.machine import Machine
+from harness.machine import Machine, sweep_all_orphans
 from harness.spec import VmSpec, from_dict
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,12 @@ VARSTORE_AFTER = "varstore-after.fd"
 
 
 def private_base(tag: str = "") -> Path:
-    """A fresh 0700 directory with a short path for machines' work dirs."""
+    """A fresh 0700 directory with a short path for machines' work dirs, named
+    ``hv-<pid><tag>-*`` so that a later run removes it when this process was killed
+    before it could (:func:`harness.machine.sweep_orphan_dirs`)."""
     root = Path(os.environ.get("HARNESS_RUNDIR", tempfile.gettempdir()))
-    return Path(tempfile.mkdtemp(prefix=f"hv{tag}-", dir=root))
+    sweep_all_orphans(root)
+    return Path(tempfile.mkdtemp(prefix=f"hv-{os.getpid()}{tag}-", dir=root))
 
 
 def safe_name(text: str, limit: int = 120) -> str:

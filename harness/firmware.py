@@ -637,12 +637,22 @@ def get_firmware(version: str, arch: str = "x86_64") -> FirmwareBuild:
 
 
 def all_firmware(arch: str | None = None) -> tuple[FirmwareBuild, ...]:
-    """Every catalogue build (provisioned if needed) and every registered one."""
+    """Every catalogue build (provisioned if needed; inside
+    :func:`harness.provision.no_provisioning` the provisioned ones only) and every
+    registered one."""
+    from harness.provision import NotProvisioned, provisioning_allowed
+
     _load_registry()
     cat = catalog.default()
-    builds = [
-        get_firmware(e.version, e.arch) for e in cat.firmware if arch is None or e.arch == arch
-    ]
+    builds = []
+    for e in cat.firmware:
+        if arch is not None and e.arch != arch:
+            continue
+        try:
+            builds.append(get_firmware(e.version, e.arch))
+        except NotProvisioned:
+            if provisioning_allowed():
+                raise
     builds += [b for b in _REGISTERED.values() if arch is None or b.arch == arch]
     return tuple(builds)
 

@@ -73,19 +73,48 @@ def sweep_orphan_dirs(base: Path, prefix: str) -> list[Path]:
     import shutil
 
     removed = []
-    for d in base.glob(f"{prefix}-*-*"):
-        owner = d.name[len(prefix) + 1 :].split("-")[0]
-        if not owner.isdigit() or int(owner) == os.getpid() or Path(f"/proc/{owner}").exists():
-            continue
+    for d in orphan_dirs(base, prefix):
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
     return removed
+
+
+def orphan_dirs(base: Path, prefix: str) -> list[Path]:
+    """The directories ``<prefix>-<pid>-*`` (or ``<prefix>-<pid><tag>-*``) under ``base``
+    that this user owns and whose owning process is gone."""
+    out: list[Path] = []
+    try:
+        candidates = list(base.glob(f"{prefix}-*-*"))
+    except OSError:
+        return out
+    for d in candidates:
+        owner = re.match(r"\d+", d.name[len(prefix) + 1 :])
+        if owner is None or int(owner.group()) == os.getpid():
+            continue
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not Path(f"/proc/{owner.group()}").exists():
+            out.append(d)
+    return out
 
 
 def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
     """Guest-RAM directories (``hv-ram-<pid>-*``, up to the guest's RAM size in /dev/shm)
     of dead owners: see :func:`sweep_orphan_dirs`."""
     return sweep_orphan_dirs(base, "hv-ram")
+
+
+def sweep_all_orphans(root: Path) -> list[Path]:
+    """Everything a killed run may have left: private work dirs (``hv-<pid>*``) and socket
+    dirs (``hvk-<pid>-*``) under ``root``, guest-RAM dirs in /dev/shm (``hv-ram-<pid>-*``)."""
+    removed = sweep_orphan_dirs(root, "hv") + sweep_orphan_dirs(root, "hvk")
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        removed += sweep_orphan_ram_dirs(shm)
+    return removed
 
 
 _SWEPT: set[Path] = set()

@@ -5,7 +5,7 @@ Data flows one way: :data:`DEFAULT_KINDS` (one row per scenario family: which ru
 which axis of builds, which migration mode a build must offer, a cost estimate) and the
 provisioned builds become a :class:`Matrix` of :class:`Entry` values, written to
 ``matrix.json`` in the results directory.  :func:`run` starts pytest on
-``tests/scenarios/test_matrix.py`` (one thin test item per entry, parametrized from that
+``harness/nightly_suite/test_matrix.py`` (one thin test item per entry, parametrized from that
 file through ``HARNESS_NIGHTLY_MATRIX``) plus the integration test files named by
 ``pytest`` rows, with ``-n JOBS``; each item calls :func:`run_entry` and appends a
 :class:`harness.results.RunRecord` to ``records/<worker>.jsonl``.  Afterwards
@@ -46,14 +46,16 @@ from typing import IO, Any
 from harness import matrix, signatures
 from harness.errors import ConfigError, HarnessError
 from harness.matrix import BootIncompatibility
-from harness.paths import REPO_ROOT
+from harness.paths import NIGHTLY_SUITE_DIR, PACKAGE_DIR, checkout
 from harness.scenarios import ScenarioOptions, ScenarioReport
 
 MATRIX_ENV = "HARNESS_NIGHTLY_MATRIX"
 MATRIX_FILE = "matrix.json"
 RECORDS_DIR = "records"
 ARTIFACTS_DIR = "artifacts"
-TEST_FILE = "tests/scenarios/test_matrix.py"
+# the nightly's own test module ships in the package: its node ids are relative to the
+# directory that holds the package (the checkout, or site-packages)
+TEST_FILE = "harness/nightly_suite/test_matrix.py"
 TEST_FUNCTION = "test_scenario"
 DEFAULT_OVMF = "2022.11"
 DEFAULT_CYCLES = 3
@@ -271,6 +273,7 @@ def build_matrix(
     plans: PlanLister = cross_version_plans,
     full: bool = False,
     arch_builds: Mapping[str, Sequence[str]] | None = None,
+    checkout: bool = True,
 ) -> Matrix:
     """Entries for ``kinds`` over the given builds, ordered by cost (most expensive first,
     so xdist starts the long ones early).  ``scenarios`` restricts to those families;
@@ -282,7 +285,10 @@ def build_matrix(
     build in order.
 
     ``arch_builds``: for rows of another guest architecture (``Kind.arch``), the labels of
-    the selected builds that exist for it (a row whose architecture has none is skipped)."""
+    the selected builds that exist for it (a row whose architecture has none is skipped).
+
+    ``checkout``: whether a source checkout's ``tests/`` is at hand; without it (the
+    harness installed as a package) rows that run those pytest files are skipped, named."""
     if cycles < 1:
         raise ConfigError(f"--cycles {cycles}: expected a positive number")
     if not qemu:
@@ -302,6 +308,10 @@ def build_matrix(
             continue
         if kind.runner not in RUNNERS or kind.axis not in AXES:
             raise ConfigError(f"matrix row {kind.scenario}: runner {kind.runner!r} / axis {kind.axis!r} unknown")
+        if kind.runner == "pytest" and not checkout:
+            skipped.append(f"{kind.scenario}: runs the checkout's {', '.join(kind.tests)}; this "
+                           "harness is an installed package (run it from a clone)")  # fmt: skip
+            continue
         rows = qemu
         if kind.arch != "x86_64":
             have = set((arch_builds or {}).get(kind.arch, ()))
@@ -622,7 +632,8 @@ def plan(opts: NightlyOptions) -> Matrix:
     ovmf = list(dict.fromkeys(opts.ovmf or flabels))
     m = build_matrix(DEFAULT_KINDS, qemu, ovmf, cycles=opts.cycles, scenarios=opts.scenarios,
                      registered=list(scenarios.names()), full=opts.full,
-                     arch_builds={"aarch64": aarch64_labels([b.label for b in qemu])})  # fmt: skip
+                     arch_builds={"aarch64": aarch64_labels([b.label for b in qemu])},
+                     checkout=checkout() is not None)  # fmt: skip
     if opts.inject_failure:
         newest = max(qemu, key=lambda b: (b.version, b.label))
         m.entries.append(inject_entry(newest.label))
@@ -638,7 +649,7 @@ def plan(opts: NightlyOptions) -> Matrix:
 def prepare(opts: NightlyOptions) -> tuple[Matrix, Path]:
     """Build (and shard) the matrix and write it into a new results directory."""
     m = plan(opts)
-    out = opts.results_dir or new_results_dir(opts.results_root)
+    out = (opts.results_dir or new_results_dir(opts.results_root)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / RECORDS_DIR).mkdir(exist_ok=True)
     m.save(out / MATRIX_FILE)
@@ -658,8 +669,11 @@ def pytest_command(matrix: Matrix, results_dir: Path, opts: NightlyOptions) -> l
         cmd += ["--qemu", v]
     for v in opts.ovmf if any(e.runner == "pytest" for e in chosen) else []:
         cmd += ["--ovmf", v]
+    if checkout() is None:  # an installed package: its own ini, node ids as in a checkout
+        cmd += ["-c", str(NIGHTLY_SUITE_DIR / "pytest.ini"), "--rootdir", str(PACKAGE_DIR.parent)]
     cmd += opts.pytest_args
-    cmd.append(TEST_FILE)  # always: its conftest registers distro builds in every worker
+    # always: its conftest registers distro builds in every worker
+    cmd.append(str(NIGHTLY_SUITE_DIR / "test_matrix.py") if checkout() is None else TEST_FILE)
     for e in chosen:
         if e.runner == "pytest":
             cmd += list(e.tests)
@@ -671,8 +685,13 @@ def owned_process(cmd: Sequence[str], env: Mapping[str, str], cwd: Path | None,
                   stdout: int | IO[str] = subprocess.PIPE) -> Iterator[subprocess.Popen[str]]:
     """A child (pytest, a harness command) in its own session; on the way out, however we
     leave (an exception, Ctrl-C, a signal turned into one), its whole process group is
-    interrupted, then killed, so nothing it started outlives us."""
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=stdout,
+    interrupted, then killed, so nothing it started outlives us.  SIGKILL leaves no way
+    out: the child has a parent-death signal (and the harness's pytest workers follow
+    their controller, their guests follow them)."""
+    from harness.qemu_process import die_with_parent
+
+    argv, child_env = die_with_parent(cmd, dict(env))
+    proc = subprocess.Popen(argv, cwd=cwd, env=child_env, stdout=stdout,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # fmt: skip
     try:
@@ -765,7 +784,7 @@ def run(opts: NightlyOptions, echo: Callable[[str], None]) -> NightlyRun:
     lock = threading.Lock()
     tail = RecordTail(out / RECORDS_DIR)
     timed_out = False
-    with owned_process(cmd, env, REPO_ROOT) as proc:
+    with owned_process(cmd, env, checkout() or out) as proc:
         assert proc.stdout is not None
         pump = threading.Thread(target=_pump, args=(proc.stdout, echo, lock), daemon=True)
         pump.start()

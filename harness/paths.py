@@ -7,13 +7,39 @@ worker on the machine, so a second run does no work.  ``HARNESS_CACHE`` moves it
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(__file__).resolve().parent / "data"
-FIRMWARE_DIR = REPO_ROOT / "firmware"
-GUESTS_DIR = REPO_ROOT / "guests"
+PACKAGE_DIR = Path(str(importlib.resources.files("harness")))
+REPO_ROOT = PACKAGE_DIR.parent
+DATA_DIR = PACKAGE_DIR / "data"
+# A wheel (or a non-editable install) carries copies of the checkout's top-level data
+# directories under harness/_shipped/ (setup.py's build step puts them there); an editable
+# install and a checkout read the top-level directories themselves.
+SHIPPED_DIR = PACKAGE_DIR / "_shipped"
+NIGHTLY_SUITE_DIR = PACKAGE_DIR / "nightly_suite"
+
+
+def _data_dir(name: str) -> Path:
+    shipped = SHIPPED_DIR / name
+    return shipped if shipped.is_dir() else REPO_ROOT / name
+
+
+FIRMWARE_DIR = _data_dir("firmware")
+GUESTS_DIR = _data_dir("guests")
+
+
+def checkout() -> Path | None:
+    """The source checkout this package runs from (an editable install), or None for an
+    installed package: what only a checkout has (its ``tests/``) is needed for the
+    nightly's pytest rows."""
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if (REPO_ROOT / "tests").is_dir() and pyproject.is_file() and (
+        'name = "qemu-survival-harness"' in pyproject.read_text(errors="replace")
+    ):
+        return REPO_ROOT
+    return None
 
 
 def cache_root() -> Path:

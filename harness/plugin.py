@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,13 +102,33 @@ def pytest_configure(config: pytest.Config) -> None:
         "(qemu='>=8.2', mode='cpr-transfer', accel='kvm', nested=True, capability='multifd', "
         "file_uri=True, kvm_host=True)",
     )
-    config.stash[_ACCEL_KEY] = _accel_choice(config)
+    # A session that names none of the harness's options pays nothing here: the catalogue
+    # is read and KVM probed when a test first needs a guest (_checked).  Options given
+    # explicitly are checked now, so a typo stops the run before anything is collected.
+    if _asked(config):
+        _checked(config)
+
+
+def _asked(config: pytest.Config) -> bool:
+    if any(config.getoption(o) for o in ("--qemu", "--ovmf", "--arch", "--accel")):
+        return True
+    return bool(config.getini("harness_qemu") or config.getini("harness_ovmf")
+                or str(config.getini("harness_arch")).strip() not in ("", "x86_64")
+                or str(config.getini("harness_accel")).strip() not in ("", "auto"))
+
+
+def _checked(config: pytest.Config) -> None:
+    """Check the run's accelerator, architecture and versions (once), and publish the
+    accelerator to library code that starts guests outside the fixtures (scenarios,
+    helpers) through HARNESS_ACCEL; restored in pytest_unconfigure."""
+    if _ACCEL_KEY in config.stash:
+        return
+    choice = _accel_choice(config)
     _check_arch(config)
     _check_versions(config)
-    # library code that starts guests outside the fixtures (scenarios, helpers) follows
-    # the same choice through HARNESS_ACCEL; restored in pytest_unconfigure
     config.stash[_ENV_KEY] = os.environ.get("HARNESS_ACCEL")
-    os.environ["HARNESS_ACCEL"] = config.stash[_ACCEL_KEY].chosen
+    config.stash[_ACCEL_KEY] = choice
+    os.environ["HARNESS_ACCEL"] = choice.chosen
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -189,7 +212,8 @@ def ovmf_versions(config: pytest.Config) -> list[str]:
 
 
 def accel_choice(config: pytest.Config) -> host.AccelChoice:
-    """The accelerator this run uses, and why."""
+    """The accelerator this run uses, and why (probed on first use)."""
+    _checked(config)
     return config.stash[_ACCEL_KEY]
 
 
@@ -226,6 +250,22 @@ def _direct_params(metafunc: pytest.Metafunc) -> set[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_LIVE_KEY] = {id(p) for p in live_processes()}
+    if hasattr(session.config, "workerinput"):
+        _die_with_controller()
+
+
+def _die_with_controller() -> None:
+    """An xdist worker whose controller is gone (SIGKILLed with everything above it) kills
+    itself; its QEMUs and swtpms die with it (their parent-death signal), and the next
+    run sweeps its directories."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -290,6 +330,7 @@ def ovmf_version(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def guest_arch(request: pytest.FixtureRequest) -> str:
     """The guest architecture of this run (``--arch``)."""
+    _checked(request.config)
     return arch(request.config)
 
 

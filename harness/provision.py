@@ -12,6 +12,7 @@ files do not match is treated as corrupt and provisioned again.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -32,6 +33,29 @@ from harness.errors import ProvisionError
 from harness.paths import cache_root, ensure_dir
 
 log = logging.getLogger(__name__)
+
+# Listing and diagnostic commands look, they never fetch: inside no_provisioning() a build
+# that is absent raises NotProvisioned (naming the command that fetches it) instead.
+_FETCH: contextvars.ContextVar[bool] = contextvars.ContextVar("harness_fetch", default=True)
+
+
+class NotProvisioned(ProvisionError):
+    """A build or source that is not in the cache, met where nothing may be fetched."""
+
+
+@contextlib.contextmanager
+def no_provisioning() -> Iterator[None]:
+    """For the duration, nothing is downloaded or unpacked: absent builds raise
+    :class:`NotProvisioned`."""
+    token = _FETCH.set(False)
+    try:
+        yield
+    finally:
+        _FETCH.reset(token)
+
+
+def provisioning_allowed() -> bool:
+    return _FETCH.get()
 
 MANIFEST = "harness-prefix.json"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -85,16 +109,18 @@ class AptArchive:
     empty_status: bool = False
 
     def __post_init__(self) -> None:
+        self._lock: FileLock | None = None
         if not self.mirror:
             self.mirror = host_mirror()
-        ensure_dir(self.root / "lists" / "partial")
-        ensure_dir(self.root / "cache" / "archives" / "partial")
-        ensure_dir(self.root / "etc" / "preferences.d")
-        if self.empty_status:
-            status = self.root / "state" / "status"
-            ensure_dir(status.parent)
-            if not status.exists() or status.stat().st_size:
-                status.write_text("")
+        with self.lock():
+            ensure_dir(self.root / "lists" / "partial")
+            ensure_dir(self.root / "cache" / "archives" / "partial")
+            ensure_dir(self.root / "etc" / "preferences.d")
+            if self.empty_status:
+                status = self.root / "state" / "status"
+                ensure_dir(status.parent)
+                if not status.exists() or status.stat().st_size:
+                    status.write_text("")
 
     @property
     def sources_file(self) -> Path:
@@ -125,7 +151,19 @@ class AptArchive:
             "-o", f"Dir::State::extended_states={self.root / 'state' / 'extended_states'}",
         ] if self.empty_status else [])  # fmt: skip
 
+    def lock(self) -> FileLock:
+        """The one lock of this package state, taken by every apt call on it (apt's own
+        locking is off: it needs root).  Reentrant within this object."""
+        if self._lock is None:
+            ensure_dir(self.root)
+            self._lock = FileLock(str(self.root / ".apt.lock"), timeout=3600)
+        return self._lock
+
     def _run(self, tool: str, args: Sequence[str], cwd: Path | None = None) -> str:
+        with self.lock():
+            return self._run_locked(tool, args, cwd)
+
+    def _run_locked(self, tool: str, args: Sequence[str], cwd: Path | None = None) -> str:
         cmd = [tool, *self._options(), *args]
         try:
             proc = subprocess.run(
@@ -144,6 +182,10 @@ class AptArchive:
 
     def update(self, force: bool = False) -> None:
         """Refresh the private package lists when missing, stale or their sources changed."""
+        with self.lock():
+            self._update(force)
+
+    def _update(self, force: bool) -> None:
         text = self._sources_text()
         stamp = self.root / "lists" / ".harness-updated"
         current = self.sources_file.read_text() if self.sources_file.exists() else ""
@@ -359,6 +401,12 @@ class Provisioner:
         ensure_dir(self.root)
         return FileLock(str(self.root / ".provision.lock"), timeout=3600)
 
+    @staticmethod
+    def _may_fetch(what: str, problem: str) -> None:
+        if not _FETCH.get():
+            raise NotProvisioned(f"{what} is not provisioned ({problem}); "
+                                 "`harness provision` fetches it")  # fmt: skip
+
     def qemu_prefix(self, entry: QemuEntry) -> Path:
         return self.builds_dir / entry.key
 
@@ -368,8 +416,10 @@ class Provisioner:
     def ensure_qemu(self, entry: QemuEntry) -> Path:
         """The prefix of a QEMU build, provisioned if absent or corrupt."""
         prefix = self.qemu_prefix(entry)
-        if verify_prefix(prefix) is None:
+        problem = verify_prefix(prefix)
+        if problem is None:
             return prefix
+        self._may_fetch(f"QEMU {entry.version} ({entry.arch}, {entry.suite})", problem)
         with self.lock():
             problem = verify_prefix(prefix)
             if problem is None:
@@ -409,8 +459,10 @@ class Provisioner:
     def ensure_firmware(self, entry: FirmwareEntry) -> Path:
         """The prefix of a firmware build, provisioned if absent or corrupt."""
         prefix = self.firmware_prefix(entry)
-        if verify_prefix(prefix) is None:
+        problem = verify_prefix(prefix)
+        if problem is None:
             return prefix
+        self._may_fetch(f"{entry.package} {entry.version} ({entry.arch}, {entry.suite})", problem)
         with self.lock():
             problem = verify_prefix(prefix)
             if problem is None:
@@ -437,8 +489,10 @@ class Provisioner:
         assert self.root is not None
         src = self.catalog.python
         dest = self.root / "src" / f"{src.source}-{src.suite}-python"
-        if verify_prefix(dest) is None:
+        problem = verify_prefix(dest)
+        if problem is None:
             return dest
+        self._may_fetch(f"QEMU's python/ tree ({src.source}/{src.suite})", problem)
         with self.lock():
             if verify_prefix(dest) is None:
                 return dest

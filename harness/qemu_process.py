@@ -17,13 +17,14 @@ harness needs on top:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -31,28 +32,61 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from qemu.machine import QEMUMachine
-from qemu.machine.machine import AbnormalShutdown, VMLaunchFailure
-
-from harness.errors import GuestTimeout, LaunchError, MachineError
+from harness.errors import GuestTimeout, HostError, LaunchError, MachineError
 
 if TYPE_CHECKING:
     from harness.builds import QemuBuild
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _LIVE: set[QemuProcess] = set()
 _LIVE_LOCK = threading.Lock()
 
+INSTALL_QEMU_MACHINE = "harness install-qemu-machine"
 
-def _child_setup(parent: int) -> None:  # runs in the child between fork and exec
-    # PR_SET_PDEATHSIG fires when the *thread* that forked us exits: QEMU is always
-    # launched from the thread that owns it (the test's or the CLI's main thread).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+
+def qemu_machine_missing() -> str | None:
+    """Why ``qemu.machine`` cannot be used in this environment (one line naming the command
+    that installs it), or None when it can."""
+    try:
+        import qemu.machine  # noqa: F401
+        import qemu.qmp  # noqa: F401
+    except ImportError as exc:
+        return (f"qemu.machine is not installed in this Python ({sys.executable}): {exc}; "
+                f"`{INSTALL_QEMU_MACHINE}` installs it from Debian's QEMU source")  # fmt: skip
+    return None
+
+
+@functools.cache
+def _qm() -> Any:
+    """``qemu.machine.machine``, imported when a guest is first needed: importing the
+    harness (its CLI, its pytest plugin) never needs it."""
+    why = qemu_machine_missing()
+    if why:
+        raise HostError(why)
+    from qemu.machine import machine
+
+    return machine
+
+
+def die_with_parent(argv: Sequence[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` and ``env`` rewritten so that the child gets a parent-death signal (SIGKILL)
+    before it execs the real program: util-linux's ``setpriv`` sets it, so no Python code
+    runs in the child between fork and exec.  The signal fires when the thread that forked
+    the child exits: QEMU and swtpm are always launched from the thread that owns them.
+
+    A build's ``LD_LIBRARY_PATH`` is handed on through ``env`` (coreutils) after setpriv, so
+    the host's setpriv never loads a prefix's libraries."""
+    tool = shutil.which("setpriv")
+    if tool is None:
+        raise HostError("setpriv (util-linux) not found: the harness needs it to tie every "
+                        "QEMU and swtpm to its own life (apt install util-linux)")  # fmt: skip
+    env = dict(env)
+    prefix = [tool, "--pdeathsig", "KILL", "--"]
+    libpath = env.pop("LD_LIBRARY_PATH", None)
+    if libpath:
+        prefix += ["env", f"LD_LIBRARY_PATH={libpath}"]
+    return [*prefix, *argv], env
 
 
 class QmpError(MachineError):
@@ -65,59 +99,68 @@ class QmpError(MachineError):
         super().__init__(f"QMP {command} failed: {self.error_class}: {self.desc}")
 
 
-class _Machine(QEMUMachine):
-    """QEMUMachine with our process setup and optionally deferred QMP."""
+def _machine_class() -> Any:
+    return _make_machine_class(_qm().QEMUMachine)
 
-    def __init__(self, *args: Any, env: dict[str, str], defer_qmp: bool, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._harness_env = env
-        self._defer_qmp = defer_qmp
 
-    def _launch(self) -> None:
-        self._pre_launch()
-        self._popen = subprocess.Popen(
-            self._qemu_full_args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._qemu_log_file,
-            stderr=subprocess.STDOUT,
-            shell=False,
-            close_fds=False,
-            env=self._harness_env,
-            start_new_session=True,
-            preexec_fn=functools.partial(_child_setup, os.getpid()),  # noqa: PLW1509
-        )
-        self._launched = True
-        self._post_launch()
+@functools.cache
+def _make_machine_class(base: Any) -> Any:
+    class _Machine(base):  # type: ignore[misc]
+        """QEMUMachine with our process setup and optionally deferred QMP."""
 
-    def _post_launch(self) -> None:
-        if self._defer_qmp:
-            if self._sock_pair:
-                self._sock_pair[0].close()
-            return
-        super()._post_launch()
+        def __init__(self, *args: Any, env: dict[str, str], defer_qmp: bool, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self._harness_env = env
+            self._defer_qmp = defer_qmp
 
-    def _load_io_log(self) -> None:
-        # a corrupt migration stream can make QEMU print non-UTF-8 bytes: never crash on them
-        if self._qemu_log_path is not None:
-            with open(self._qemu_log_path, encoding="utf-8", errors="backslashreplace") as fh:
-                self._iolog = fh.read()
+        def _launch(self) -> None:
+            self._pre_launch()
+            argv, env = die_with_parent(self._qemu_full_args, self._harness_env)
+            self._popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._qemu_log_file,
+                stderr=subprocess.STDOUT,
+                shell=False,
+                close_fds=False,
+                env=env,
+                start_new_session=True,
+            )
+            self._launched = True
+            self._post_launch()
 
-    def connect_deferred(self) -> None:
-        self._defer_qmp = False
-        if self._qmp_connection:
-            # A cpr-transfer destination may emit events before it answers
-            # qmp_capabilities, which the stock negotiation treats as a protocol error:
-            # take the greeting, start the reader, then negotiate like any command.
-            legacy = self._qmp
-            client = legacy._qmp
-            client.await_greeting = True
-            client.negotiate = False
-            legacy._sync(client.connect(legacy._address))
-            legacy.cmd("qmp_capabilities")
+        def _post_launch(self) -> None:
+            if self._defer_qmp:
+                if self._sock_pair:
+                    self._sock_pair[0].close()
+                return
+            super()._post_launch()
 
-    @property
-    def log_path(self) -> str | None:
-        return self._qemu_log_path
+        def _load_io_log(self) -> None:
+            # a corrupt migration stream can make QEMU print non-UTF-8 bytes: never crash on them
+            if self._qemu_log_path is not None:
+                with open(self._qemu_log_path, encoding="utf-8", errors="backslashreplace") as fh:
+                    self._iolog = fh.read()
+
+        def connect_deferred(self) -> None:
+            self._defer_qmp = False
+            if self._qmp_connection:
+                # A cpr-transfer destination may emit events before it answers
+                # qmp_capabilities, which the stock negotiation treats as a protocol error:
+                # take the greeting, start the reader, then negotiate like any command.
+                legacy = self._qmp
+                client = legacy._qmp
+                client.await_greeting = True
+                client.negotiate = False
+                legacy._sync(client.connect(legacy._address))
+                legacy.cmd("qmp_capabilities")
+
+        @property
+        def log_path(self) -> str | None:
+            path: str | None = self._qemu_log_path
+            return path
+
+    return _Machine
 
 
 class QemuProcess:
@@ -142,7 +185,7 @@ class QemuProcess:
         self.qmp_log_path = workdir / f"{name}.qmp.log"
         self.cmdline_path = workdir / f"{name}.cmdline.txt"
         self._qmp_timeout = qmp_timeout
-        self._vm = _Machine(
+        self._vm = _machine_class()(
             str(build.binary),
             args=[*build.data_args(), *self.args],
             wrapper=build.wrapper(),
@@ -165,7 +208,7 @@ class QemuProcess:
             raise MachineError(f"{self.name}: already launched")
         try:
             self._vm.launch()
-        except VMLaunchFailure as exc:
+        except _qm().VMLaunchFailure as exc:
             self._write_cmdline()
             raise LaunchError(
                 f"QEMU {self.build.label} failed to start",
@@ -265,7 +308,7 @@ class QemuProcess:
             return
         try:
             self._vm.shutdown(hard=hard, timeout=int(max(timeout, 1)))
-        except AbnormalShutdown as exc:
+        except _qm().AbnormalShutdown as exc:
             log.info("%s: graceful shutdown failed (%s); killed", self.name, exc.__cause__)
         except Exception as exc:  # noqa: BLE001 - teardown goes on and reaps
             log.warning("%s: shutdown raised %r; killing", self.name, exc)
@@ -345,7 +388,8 @@ class QemuProcess:
     @property
     def exitcode(self) -> int | None:
         if self._launched:
-            return self._vm.exitcode()
+            code: int | None = self._vm.exitcode()
+            return code
         return self._exitcode
 
     @property
@@ -391,7 +435,7 @@ class QemuProcess:
 
     def event_wait(self, name: str, timeout: float) -> dict[str, Any]:
         """Wait for one QMP event."""
-        ev = self._vm.event_wait(name, timeout=timeout)
+        ev: dict[str, Any] | None = self._vm.event_wait(name, timeout=timeout)
         if ev is None:
             raise GuestTimeout(f"QMP event {name} from {self.name}", timeout)
         return ev

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -329,15 +330,60 @@ def compare(current: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str
 # --- merging shards ------------------------------------------------------------------------------
 
 
+def _validated_shard(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One shard's results and matrix, checked through before anything is copied: every
+    problem names the file and the field."""
+    run = load_results(d)
+    file = d / RESULTS_JSON if d.is_dir() else d
+    if not isinstance(run.get("run"), dict):
+        raise ConfigError(f"{file}: field 'run' is missing or not an object")
+    records = run.get("records")
+    if not isinstance(records, list):
+        raise ConfigError(f"{file}: field 'records' is missing or not a list")
+    root = d.resolve()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise ConfigError(f"{file}: records[{i}] has no string 'id'")
+        try:
+            RunRecord.from_json(rec)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{file}: records[{i}] ({rec['id']}): {exc}") from None
+        art = rec.get("artifacts")
+        if art is not None:
+            if not isinstance(art, str) or Path(art).is_absolute():
+                raise ConfigError(f"{file}: records[{i}] ({rec['id']}): field 'artifacts' "
+                                  f"{art!r} is not a path inside {d}")  # fmt: skip
+            src = (root / art).resolve()
+            if src == root or not src.is_relative_to(root):
+                raise ConfigError(f"{file}: records[{i}] ({rec['id']}): field 'artifacts' "
+                                  f"{art!r} leads outside {d}")  # fmt: skip
+    junit = d / JUNIT_XML
+    if junit.exists():
+        try:
+            ET.parse(junit)
+        except (ET.ParseError, OSError) as exc:
+            raise ConfigError(f"{junit}: not a readable JUnit XML file: {exc}") from None
+    matrix = _load_matrix(d)
+    if not isinstance(matrix, dict) or not isinstance(matrix.get("entries", []), list):
+        raise ConfigError(f"{d / 'matrix.json'}: field 'entries' is not a list")
+    return run, matrix
+
+
 def merge(dirs: Sequence[Path], dest: Path) -> dict[str, Any]:
     """Join shards' result directories into ``dest`` (records, junit, matrix, artifacts) and
     write its ``results.json``/``report.html``.  Overlapping shards are refused; missing
-    ones are named in the merged run's notes."""
+    ones are named in the merged run's notes.
+
+    Every input is validated before anything is copied, and the merged directory is built
+    beside ``dest`` and renamed into place: ``dest`` is either absent (or left as the empty
+    directory it was) or complete."""
     if not dirs:
         raise ConfigError("report merge: no result directories given")
-    runs = [load_results(d) for d in dirs]
-    dest.mkdir(parents=True, exist_ok=True)
-    matrices = [_load_matrix(d) for d in dirs]
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"report merge --out {dest}: exists and is not an empty directory")
+    checked = [_validated_shard(d) for d in dirs]
+    runs = [r for r, _ in checked]
+    matrices = [m for _, m in checked]
     shards = [r["run"].get("shard") for r in runs]
     seen: dict[str, Path] = {}
     for d, s in zip(dirs, shards, strict=True):
@@ -345,18 +391,39 @@ def merge(dirs: Sequence[Path], dest: Path) -> dict[str, Any]:
             raise ConfigError(f"report merge: {d} and {seen[s]} are both shard {s}")
         if s is not None:
             seen[s] = d
+    ids: dict[str, Path] = {}
+    for d, r in zip(dirs, runs, strict=True):
+        for rec in r["records"]:
+            if rec["id"] in ids:
+                raise ConfigError(f"report merge: {rec['id']} is in both {ids[rec['id']]} and {d} "
+                                  "(overlapping shards?)")  # fmt: skip
+            ids[rec["id"]] = d
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        results = _merge_into(dirs, runs, matrices, shards, work, dest)
+        if dest.exists():
+            dest.rmdir()  # the empty directory checked above
+        work.rename(dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return results
+
+
+def _merge_into(dirs: Sequence[Path], runs: Sequence[dict[str, Any]],
+                matrices: Sequence[dict[str, Any]], shards: Sequence[Any], work: Path,
+                dest: Path) -> dict[str, Any]:
     records: dict[str, dict[str, Any]] = {}
     for d, r in zip(dirs, runs, strict=True):
-        for rec in r.get("records", []):
-            if rec["id"] in records:
-                raise ConfigError(f"report merge: {rec['id']} is in two of the given runs (overlapping shards?)")
+        for rec in r["records"]:
             art = rec.get("artifacts")
             if art:
-                src = (d / art).resolve()
+                src = (d.resolve() / art).resolve()
                 if src.is_dir():
-                    target = dest / "artifacts" / src.name
-                    shutil.copytree(src, target, dirs_exist_ok=True)
-                    rec = {**rec, "artifacts": os.path.relpath(target, dest)}
+                    target = work / "artifacts" / src.name
+                    shutil.copytree(src, target, dirs_exist_ok=True, symlinks=True)
+                    rec = {**rec, "artifacts": os.path.relpath(target, work)}
             records[rec["id"]] = rec
     all_ids: list[str] = []
     for m in matrices:
@@ -368,7 +435,7 @@ def merge(dirs: Sequence[Path], dest: Path) -> dict[str, Any]:
     counts = {s.split("/")[1] for s in shards if s}
     if len(counts) > 1:
         notes.append(f"shards of different splits merged: {', '.join(sorted(s for s in shards if s))}")
-    merge_junit([d / JUNIT_XML for d in dirs], dest / JUNIT_XML)
+    merge_junit([d / JUNIT_XML for d in dirs], work / JUNIT_XML)
     recs = [RunRecord.from_json(r) for r in records.values()]
     recs.sort(key=lambda r: (r.scenario, r.id))
     starts = [r["run"].get("started") for r in runs if isinstance(r["run"].get("started"), int | float)]
@@ -387,7 +454,7 @@ def merge(dirs: Sequence[Path], dest: Path) -> dict[str, Any]:
     prev = previous_run(dest)
     if prev is not None:
         results["comparison"] = compare(results, load_results(prev)) | {"previous": str(prev)}
-    write_all(dest, results)
+    write_all(work, results)
     return results
 
 

@@ -56,6 +56,10 @@ class VmSpec:
     boot: str = "uefi"
     image: str = "minimal"
     ssh: bool = True
+    # user-mode networking with restrict=on: the guest reaches nothing outside it (not the
+    # host's loopback services); only the explicit forwards (sshd) reach in.  False gives
+    # the guest slirp's outbound NAT.
+    net_restrict: bool = True
     accel: str = "auto"
     guest_mem_mb: int = 16
     seed: str = "harness"
@@ -90,7 +94,7 @@ class VmSpec:
         for name in ("firmware", "boot_order", "uuid"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a string or None")
-        for name in ("ssh", "aux_ram_share", "nested", "secure_boot", "sb_signed", "tpm"):
+        for name in ("ssh", "net_restrict", "aux_ram_share", "nested", "secure_boot", "sb_signed", "tpm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.disk_bootindex is not None and (
@@ -281,7 +285,8 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
         if r.ssh_port is None:
             raise SpecError("ssh=True needs a forwarded port")
         args += [
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{r.ssh_port}-:22",
+            "-netdev", f"user,id=net0,restrict={'on' if spec.net_restrict else 'off'},"
+                       f"hostfwd=tcp:127.0.0.1:{r.ssh_port}-:22",
             "-device", "virtio-net-pci,netdev=net0,romfile=",
         ]  # fmt: skip
 

@@ -15,8 +15,8 @@ subcommand; the image has no tpm2-tools).
 
 from __future__ import annotations
 
-import functools
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -42,16 +42,18 @@ class Swtpm:
 
     def start(self, timeout: float = 20.0) -> Swtpm:
         from harness.migration import unix_listening
-        from harness.qemu_process import _child_setup
+        from harness.qemu_process import die_with_parent
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir},mode=0600",
                "--ctrl", f"type=unixio,path={self.ctrl_sock},mode=0600",
                "--log", f"file={self.log},level=1", "--terminate"]  # fmt: skip
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=functools.partial(_child_setup, os.getpid()))  # noqa: PLW1509
+            if shutil.which("swtpm") is None:
+                raise FileNotFoundError("swtpm")
+            argv, env = die_with_parent(cmd, dict(os.environ))
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         except FileNotFoundError as exc:
             raise HostError("swtpm is not installed (Debian package swtpm; `make setup` installs it)") from exc
         deadline = time.monotonic() + timeout

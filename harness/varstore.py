@@ -345,6 +345,14 @@ def read_varstore(path: Path | str) -> VarstoreModel:
                 f"truncated: its variable store ends at byte {store.end}, "
                 f"the file has {len(store.filedata)}",
             )
+    # refuse what cannot be parsed completely: virt-firmware stops quietly at the first
+    # header it does not recognise, which would read a garbled store as "no variables"
+    _slots, problems = store_slots(path)
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise VarstoreError(path, "not a complete edk2 variable store: "
+                            + "; ".join(p.removeprefix(f"{path}: ") for p in problems[:2]) + more)
+    with _virt_firmware(path, "reading"):
         varlist = store.get_varlist()
         raw = [
             EfiVariable(

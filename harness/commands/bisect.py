@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from harness.cli import command, register_parser
+from harness.cli import command, emit_json, register_parser, write_json_file
 
 
 @register_parser
@@ -35,7 +34,10 @@ def _parser(sub: Any) -> None:
     p.add_argument("--qemu-dir", action="append", default=[], type=Path, metavar="DIR")
     p.add_argument("--ovmf-deb", action="append", default=[], type=Path, metavar="FILE")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/bisect"))
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON on stdout (progress goes to stderr)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="write the result as JSON to FILE")
 
 
 @command("bisect")
@@ -54,12 +56,15 @@ def _bisect(args: argparse.Namespace) -> int:
     def show(label: str) -> Any:
         got = run(label)
         outcome, detail = got if isinstance(got, tuple) else (got, "")
-        print(f"{outcome.value:<5} {label}  {detail[:160]}", flush=True)
+        print(f"{outcome.value:<5} {label}  {detail[:160]}", flush=True,
+              file=sys.stderr if args.json else sys.stdout)
         return got
 
     result = bisect.bisect(args.builds, args.good, args.bad, show, scenario=args.scenario,
                            verify_ends=not args.no_verify_ends)  # fmt: skip
+    if args.out:
+        write_json_file(args.out, result.to_json())
     if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    print(result.summary())
+        emit_json(result.to_json())
+    print(result.summary(), file=sys.stderr if args.json else sys.stdout)
     return 0 if result.conclusive else 1

@@ -10,7 +10,8 @@ from harness.cli import command, emit_json, register_parser
 
 @register_parser
 def _parser(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="report accelerator, KVM, QEMU and firmware builds, tools")
+    p = sub.add_parser("doctor", help="report accelerator, KVM, QEMU and firmware builds, tools "
+                       "and what is missing (fetches nothing; exit 2 when a guest cannot boot)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
 
@@ -24,7 +25,7 @@ def _doctor(args: argparse.Namespace) -> int:
         emit_json(data)
     else:
         print(render(data))
-    return 0 if data["can_boot"] else 1
+    return 0 if data["can_boot"] else 2
 
 
 def render(data: dict[str, Any]) -> str:
@@ -35,7 +36,13 @@ def render(data: dict[str, Any]) -> str:
     ]
     for q in data["qemu"]:
         if "error" in q:
-            lines.append(f"  {q['label']}: ERROR {q['error']}")
+            lines.append(f"  {q['label']} ({q['arch']}): ERROR {q['error']}")
+            continue
+        if "not_provisioned" in q:
+            lines.append(f"  {q['label']} ({q['arch']}): not provisioned")
+            continue
+        if not q.get("probed", True):
+            lines.append(f"  {q['label']} ({q['arch']}): {q['path']} (not probed: no qemu.machine)")
             continue
         modes = ",".join(q["migration_modes"])
         lines.append(
@@ -45,13 +52,16 @@ def render(data: dict[str, Any]) -> str:
     lines.append("firmware builds:")
     for f in data["firmware"]:
         if "error" in f:
-            lines.append(f"  {f['version']}: ERROR {f['error']}")
+            lines.append(f"  {f['version']} ({f['arch']}): ERROR {f['error']}")
+            continue
+        if "not_provisioned" in f:
+            lines.append(f"  {f['version']} ({f['arch']}): not provisioned")
             continue
         lines.append(
             f"  {f['version']:<8} code={f['code']} vars={f['vars_template']} "
             f"flash={f['flash_size'] // (1024 * 1024)}M"
         )
-    for t in data["missing_tools"]:
-        lines.append(f"missing tool: {t['tool']} (apt install {t['package']})")
+    for line in data["missing"]:
+        lines.append(f"missing: {line}")
     lines.append("can boot: " + ("yes" if data["can_boot"] else "NO"))
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from harness.cli import command, emit_json, register_parser
@@ -11,8 +12,13 @@ from harness.cli import command, emit_json, register_parser
 @command("firmware")
 def _firmware(args: argparse.Namespace) -> int:
     from harness.firmware import all_firmware
+    from harness.provision import no_provisioning
 
-    builds = all_firmware(args.arch)
+    with no_provisioning():  # a listing fetches nothing
+        builds = all_firmware(args.arch)
+    if not builds:
+        print(f"harness firmware list: no {args.arch} firmware build is provisioned; "
+              "`harness provision` fetches the catalogue's", file=sys.stderr)  # fmt: skip
     if args.json:
         emit_json([b.to_json() for b in builds])
         return 0

@@ -77,7 +77,10 @@ def _nightly(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     if args.list:
-        matrix = nightly.plan(opts)
+        from harness.provision import no_provisioning
+
+        with no_provisioning():  # a listing fetches nothing: the provisioned builds only
+            matrix = nightly.plan(opts)
         chosen = matrix.chosen()
         for e in chosen:
             print(f"{e.id:<55} {e.runner:<8} ~{e.cost_s:.0f} s  {' '.join(e.tests)}")

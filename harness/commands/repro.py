@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from harness.cli import command, register_parser
+from harness.cli import command, emit_json, register_parser, write_json_file
 
 
 @register_parser
@@ -31,7 +30,10 @@ def _parser(sub: Any) -> None:
     p.add_argument("--mode", default=None, help="scenario mode (nested: live|save-restore|cpr-reboot|cpr-transfer)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="scenario-specific setting (e.g. cpu=qemu64, parts=pairs,chains)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the records as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (progress goes to stderr)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="write the report as JSON to FILE")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/repro"),
                    help="where logs are kept when a cycle fails")
 
@@ -76,7 +78,8 @@ def _repro(args: argparse.Namespace) -> int:
             err = (rec.get("error") or "; ".join(rec.get("problems") or []) or "").strip()
             parts.append(f"[{sig}]" if sig else "")
             parts.append(err.splitlines()[0][:200] if err else "")
-        print("  ".join(p for p in parts if p), flush=True)
+        print("  ".join(p for p in parts if p), flush=True,
+              file=sys.stderr if args.json else sys.stdout)
 
     extra = parse_settings(args.settings)
     opts = scenarios.ScenarioOptions(
@@ -85,8 +88,10 @@ def _repro(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = scenarios.get(args.scenario)(opts)
     data = report.to_json()
+    if args.out:
+        write_json_file(args.out, data)
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        emit_json(data)
     passed = sum(1 for r in report.records if r.get("ok"))
     expected = sum(1 for r in report.records if not r.get("ok") and r.get("expected_failure"))
     failed = len(report.records) - passed - expected

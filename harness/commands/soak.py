@@ -2,7 +2,7 @@
 counting failures, leaked QEMU processes and leftover work files, and the longest guest
 pause.
 
-Each piece runs as a child process (``harness repro OP --cycles N --json F``, then
+Each piece runs as a child process (``harness repro OP --cycles N --out F``, then
 ``pytest tests/integration``) with its own ``HARNESS_RUNDIR`` and a ``HARNESS_SOAK_PIECE``
 token in its environment, so whatever it leaves behind is found once the child has
 exited: any process still carrying the token (every descendant inherits it, whatever
@@ -52,15 +52,27 @@ def _parser(sub: Any) -> None:
 
 
 def _rundir(out: Path, tag: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"hvsoak-{tag}-", dir=os.environ.get("HARNESS_RUNDIR")))
+    return Path(tempfile.mkdtemp(prefix=f"hvsoak-{os.getpid()}-{tag}-",
+                                 dir=os.environ.get("HARNESS_RUNDIR")))  # fmt: skip
+
+
+SHM = Path("/dev/shm")
+
+
+def _shm_orphans() -> set[Path]:
+    """Guest-RAM directories in /dev/shm whose owner is gone (``hv-ram-<pid>-*``)."""
+    from harness.machine import orphan_dirs
+
+    return set(orphan_dirs(SHM, "hv-ram"))
 
 
 PIECE_ENV = "HARNESS_SOAK_PIECE"
 
 
-def _leaks(rundir: Path) -> dict[str, Any]:
+def _leaks(rundir: Path, shm_before: set[Path]) -> dict[str, Any]:
     """Processes and files the piece run in ``rundir`` left behind (processes are killed):
-    those carrying its environment token, and QEMUs that name the directory."""
+    those carrying its environment token, and QEMUs that name the directory; files in the
+    directory, and guest-RAM directories in /dev/shm orphaned since ``shm_before``."""
     from harness import faults
 
     found = set(faults.find_qemu(rundir)) | set(faults.processes_with_env(PIECE_ENV, rundir.name))
@@ -68,6 +80,7 @@ def _leaks(rundir: Path) -> dict[str, Any]:
     commands = faults.describe_pids(pids)
     faults.kill_pids(pids)
     files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*")) if rundir.exists() else []
+    files += sorted(str(d) for d in _shm_orphans() - shm_before)
     return {"processes": pids, "commands": commands, "files": files[:50], "file_count": len(files)}
 
 
@@ -90,11 +103,12 @@ def _cpr_piece(op: str, args: argparse.Namespace) -> dict[str, Any]:
     out_json = args.out / f"{op}.json"
     out_json.unlink(missing_ok=True)
     cmd = [*HARNESS_CLI, "repro", op, "--cycles", str(args.cycles),
-           "--json", str(out_json), "--artifacts", str(args.out / f"{op}-artifacts")]  # fmt: skip
+           "--out", str(out_json), "--artifacts", str(args.out / f"{op}-artifacts")]  # fmt: skip
     if args.qemu:
         cmd += ["--qemu", args.qemu]
+    shm_before = _shm_orphans()
     rc, wall = _run(cmd, rundir, args.out / f"{op}.log", args.timeout)
-    leaks = _leaks(rundir)
+    leaks = _leaks(rundir, shm_before)
     records: list[dict[str, Any]] = []
     if out_json.is_file():
         records = json.loads(out_json.read_text()).get("records", [])
@@ -136,9 +150,10 @@ def _suite_piece(i: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", str(args.jobs), "--dist", "worksteal", args.suite,
            "-p", "no:cacheprovider", f"--junitxml={junit}",
            f"--harness-artifacts={args.out / f'suite-{i}-artifacts'}"]  # fmt: skip
+    shm_before = _shm_orphans()
     rc, wall = _run(cmd, rundir, args.out / f"suite-{i}.log", args.timeout)
     counts = _junit_counts(junit)
-    leaks = _leaks(rundir)
+    leaks = _leaks(rundir, shm_before)
     shutil.rmtree(rundir, ignore_errors=True)
     return {
         "piece": f"suite-{i}", "exit_code": rc, "wall_s": round(wall, 1), **counts,
@@ -198,6 +213,6 @@ def _soak(args: argparse.Namespace) -> int:
               f"{summary['longest_pause_s']} s; {args.out / 'soak.json'}")  # fmt: skip
     if interrupted:
         return 130
-    ok = summary["failures"] == 0 and summary["leaked_processes"] == 0 and all(
-        p["exit_code"] == 0 for p in pieces)  # fmt: skip
+    ok = summary["failures"] == 0 and summary["leaked_processes"] == 0 and (
+        summary["leaked_files"] == 0) and all(p["exit_code"] == 0 for p in pieces)  # fmt: skip
     return 0 if ok else 1

@@ -52,7 +52,7 @@ def test_source_build_boots_and_passes_cpr_reboot_repro(
 ) -> None:
     out = tmp_path / "repro.json"
     rc = cli.main(["repro", "cpr-reboot", "--qemu", source_build.label, "--cycles", "3",
-                   "--json", str(out), "--artifacts", str(tmp_path / "artifacts")])  # fmt: skip
+                   "--out", str(out), "--artifacts", str(tmp_path / "artifacts")])  # fmt: skip
     printed = capsys.readouterr()
     data = json.loads(out.read_text())
     assert rc == 0, f"{printed.out}\n{printed.err}"

@@ -287,8 +287,8 @@ def test_repro_command_line_carries_mode_cycles_and_json(tmp_path: Path) -> None
     from harness import cli
 
     args = cli.build_parser().parse_args(["repro", "nested", "--mode", "cpr-transfer", "--cycles", "5",
-                              "--json", str(tmp_path / "out.json")])  # fmt: skip
-    assert (args.scenario, args.mode, args.cycles, args.json) == ("nested", "cpr-transfer", 5, tmp_path / "out.json")
+                              "--out", str(tmp_path / "out.json")])  # fmt: skip
+    assert (args.scenario, args.mode, args.cycles, args.out) == ("nested", "cpr-transfer", 5, tmp_path / "out.json")
 
 
 def test_guest_mode_limitation_is_recognised_only_for_its_own_error() -> None:

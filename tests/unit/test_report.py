@@ -150,9 +150,9 @@ def test_registration_options_reach_the_registry(tmp_path: Path) -> None:
 
 
 def test_junit_keys_and_ids() -> None:
-    nid = "tests/scenarios/test_matrix.py::test_scenario[live-qemu10.0.2-ovmf2022.11]"
+    nid = "harness/nightly_suite/test_matrix.py::test_scenario[live-qemu10.0.2-ovmf2022.11]"
     key = junit_key(nid)
-    assert key == "tests.scenarios.test_matrix::test_scenario[live-qemu10.0.2-ovmf2022.11]"
+    assert key == "harness.nightly_suite.test_matrix::test_scenario[live-qemu10.0.2-ovmf2022.11]"
     cls, name = key.split("::")
     assert nodeid_from_junit(cls, name) == nid
     assert junit_key("tests/a.py::C::t[x]") == "tests.a.C::t[x]"
@@ -188,7 +188,7 @@ def test_summarize_steps_takes_worst_and_first_unexpected_failure() -> None:
 
 def rec(entry: str, outcome: str, scenario: str = "live", steps: list[dict[str, Any]] | None = None,
         **kw: Any) -> dict[str, Any]:
-    r = RunRecord(id=f"tests/scenarios/test_matrix.py::test_scenario[{entry}]", scenario=scenario,
+    r = RunRecord(id=f"harness/nightly_suite/test_matrix.py::test_scenario[{entry}]", scenario=scenario,
                   outcome=outcome, entry=entry, **kw)
     summarize_steps(r, steps or [])
     return r.to_json()
@@ -278,7 +278,7 @@ def test_compare_finds_new_failures_fixed_and_regressions() -> None:
         rec("d", "passed", steps=cycles("7.2", "10.0.2", [0.5])), rec("new", "error"),
         rec("e", "passed", duration_s=39.0)]}  # fmt: skip
     c = report.compare(cur, prev)
-    idf = "tests/scenarios/test_matrix.py::test_scenario[{}]".format
+    idf = "harness/nightly_suite/test_matrix.py::test_scenario[{}]".format
     assert c["new_failures"] == [idf("a"), idf("new")]
     assert c["fixed"] == [idf("b")]
     regs = {(r["id"], r["metric"]) for r in c["regressions"]}
@@ -444,3 +444,71 @@ def test_rows_of_another_architecture_and_settings_reach_their_entries() -> None
     none = matrix()  # no aarch64 builds: the rows are skipped, saying why
     assert not [e for e in none.entries if e.arch == "aarch64"]
     assert any("storm-aarch64: no selected QEMU build has an aarch64 build" in s for s in none.not_applicable)
+
+
+# --- merge: every input validated first, the output atomic ----------------------------------
+
+
+def _edit_results(d: Path, change: Any) -> None:
+    data = json.loads((d / "results.json").read_text())
+    change(data)
+    (d / "results.json").write_text(json.dumps(data))
+
+
+def test_merge_names_a_results_json_without_run(tmp_path: Path) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    _edit_results(s2, lambda data: data.pop("run"))
+    out = tmp_path / "m"
+    with pytest.raises(ConfigError, match=rf"{s2 / 'results.json'}: field 'run' is missing"):
+        report.merge([s1, s2], out)
+    assert not out.exists() and list(tmp_path.glob(".m.partial-*")) == []
+
+
+def test_merge_names_a_corrupt_junit_before_copying_anything(tmp_path: Path) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    (s1 / "junit.xml").write_text("<testsuites><testsuite")  # a shard killed mid-write
+    out = tmp_path / "m"
+    with pytest.raises(ConfigError, match=rf"{s1 / 'junit.xml'}: not a readable JUnit XML"):
+        report.merge([s1, s2], out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("art", ["../../..", "/etc", "artifacts/../../s1"])
+def test_merge_refuses_an_artifacts_path_leading_outside_its_shard(tmp_path: Path, art: str) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    _edit_results(s2, lambda data: data["records"][0].update(artifacts=art))
+    out = tmp_path / "m"
+    with pytest.raises(ConfigError, match=r"records\[0\] .*field 'artifacts'"):
+        report.merge([s1, s2], out)
+    assert not out.exists(), "nothing may be copied before every input is validated"
+
+
+def test_merge_into_a_non_empty_directory_is_refused_and_leaves_it_alone(tmp_path: Path) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not an empty directory"):
+        report.merge([s1, s2], out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_merge_failing_midway_leaves_no_partial_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    out = tmp_path / "m"
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_all", boom)
+    with pytest.raises(OSError, match="No space left"):
+        report.merge([s1, s2], out)
+    assert not out.exists() and list(tmp_path.glob(".m.partial-*")) == []
+
+
+def test_report_merge_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s1, s2, _ = _shards(tmp_path)
+    _edit_results(s2, lambda data: data.pop("run"))
+    assert cli.main(["report", "merge", "--out", str(tmp_path / "m"), str(s1), str(s2)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "field 'run'" in err
