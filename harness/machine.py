@@ -108,9 +108,10 @@ def sweep_orphan_ram_dirs(base: Path) -> list[Path]:
 
 
 def sweep_all_orphans(root: Path) -> list[Path]:
-    """Everything a killed run may have left: private work dirs (``hv-<pid>*``) and socket
-    dirs (``hvk-<pid>-*``) under ``root``, guest-RAM dirs in /dev/shm (``hv-ram-<pid>-*``)."""
-    removed = sweep_orphan_dirs(root, "hv") + sweep_orphan_dirs(root, "hvk")
+    """Everything a killed run may have left: private work dirs (``hv-<pid>*``, a soak's
+    ``hvsoak-<pid>-*``) and socket dirs (``hvk-<pid>-*``) under ``root``, guest-RAM dirs in
+    /dev/shm (``hv-ram-<pid>-*``)."""
+    removed = [d for prefix in ("hv", "hvk", "hvsoak") for d in sweep_orphan_dirs(root, prefix)]
     shm = Path("/dev/shm")
     if shm.is_dir():
         removed += sweep_orphan_ram_dirs(shm)

@@ -51,10 +51,10 @@ from typing import Any
 import pytest
 
 from harness import builds, catalog, host, requirements
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HostError
 from harness.factory import MachineFactory, private_base, safe_name
 from harness.machine import Machine
-from harness.qemu_process import live_processes
+from harness.qemu_process import live_processes, qemu_machine_missing
 from harness.spec import VmSpec
 
 DEFAULT_QEMU = "10.0.2"
@@ -381,6 +381,9 @@ def vm_factory(request: pytest.FixtureRequest, _harness_base: Path, harness_arti
                qemu_version: str, ovmf_version: str, guest_arch: str) -> Iterator[MachineFactory]:
     """``vm_factory(**spec)`` starts guests; every one is torn down at the end of the test,
     and a failed test keeps their artifacts under ``--harness-artifacts``."""
+    why = qemu_machine_missing()
+    if why:  # before anything is provisioned or built for a guest that cannot start
+        raise HostError(why)
     node = request.node
     dest = harness_artifacts
     base = Path(tempfile.mkdtemp(prefix=f"{safe_name(node.name, 24)}-", dir=_harness_base))

@@ -17,8 +17,9 @@ def _firmware(args: argparse.Namespace) -> int:
     with no_provisioning():  # a listing fetches nothing
         builds = all_firmware(args.arch)
     if not builds:
-        print(f"harness firmware list: no {args.arch} firmware build is provisioned; "
+        print(f"harness firmware: error: no {args.arch} firmware build is provisioned; "
               "`harness provision` fetches the catalogue's", file=sys.stderr)  # fmt: skip
+        return 2
     if args.json:
         emit_json([b.to_json() for b in builds])
         return 0

@@ -97,7 +97,8 @@ def _running_cycles(child: Child) -> bool:
 
 
 @pytest.mark.requires(mode="cpr-reboot")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["sigint", "sigterm", "sigkill"])  # fmt: skip
 def test_signal_to_harness_repro_leaves_no_qemu(
     rundir: Path, tmp_path: Path, child_factory: list[Child], sig: signal.Signals,
 ) -> None:
@@ -110,13 +111,13 @@ def test_signal_to_harness_repro_leaves_no_qemu(
     os.kill(child.proc.pid, sig)  # the harness only, as a job runner would
     rc = child.wait(120)
     assert rc is not None, "the harness did not exit within 120 s of the signal"
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
         assert rc == 130, child.text()[-2000:]
         assert "interrupted" in child.text()
     left = faults.wait_gone(faults.find_qemu(rundir), timeout=15)
     assert left == [], f"orphan QEMU {left} after {sig.name} to harness repro"
     ram_dirs = list(SHM.glob(f"hv-ram-{child.proc.pid}-*"))
-    if sig == signal.SIGINT:  # an orderly exit also removes the guests' work and RAM dirs
+    if sig != signal.SIGKILL:  # an orderly exit also removes the guests' work and RAM dirs
         assert [p for p in rundir.rglob("*") if p.is_file()] == []
         assert ram_dirs == []
     else:  # a SIGKILLed run cannot clean up: its file-backed guest RAM is swept by the next
@@ -259,3 +260,90 @@ def test_sigint_to_harness_soak_stops_its_running_piece(rundir: Path, tmp_path: 
     assert left == [], f"orphan QEMU {left} after SIGINT to harness soak:\n{child.text()[-2000:]}"
     summary = json.loads((out / "soak.json").read_text())
     assert summary["interrupted"] and summary["suite_runs"] == 0 and summary["suite_runs_asked"] == 2
+
+
+def test_sigterm_to_harness_boot_removes_its_directories(rundir: Path, tmp_path: Path,
+                                                          child_factory: list[Child]) -> None:
+    child = Child([*CLI, "boot", "--json", "--", "sleep", "600"], rundir, tmp_path / "boot.out")
+    child_factory.append(child)
+    _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "the guest's QEMU", child)
+    time.sleep(2)
+    os.kill(child.proc.pid, signal.SIGTERM)  # as a job runner stopping the job would
+    rc = child.wait(120)
+    assert rc == 130, f"harness boot exited {rc} after SIGTERM:\n{child.text()[-2000:]}"
+    assert faults.wait_gone(faults.find_qemu(rundir), timeout=15) == []
+    assert list(rundir.iterdir()) == [], f"left behind: {sorted(rundir.rglob('*'))}"
+    assert list(SHM.glob(f"hv-ram-{child.proc.pid}-*")) == []
+
+
+def _gone_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def test_the_next_run_sweeps_what_a_killed_run_left(rundir: Path) -> None:
+    from harness.factory import private_base
+
+    dead, live = _gone_pid(), os.getppid()
+    left = [rundir / f"hv-{dead}-gw0-abcd", rundir / f"hv-{dead}-efgh", rundir / f"hvk-{dead}-ijkl",
+            SHM / f"hv-ram-{dead}-mnop"]  # fmt: skip
+    kept = [rundir / f"hv-{live}-gw1-qrst", rundir / "hv-install-uvwx", SHM / f"hv-ram-{live}-yzab"]
+    try:
+        for d in left + kept:
+            d.mkdir()
+            (d / "file").write_bytes(b"x")
+        base = private_base(tag="-main")
+        assert base.name.startswith(f"hv-{os.getpid()}-main-")
+        assert [d for d in left if d.exists()] == [], "a dead run's directories must be swept"
+        assert all(d.exists() for d in kept), "a live run's (or a foreign) directory was removed"
+        base.rmdir()
+    finally:
+        for d in left + kept:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _tree_gone(child: Child, rundir: Path, timeout: float) -> list[int]:
+    """What of the killed child's tree is still alive after ``timeout``: the processes that
+    carry its environment token (pytest, its workers) and its QEMUs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = faults.processes_with_env("HARNESS_TEST_CHILD", child.token) + faults.find_qemu(rundir)
+        if not alive or time.monotonic() > deadline:
+            return sorted(set(alive))
+        time.sleep(0.5)
+
+
+@pytest.mark.requires(mode="cpr-reboot")
+def test_sigkill_to_harness_nightly_takes_pytest_its_workers_and_guests(
+    rundir: Path, tmp_path: Path, child_factory: list[Child],
+) -> None:
+    cmd = [*CLI, "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
+           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results")]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "nightly.out")
+    child_factory.append(child)
+    _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "a nightly guest started", child)
+    time.sleep(3)
+    assert len(faults.processes_with_env("HARNESS_TEST_CHILD", child.token)) >= 3  # CLI, pytest, worker
+    os.kill(child.proc.pid, signal.SIGKILL)  # the CLI only: no handler runs
+    assert child.wait(30) is not None
+    left = _tree_gone(child, rundir, timeout=30)
+    assert left == [], f"still running 30 s after SIGKILL of harness nightly: {faults.describe_pids(left)}"
+
+
+def test_sigkill_to_harness_soak_takes_its_suite_run_and_guest(
+    rundir: Path, tmp_path: Path, child_factory: list[Child],
+) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "test_inner.py").write_text(INNER)
+    cmd = [*CLI, "soak", "--cycles", "0", "--suite-runs", "1", "--jobs", "1",
+           "--suite", str(inner / "test_inner.py"), "--out", str(tmp_path / "soak")]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "soak.out")
+    child_factory.append(child)
+    _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the suite run's guest", child)
+    time.sleep(3)
+    os.kill(child.proc.pid, signal.SIGKILL)
+    assert child.wait(30) is not None
+    left = _tree_gone(child, rundir, timeout=30)
+    assert left == [], f"still running 30 s after SIGKILL of harness soak: {faults.describe_pids(left)}"

@@ -12,7 +12,9 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -348,3 +350,46 @@ def test_listener_parser_sees_a_wildcard_bind() -> None:
         s.listen(1)
         port = s.getsockname()[1]
         assert ("0.0.0.0", port) in _tcp_listeners(os.getpid())
+
+
+def test_no_python_runs_between_fork_and_exec() -> None:
+    # preexec_fn runs Python in the forked child while other threads (paramiko, console
+    # readers) may hold locks: unsafe.  The parent-death signal is set by setpriv instead.
+    found = []
+    for path in sorted(HARNESS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.keyword) and node.arg == "preexec_fn":
+                found.append(f"{path.relative_to(ROOT)}:{node.value.lineno}")
+    assert found == [], f"preexec_fn in {found}"
+
+
+def test_children_get_their_parent_death_signal_from_setpriv() -> None:
+    from harness.qemu_process import die_with_parent
+
+    argv, env = die_with_parent(["qemu-system-x86_64", "-S"], {"LD_LIBRARY_PATH": "/p/lib", "A": "1"})
+    assert argv[1:4] == ["--pdeathsig", "KILL", "--"] and argv[0].endswith("setpriv")
+    # the host's setpriv never loads a prefix's libraries; QEMU still gets them
+    assert "LD_LIBRARY_PATH" not in env and env["A"] == "1"
+    assert argv[4:] == ["env", "LD_LIBRARY_PATH=/p/lib", "qemu-system-x86_64", "-S"]
+    script = "import time; time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from harness.qemu_process import die_with_parent\n"
+        f"argv, env = die_with_parent([sys.executable, '-c', {script!r}], {{}})\n"
+        "child = subprocess.Popen(argv, env=env)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break
+        assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
+        time.sleep(0.05)
