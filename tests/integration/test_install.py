@@ -104,3 +104,28 @@ def test_installed_package_before_and_after_qemu_machine(venv: Path, tmp_path: P
     data = json.loads((results / "results.json").read_text())
     assert data["summary"]["passed"] >= 1 and data["summary"]["total"] == data["summary"]["passed"]
     assert all(r["id"].startswith("harness/nightly_suite/test_matrix.py::") for r in data["records"])
+
+
+REAL_APT_CALLER = """
+import sys
+from pathlib import Path
+from harness.provision import AptArchive, PackageRef
+a = AptArchive(Path(sys.argv[1]), ("bookworm-backports",))
+a.update()
+print(a.candidate(PackageRef("qemu-system-x86", "bookworm-backports")))
+"""
+
+
+def test_two_cold_callers_share_one_private_apt_state(tmp_path: Path) -> None:
+    # real apt-get update and apt-cache on a fresh state, started together as two xdist
+    # workers would on a cold cache: both succeed and agree
+    root = tmp_path / "apt"
+    procs = [subprocess.Popen([sys.executable, "-c", REAL_APT_CALLER, str(root)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out.strip())
+    assert outs[0] == outs[1] and outs[0].startswith("1:10.0"), outs
+    assert (root / ".apt.lock").exists()
