@@ -33,7 +33,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[avocado,dev]"
 	@rm -f $(VENV)/.deps-*; touch $@
 
-# qemu.machine is not on PyPI: installed from QEMU's own python/ tree (see README).
+# qemu.machine is not on PyPI: installed from QEMU's own python/ tree (docs/install.md).
 $(VENV)/.qemu-python: $(DEPS_STAMP) harness/data/qemu.toml
 	$(HARNESS) install-qemu-machine
 	@touch $@
