@@ -24,7 +24,6 @@ them exactly, so an entry a guest adds must not copy that optional data
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,12 @@ from harness.paths import FIRMWARE_DIR
 from harness.varstore import (
     EFI_GLOBAL_VARIABLE,
     BootEntry,
+    LoadOption,
     VarstoreModel,
     boot_name,
     boot_order_diff,
     decode_load_option,
+    split_load_option,
 )
 
 if TYPE_CHECKING:
@@ -73,46 +74,6 @@ def parse_number(text: str | int) -> int:
 def hex4(number: int) -> str:
     """3 -> ``"0003"`` (the agent's spelling)."""
     return f"{number:04X}"
-
-
-# --- load options ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadOption:
-    """An EFI_LOAD_OPTION split into its raw parts (UEFI spec 3.1.3)."""
-
-    attributes: int
-    title: str
-    device_path: bytes
-    optional_data: bytes = b""
-
-    def encode(self) -> bytes:
-        """The load option's bytes, as a ``Boot####`` variable holds them."""
-        title = self.title.encode("utf-16-le") + b"\0\0"
-        return (struct.pack("<IH", self.attributes, len(self.device_path)) + title
-                + self.device_path + self.optional_data)  # fmt: skip
-
-
-def split_load_option(data: bytes, where: str = "load option") -> LoadOption:
-    """The raw parts of a load option (the device path stays bytes, to be copied)."""
-    if len(data) < 8:
-        raise VarstoreError(where, f"load option of {len(data)} bytes is too short")
-    attributes, path_len = struct.unpack_from("<IH", data)
-    end = 6
-    while True:
-        if end + 2 > len(data):
-            raise VarstoreError(where, "description is not a terminated UCS-2 string")
-        if data[end:end + 2] == b"\0\0":
-            break
-        end += 2
-    title = data[6:end].decode("utf-16-le", "replace")
-    start = end + 2
-    if start + path_len > len(data):
-        raise VarstoreError(
-            where, f"device path length {path_len} runs past the end ({len(data)} bytes)"
-        )
-    return LoadOption(attributes, title, data[start:start + path_len], data[start + path_len:])
 
 
 # --- the guest's view --------------------------------------------------------------------

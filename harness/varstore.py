@@ -278,34 +278,62 @@ def _boot_number(name: str, guid: str) -> int | None:
 # --- decoding --------------------------------------------------------------------------
 
 
+# --- load options: the one codec (bootorder builds and copies them, the model decodes them) ---
+
+
+@dataclass(frozen=True)
+class LoadOption:
+    """An EFI_LOAD_OPTION split into its raw parts (UEFI spec 3.1.3)."""
+
+    attributes: int
+    title: str
+    device_path: bytes
+    optional_data: bytes = b""
+
+    def encode(self) -> bytes:
+        """The load option's bytes, as a ``Boot####`` variable holds them."""
+        title = self.title.encode("utf-16-le") + b"\0\0"
+        return (struct.pack("<IH", self.attributes, len(self.device_path)) + title
+                + self.device_path + self.optional_data)  # fmt: skip
+
+
+def split_load_option(data: bytes, where: str = "load option") -> LoadOption:
+    """The raw parts of a load option (the device path stays bytes, to be copied)."""
+    if len(data) < 8:
+        raise VarstoreError(where, f"load option of {len(data)} bytes is too short")
+    attributes, path_len = struct.unpack_from("<IH", data)
+    end = 6
+    while True:
+        if end + 2 > len(data):
+            raise VarstoreError(where, "description is not a terminated UCS-2 string")
+        if data[end:end + 2] == b"\0\0":
+            break
+        end += 2
+    title = data[6:end].decode("utf-16-le", "replace")
+    start = end + 2
+    if start + path_len > len(data):
+        raise VarstoreError(
+            where, f"device path length {path_len} runs past the end ({len(data)} bytes)"
+        )
+    return LoadOption(attributes, title, data[start:start + path_len], data[start + path_len:])
+
+
 def decode_load_option(data: bytes, number: int = 0, *, where: str = "") -> BootEntry:
     """Decode an EFI_LOAD_OPTION (a ``Boot####`` value, no efivarfs attribute prefix)."""
     from virt.firmware.efi import bootentry
 
     label = where or f"{boot_name(number)} data"
-    # EFI_LOAD_OPTION: UINT32 attributes, UINT16 file path list length, then the title.
-    if len(data) < 8:
-        raise VarstoreError(label, f"load option of {len(data)} bytes is too short")
+    option = split_load_option(data, where=label)  # the structure, checked completely
     with _virt_firmware(label, "decoding the load option"):
-        entry = bootentry.BootEntry(data=bytes(data))
-        title_size = entry.title.size()
-        path_len = struct.unpack_from("<H", data, 4)[0]
-        if len(entry.title.data) % 2 or 6 + title_size > len(data):
-            raise VarstoreError(label, "description is not a terminated UCS-2 string")
-        if 6 + title_size + path_len > len(data):
-            raise VarstoreError(
-                label,
-                f"device path length {path_len} runs past the end ({len(data)} bytes)",
-            )
-        title = str(entry.title)
-        device_path = str(entry.devicepath)
+        # virt-firmware renders the device path as text (UEFI's device path to text)
+        device_path = str(bootentry.BootEntry(data=bytes(data)).devicepath)
     return BootEntry(
         number=number,
-        title=title,
+        title=option.title,
         device_path=device_path,
-        optional_data=bytes(entry.optdata or b""),
-        active=bool(entry.attr & LOAD_OPTION_ACTIVE),
-        attributes=int(entry.attr),
+        optional_data=option.optional_data,
+        active=bool(option.attributes & LOAD_OPTION_ACTIVE),
+        attributes=option.attributes,
     )
 
 
