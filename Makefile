@@ -70,6 +70,7 @@ nightly: setup
 lint: venv
 	$(VENV)/bin/ruff check harness tests bench
 	$(VENV)/bin/mypy
+	$(PYTEST) -q -p no:cacheprovider tests/unit/test_layers.py tests/unit/test_docs.py
 
 bench: setup
 	$(PY) -m bench

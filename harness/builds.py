@@ -24,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from harness import catalog as catalog_mod
+from harness import sources
 from harness.catalog import QemuEntry, Version
 from harness.errors import (
     AmbiguousVersionError,
+    ConfigError,
     LaunchError,
     ProvisionError,
     UnknownVersionError,
 )
-from harness.paths import cache_root, ensure_dir
+from harness.paths import cache_root, ensure_dir, file_stamp, read_registry, registry_path
+from harness.provision import find_loader, host_triplet
 
 log = logging.getLogger(__name__)
 
@@ -341,25 +344,6 @@ def probe(build: QemuBuild) -> Capabilities:
 # --- finding builds --------------------------------------------------------------------
 
 
-_TRIPLETS = {"x86_64": ("x86_64-linux-gnu", "ld-linux-x86-64.so.2"),
-             "aarch64": ("aarch64-linux-gnu", "ld-linux-aarch64.so.1")}
-
-
-def host_triplet() -> tuple[str, str]:
-    """(multiarch triplet, loader name) of this host: the emulator binaries are host code."""
-    return _TRIPLETS.get(os.uname().machine, _TRIPLETS["x86_64"])
-
-
-def find_loader(prefix: Path) -> Path | None:
-    """The dynamic loader a prefix brings with its own C library (libc6 unpacked), or None."""
-    triplet, name = host_triplet()
-    for rel in (f"usr/lib/{triplet}/{name}", f"lib/{triplet}/{name}", f"usr/lib64/{name}",
-                f"lib64/{name}"):  # fmt: skip
-        if (prefix / rel).exists():
-            return prefix / rel
-    return None
-
-
 def from_prefix(prefix: Path, label: str, arch: str = "x86_64", source: str = "prefix",
                 binary: str | None = None, datadirs: Iterable[str] = (),
                 own_libc: bool = False) -> QemuBuild:
@@ -425,12 +409,103 @@ def register(path: Path | str, label: str | None = None, arch: str = "x86_64") -
 _REGISTERED: dict[str, QemuBuild] = {}
 
 
-def _load_registry(wanted: str | None = None) -> None:
-    # Builds registered by another process of this run ($HARNESS_REGISTRY, e.g. nightly's
-    # --qemu-deb seen from an xdist worker) and source builds looked up by src: label.
-    from harness import registry
+# --- builds registered for this run (written by harness.registry) -----------------------
 
-    registry.load(wanted)
+_LOADED: dict[str, tuple[int, int]] = {}  # registry path -> (mtime_ns, size) loaded
+
+
+def qemu_record(build: QemuBuild) -> dict[str, Any]:
+    """A build as a registry record (every field needed to run it again)."""
+    return {
+        "label": build.label, "arch": build.arch, "binary": str(build.binary),
+        "datadirs": [str(d) for d in build.datadirs], "libdirs": [str(d) for d in build.libdirs],
+        "source": build.source, "prefix": str(build.prefix) if build.prefix else None,
+        "loader": str(build.loader) if build.loader else None,
+    }  # fmt: skip
+
+
+def qemu_from_record(rec: dict[str, Any]) -> QemuBuild:
+    """The inverse of :func:`qemu_record`."""
+    try:
+        return QemuBuild(
+            label=str(rec["label"]), arch=str(rec["arch"]), binary=Path(rec["binary"]),
+            datadirs=tuple(Path(d) for d in rec["datadirs"]),
+            libdirs=tuple(Path(d) for d in rec["libdirs"]),
+            source=str(rec["source"]), prefix=Path(rec["prefix"]) if rec.get("prefix") else None,
+            loader=Path(rec["loader"]) if rec.get("loader") else None,
+        )  # fmt: skip
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"malformed QEMU record in the registry: {rec!r}") from exc
+
+
+def catalog_entry_for(version: str, arch: str = "x86_64") -> QemuEntry | None:
+    """The catalogue entry of the same QEMU release (``7.2.22`` -> the ``7.2`` entry)."""
+    want = Version.parse(version)
+    for entry in catalog_mod.default().qemu:
+        if entry.arch != arch:
+            continue
+        ev = Version.parse(entry.version)
+        if want.matches(ev) or ev.matches(want):
+            return entry
+    return None
+
+
+def from_source_build(sb: Any) -> QemuBuild:
+    """A :class:`harness.sources.SourceBuild` as a runnable build.
+
+    Debian's source tarball has no SeaBIOS/iPXE blobs, so after the build's own ``pc-bios``
+    come the data dirs of the catalogue prefix of the same release (or the newest one).
+    """
+    entry = catalog_entry_for(sb.version)
+    if entry is None:
+        entries = sorted(catalog_mod.default().qemu, key=lambda e: Version.parse(e.version))
+        entry = entries[-1] if entries else None
+    datadirs = [sb.build_dir / "pc-bios"]
+    if entry is not None:
+        datadirs += [d for d in from_catalog(entry).datadirs if d not in datadirs]
+    return QemuBuild(sb.label, "x86_64", sb.binary, tuple(d for d in datadirs if d.is_dir()),
+                     (), f"source:{sb.source}", sb.root)  # fmt: skip
+
+
+def source_build(label: str) -> QemuBuild | None:
+    """The cached source build labelled ``label`` (``src:10.0.2+1a2b3c4d``), or None."""
+    for sb in sources.cached_builds():
+        if sb.label == label:
+            return from_source_build(sb)
+    return None
+
+
+def load_registered(wanted: str | None = None) -> None:
+    """Make the QEMU builds registered for this run ($HARNESS_REGISTRY, e.g. nightly's
+    --qemu-deb seen from an xdist worker) known to this process, cheaply when the file did
+    not change; ``wanted``, a label being looked up: ``src:...`` labels come from the
+    source-build cache even without a registry file."""
+    path = registry_path()
+    if path is not None:
+        stamp = file_stamp(path)
+        if stamp is not None and _LOADED.get(str(path)) != stamp:
+            for rec in read_registry(path)["qemu"]:
+                add_registered(qemu_from_record(rec))
+            _LOADED[str(path)] = stamp
+    if wanted and wanted.startswith("src:") and wanted not in _REGISTERED:
+        build = source_build(wanted)
+        if build is not None:
+            add_registered(build)
+
+
+def forget_registered(path: Path) -> None:
+    """Drop the builds loaded from the registry file ``path`` from this process."""
+    try:
+        records = read_registry(path)["qemu"]
+    except ConfigError:
+        records = []
+    for rec in records:
+        _REGISTERED.pop(rec["label"], None)
+    _LOADED.pop(str(path), None)
+
+
+def _load_registry(wanted: str | None = None) -> None:
+    load_registered(wanted)
 
 
 def add_registered(build: QemuBuild) -> None:

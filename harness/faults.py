@@ -46,8 +46,8 @@ from harness.migration import (
     guest_running,
     machine_type,
     recover_source,
-    unix_listening,
 )
+from harness.qemu_process import unix_listening
 
 log = logging.getLogger(__name__)
 

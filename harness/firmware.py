@@ -35,7 +35,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from harness import catalog
-from harness.errors import CatalogError, FirmwareError, UnknownVersionError, VarstoreError
+from harness.errors import (
+    CatalogError,
+    ConfigError,
+    FirmwareError,
+    UnknownVersionError,
+    VarstoreError,
+)
+from harness.paths import file_stamp, read_registry, registry_path
 
 log = logging.getLogger(__name__)
 
@@ -610,11 +617,37 @@ def _debian_version(prefix: Path, package: str) -> str:
 _REGISTERED: dict[str, FirmwareBuild] = {}
 
 
-def _load_registry() -> None:
-    # Firmware registered by another process of this run ($HARNESS_REGISTRY).
-    from harness import registry
+_LOADED: dict[str, tuple[int, int]] = {}  # registry path -> (mtime_ns, size) loaded
 
-    registry.load()
+
+def load_registered() -> None:
+    """Make the firmware registered for this run ($HARNESS_REGISTRY, written by
+    :mod:`harness.registry`) known to this process, cheaply when the file did not change."""
+    path = registry_path()
+    if path is None:
+        return
+    stamp = file_stamp(path)
+    if stamp is None or _LOADED.get(str(path)) == stamp:
+        return
+    for rec in read_registry(path)["firmware"]:
+        if f"{rec['version']}/{rec['arch']}" not in _REGISTERED:
+            register_firmware(Path(rec["path"]), version=rec["version"], arch=rec["arch"])
+    _LOADED[str(path)] = stamp
+
+
+def forget_registered(path: Path) -> None:
+    """Drop the firmware loaded from the registry file ``path`` from this process."""
+    try:
+        records = read_registry(path)["firmware"]
+    except ConfigError:
+        records = []
+    for rec in records:
+        unregister_firmware(rec["version"], rec["arch"])
+    _LOADED.pop(str(path), None)
+
+
+def _load_registry() -> None:
+    load_registered()
 
 
 def get_firmware(version: str, arch: str = "x86_64") -> FirmwareBuild:

@@ -44,8 +44,8 @@ from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
 
 if TYPE_CHECKING:
     from harness import firmware as firmware_mod
-    from harness.tpm import Swtpm
-from harness.ssh import CommandResult, SshClient
+    from harness.swtpm import Swtpm
+from harness.ssh import DETACHED, CommandResult, SshClient
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Ready:
 class Incarnation:
     """One QEMU process running (or about to run) the guest."""
 
-    process: QemuProcess
+    process: QemuProcess[QemuBuild]
     resolved: Resolved
     varstore: Path | None
     console: Console
@@ -502,7 +502,7 @@ class Machine:
         destination (the state comes in the stream), the previous one for a restart."""
         if not self.spec.tpm:
             return None
-        from harness.tpm import Swtpm
+        from harness.swtpm import Swtpm
 
         if incoming or self._tpm_state is None:
             self._tpm_state = self.workdir / f"tpm-{gen}"
@@ -515,7 +515,7 @@ class Machine:
         return self._current
 
     @property
-    def process(self) -> QemuProcess:
+    def process(self) -> QemuProcess[QemuBuild]:
         return self.current.process
 
     @property
@@ -576,14 +576,19 @@ class Machine:
         self.ready = Ready(info["boot_id"], time.monotonic() - start, info)
         return self.ready
 
+    def poweroff_from_inside(self, timeout: float = 120.0) -> None:
+        """Power the guest off from inside (``poweroff -f``) and wait for QEMU to exit; QEMU
+        has then written every flash change to the varstore file."""
+        self.ssh.run(DETACHED.format(cmd="poweroff -f"), timeout=30, check=True)
+        self.ssh.close()
+        self.wait_poweroff(timeout)
+
     def cold_restart(self, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
         """Power the guest off from inside (QEMU exits, its varstore file complete) and boot
         it in a new QEMU process of the current build with the same varstore (and vTPM
         state): what a host does to restart a domain."""
-        from harness import state
-
         path, old = self.varstore_path, self.current
-        state.poweroff(self)
+        self.poweroff_from_inside()
         self.release(old)  # exited already: closes its console, reaps it (and its vTPM)
         t0 = time.monotonic()
         self.adopt(self.spawn(varstore=path))

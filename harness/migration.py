@@ -31,6 +31,7 @@ from typing import Any
 from harness.builds import QemuBuild
 from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
 from harness.machine import Incarnation, Machine
+from harness.qemu_process import unix_listening
 
 log = logging.getLogger(__name__)
 
@@ -886,27 +887,6 @@ def spec_fields_for(op: str) -> dict[str, Any]:
 CYCLE_VAR = "HarnessCycle"
 
 
-_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a socket that listen() was called on
-
-
-def unix_listening(path: Path, table: str = "/proc/net/unix") -> bool:
-    """Whether a unix socket bound to ``path`` is listening, from Linux's socket table
-    (without the table, whether the path exists)."""
-    want = str(path)
-    try:
-        with open(table, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()[1:]  # after the header
-    except OSError:
-        return path.exists()
-    for line in lines:
-        fields = line.split(None, 7)
-        if len(fields) == 8 and fields[7] == want:
-            try:
-                if int(fields[3], 16) & _SO_ACCEPTCON:
-                    return True
-            except ValueError:
-                continue
-    return False
 
 
 def back_to_back(

@@ -8,8 +8,10 @@ worker on the machine, so a second run does no work.  ``HARNESS_CACHE`` moves it
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 PACKAGE_DIR = Path(str(importlib.resources.files("harness")))
 REPO_ROOT = PACKAGE_DIR.parent
@@ -56,3 +58,41 @@ def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     """Create ``path`` (and parents) if needed and return it."""
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path
+
+
+# --- the run's registry file (builds registered for a run: see harness.registry) ---------
+
+REGISTRY_ENV = "HARNESS_REGISTRY"
+REGISTRY_FORMAT = 1
+
+
+def registry_path() -> Path | None:
+    """The registry file of this run (``$HARNESS_REGISTRY``), if any."""
+    env = os.environ.get(REGISTRY_ENV)
+    return Path(env) if env else None
+
+
+def read_registry(path: Path) -> dict[str, Any]:
+    """The registry file's records (``qemu``, ``firmware``); an absent file is empty."""
+    from harness.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"format": REGISTRY_FORMAT, "qemu": [], "firmware": []}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"registry file {path} ({REGISTRY_ENV}) is unreadable: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != REGISTRY_FORMAT:
+        raise ConfigError(f"registry file {path} ({REGISTRY_ENV}): not a format-{REGISTRY_FORMAT} registry")
+    data.setdefault("qemu", [])
+    data.setdefault("firmware", [])
+    return data
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None when absent: whether a file changed since last read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)

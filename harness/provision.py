@@ -266,6 +266,25 @@ class AptArchive:
         return found[-1]
 
 
+_TRIPLETS = {"x86_64": ("x86_64-linux-gnu", "ld-linux-x86-64.so.2"),
+             "aarch64": ("aarch64-linux-gnu", "ld-linux-aarch64.so.1")}
+
+
+def host_triplet() -> tuple[str, str]:
+    """(multiarch triplet, loader name) of this host: the emulator binaries are host code."""
+    return _TRIPLETS.get(os.uname().machine, _TRIPLETS["x86_64"])
+
+
+def find_loader(prefix: Path) -> Path | None:
+    """The dynamic loader a prefix brings with its own C library (libc6 unpacked), or None."""
+    triplet, name = host_triplet()
+    for rel in (f"usr/lib/{triplet}/{name}", f"lib/{triplet}/{name}", f"usr/lib64/{name}",
+                f"lib64/{name}"):  # fmt: skip
+        if (prefix / rel).exists():
+            return prefix / rel
+    return None
+
+
 def deb_field(deb: Path, field: str) -> str:
     """One control field of a .deb (``Package``, ``Version``, ...)."""
     try:
@@ -439,14 +458,11 @@ class Provisioner:
                         f"QEMU {entry.version}: {entry.binary} not in packages "
                         f"{', '.join(map(str, entry.packages))}"
                     )
-                if entry.own_libc:
-                    from harness.builds import find_loader
-
-                    if find_loader(tmp) is None:
-                        raise ProvisionError(
-                            f"QEMU {entry.version} ({entry.suite}): the resolved closure has no "
-                            "dynamic loader (libc6 missing)"
-                        )
+                if entry.own_libc and find_loader(tmp) is None:
+                    raise ProvisionError(
+                        f"QEMU {entry.version} ({entry.suite}): the resolved closure has no "
+                        "dynamic loader (libc6 missing)"
+                    )
                 write_manifest(
                     tmp,
                     {"kind": "qemu", "version": entry.version, "arch": entry.arch,

@@ -30,16 +30,32 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from harness.errors import GuestTimeout, HostError, LaunchError, MachineError
 
-if TYPE_CHECKING:
-    from harness.builds import QemuBuild
+
+class RunnableBuild(Protocol):
+    """What this module needs of a QEMU build (:class:`harness.builds.RunnableBuild` is one):
+    its label, binary, data directories, command prefix and environment."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def binary(self) -> Path: ...
+
+    @property
+    def env(self) -> dict[str, str]: ...
+
+    def data_args(self) -> list[str]: ...
+
+    def wrapper(self) -> list[str]: ...
 
 log = logging.getLogger(__name__)
 
-_LIVE: set[QemuProcess] = set()
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a socket that listen() was called on
+_LIVE: set[QemuProcess[Any]] = set()
 _LIVE_LOCK = threading.Lock()
 
 INSTALL_QEMU_MACHINE = "harness install-qemu-machine"
@@ -69,20 +85,27 @@ def _qm() -> Any:
     return machine
 
 
+# Run by /bin/sh after setpriv set the parent-death signal: a parent that died before that
+# (the signal would never come) shows as a changed parent pid, and the child gives up.
+_PARENT_CHECK = 'if [ "$PPID" != "$0" ]; then exit 125; fi; exec "$@"'
+
+
 def die_with_parent(argv: Sequence[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """``argv`` and ``env`` rewritten so that the child gets a parent-death signal (SIGKILL)
-    before it execs the real program: util-linux's ``setpriv`` sets it, so no Python code
-    runs in the child between fork and exec.  The signal fires when the thread that forked
-    the child exits: QEMU and swtpm are always launched from the thread that owns them.
+    before it execs the real program: util-linux's ``setpriv`` sets it, then ``/bin/sh``
+    checks that the parent is still the one that started it (else the signal was armed too
+    late and the child exits 125), then execs the program.  No Python code runs in the
+    child between fork and exec.  The signal fires when the thread that forked the child
+    exits: QEMU and swtpm are always launched from the thread that owns them.
 
-    A build's ``LD_LIBRARY_PATH`` is handed on through ``env`` (coreutils) after setpriv, so
-    the host's setpriv never loads a prefix's libraries."""
+    A build's ``LD_LIBRARY_PATH`` is handed on through ``env`` (coreutils) after those, so
+    the host's setpriv and sh never load a prefix's libraries."""
     tool = shutil.which("setpriv")
     if tool is None:
         raise HostError("setpriv (util-linux) not found: the harness needs it to tie every "
                         "QEMU and swtpm to its own life (apt install util-linux)")  # fmt: skip
     env = dict(env)
-    prefix = [tool, "--pdeathsig", "KILL", "--"]
+    prefix = [tool, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK, str(os.getpid())]
     libpath = env.pop("LD_LIBRARY_PATH", None)
     if libpath:
         prefix += ["env", f"LD_LIBRARY_PATH={libpath}"]
@@ -163,12 +186,15 @@ def _make_machine_class(base: Any) -> Any:
     return _Machine
 
 
-class QemuProcess:
+BuildT = TypeVar("BuildT", bound=RunnableBuild)
+
+
+class QemuProcess(Generic[BuildT]):
     """A running QEMU: launched on ``__enter__``/``launch()``, reaped on ``__exit__``/``stop()``."""
 
     def __init__(
         self,
-        build: QemuBuild,
+        build: BuildT,
         args: Sequence[str],
         *,
         workdir: Path,
@@ -202,7 +228,7 @@ class QemuProcess:
 
     # -- lifetime ---------------------------------------------------------------------
 
-    def launch(self) -> QemuProcess:
+    def launch(self) -> QemuProcess[BuildT]:
         """Start QEMU; on failure raise :class:`LaunchError` with command and output."""
         if self._launched:
             raise MachineError(f"{self.name}: already launched")
@@ -252,15 +278,13 @@ class QemuProcess:
         with contextlib.suppress(Exception):
             self._vm._qmp.settimeout(timeout)
 
-    def reexeced(self, build: QemuBuild, argv: Sequence[str], qmp_path: Path,
+    def reexeced(self, build: BuildT, argv: Sequence[str], qmp_path: Path,
                  timeout: float = 60.0) -> None:
         """The process exec'd a new QEMU image in place (cpr-exec): same pid, same owner,
         now running ``build`` with ``argv`` and answering QMP on the unix socket
         ``qmp_path``.  Waits for that socket to listen, connects, and drops the old
         connection (its peer is gone)."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        from harness.migration import unix_listening
 
         deadline = time.monotonic() + timeout
         while not unix_listening(qmp_path):
@@ -360,7 +384,7 @@ class QemuProcess:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
-    def __enter__(self) -> QemuProcess:
+    def __enter__(self) -> QemuProcess[BuildT]:
         return self.launch()
 
     def __exit__(
@@ -471,7 +495,27 @@ def _quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\"'\"'") + "'"
 
 
-def live_processes() -> list[QemuProcess]:
+def unix_listening(path: Path, table: str = "/proc/net/unix") -> bool:
+    """Whether a unix socket bound to ``path`` is listening, from Linux's socket table
+    (without the table, whether the path exists)."""
+    want = str(path)
+    try:
+        with open(table, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()[1:]  # after the header
+    except OSError:
+        return path.exists()
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == want:
+            try:
+                if int(fields[3], 16) & _SO_ACCEPTCON:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def live_processes() -> list[QemuProcess[Any]]:
     """QEMU processes this harness process has launched and not yet reaped."""
     with _LIVE_LOCK:
         return list(_LIVE)

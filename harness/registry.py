@@ -39,15 +39,22 @@ from typing import Any
 
 from harness import builds as builds_mod
 from harness import catalog as catalog_mod
+from harness import firmware as fw_mod
 from harness.builds import QemuBuild
-from harness.catalog import QemuEntry, Version
 from harness.errors import ConfigError, ProvisionError
-from harness.paths import cache_root, ensure_dir
+from harness.paths import (
+    REGISTRY_ENV,
+    REGISTRY_FORMAT,
+    cache_root,
+    ensure_dir,
+    read_registry,
+    registry_path,
+)
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "HARNESS_REGISTRY"
-FORMAT = 1
+ENV_VAR = REGISTRY_ENV
+FORMAT = REGISTRY_FORMAT
 #: The packages of a QEMU build; the system emulator's own package must be among the debs.
 QEMU_PACKAGE = "qemu-system-x86"
 
@@ -64,27 +71,31 @@ class Registration:
         return {"registry": str(self.path), "qemu": self.qemu, "firmware": self.firmware}
 
 
-# --- the registry file -------------------------------------------------------------------
+# --- the registry file: written here, read by builds and firmware ----------------------
+
+# what builds and firmware read from it, re-exported for callers of this module
+qemu_record = builds_mod.qemu_record
+qemu_from_record = builds_mod.qemu_from_record
+catalog_entry_for = builds_mod.catalog_entry_for
+from_source_build = builds_mod.from_source_build
+source_build = builds_mod.source_build
 
 
-def registry_path() -> Path | None:
-    """The registry file of this run (``$HARNESS_REGISTRY``), if any."""
-    env = os.environ.get(ENV_VAR)
-    return Path(env) if env else None
+def load(wanted: str | None = None) -> None:
+    """Make this run's registered builds known to this process (cheap when unchanged);
+    ``wanted``: a QEMU label being looked up (``src:...`` labels come from the source-build
+    cache even without a registry file).  Lookups in builds and firmware do this too."""
+    builds_mod.load_registered(wanted)
+    fw_mod.load_registered()
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {"format": FORMAT, "qemu": [], "firmware": []}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"registry file {path} ({ENV_VAR}) is unreadable: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigError(f"registry file {path} ({ENV_VAR}): not a format-{FORMAT} registry")
-    data.setdefault("qemu", [])
-    data.setdefault("firmware", [])
-    return data
+def forget(path: Path) -> None:
+    """Drop what was loaded from ``path`` from this process (tests stay independent)."""
+    builds_mod.forget_registered(path)
+    fw_mod.forget_registered(path)
+
+
+# -------------------------------------------------------------------
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -94,30 +105,6 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def qemu_record(build: QemuBuild) -> dict[str, Any]:
-    """A build as a registry record (every field needed to run it again)."""
-    return {
-        "label": build.label, "arch": build.arch, "binary": str(build.binary),
-        "datadirs": [str(d) for d in build.datadirs], "libdirs": [str(d) for d in build.libdirs],
-        "source": build.source, "prefix": str(build.prefix) if build.prefix else None,
-        "loader": str(build.loader) if build.loader else None,
-    }  # fmt: skip
-
-
-def qemu_from_record(rec: dict[str, Any]) -> QemuBuild:
-    """The inverse of :func:`qemu_record`."""
-    try:
-        return QemuBuild(
-            label=str(rec["label"]), arch=str(rec["arch"]), binary=Path(rec["binary"]),
-            datadirs=tuple(Path(d) for d in rec["datadirs"]),
-            libdirs=tuple(Path(d) for d in rec["libdirs"]),
-            source=str(rec["source"]), prefix=Path(rec["prefix"]) if rec.get("prefix") else None,
-            loader=Path(rec["loader"]) if rec.get("loader") else None,
-        )  # fmt: skip
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"malformed QEMU record in the registry: {rec!r}") from exc
-
-
 def record(path: Path, *, qemu: Iterable[QemuBuild] = (),
            firmware: Iterable[dict[str, str]] = ()) -> None:  # fmt: skip
     """Add builds to the registry file at ``path`` (a later record of a label replaces it)."""
@@ -125,7 +112,7 @@ def record(path: Path, *, qemu: Iterable[QemuBuild] = (),
 
     ensure_dir(path.parent)
     with FileLock(str(path) + ".lock", timeout=60):
-        data = _read(path)
+        data = read_registry(path)
         by_label = {r["label"]: r for r in data["qemu"]}
         for b in qemu:
             by_label[b.label] = qemu_record(b)
@@ -135,59 +122,6 @@ def record(path: Path, *, qemu: Iterable[QemuBuild] = (),
             by_version[(fw["version"], fw["arch"])] = dict(fw)
         data["firmware"] = list(by_version.values())
         _write(path, data)
-
-
-_LOADED: dict[str, tuple[int, int]] = {}  # registry path -> (mtime_ns, size) loaded
-
-
-def load(wanted: str | None = None) -> None:
-    """Make this run's registered builds known to this process (cheap when unchanged).
-
-    ``wanted``: a QEMU label being looked up; ``src:...`` labels are resolved from the
-    source-build cache even without a registry file.
-    """
-    path = registry_path()
-    if path is not None:
-        _load_file(path)
-    if wanted and wanted.startswith("src:") and wanted not in builds_mod._REGISTERED:
-        build = source_build(wanted)
-        if build is not None:
-            builds_mod.add_registered(build)
-
-
-def _load_file(path: Path) -> None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return
-    stamp = (st.st_mtime_ns, st.st_size)
-    if _LOADED.get(str(path)) == stamp:
-        return
-    from harness import firmware as fw_mod
-
-    data = _read(path)
-    for rec in data["qemu"]:
-        builds_mod.add_registered(qemu_from_record(rec))
-    for rec in data["firmware"]:
-        key = f"{rec['version']}/{rec['arch']}"
-        if key not in fw_mod._REGISTERED:
-            fw_mod.register_firmware(Path(rec["path"]), version=rec["version"], arch=rec["arch"])
-    _LOADED[str(path)] = stamp
-
-
-def forget(path: Path) -> None:
-    """Drop what was loaded from ``path`` from this process (tests stay independent)."""
-    from harness import firmware as fw_mod
-
-    try:
-        data = _read(path)
-    except ConfigError:
-        data = {"qemu": [], "firmware": []}
-    for rec in data["qemu"]:
-        builds_mod._REGISTERED.pop(rec["label"], None)
-    for rec in data["firmware"]:
-        fw_mod.unregister_firmware(rec["version"], rec["arch"])
-    _LOADED.pop(str(path), None)
 
 
 # --- shared libraries ----------------------------------------------------------------------
@@ -223,18 +157,6 @@ def missing_sonames(binary: Path, libdirs: Sequence[Path]) -> list[str]:
     if proc.returncode != 0 and "not a dynamic executable" not in proc.stdout + proc.stderr:
         raise ProvisionError(f"ldd {binary} exited {proc.returncode}: {proc.stderr.strip()}")
     return sorted(set(_NOT_FOUND.findall(proc.stdout)))
-
-
-def catalog_entry_for(version: str, arch: str = "x86_64") -> QemuEntry | None:
-    """The catalogue entry of the same QEMU release (``7.2.22`` -> the ``7.2`` entry)."""
-    want = Version.parse(version)
-    for entry in catalog_mod.default().qemu:
-        if entry.arch != arch:
-            continue
-        ev = Version.parse(entry.version)
-        if want.matches(ev) or ev.matches(want):
-            return entry
-    return None
 
 
 def with_library_fallback(build: QemuBuild, version: str) -> QemuBuild:
@@ -422,33 +344,6 @@ def _binary_version(build: QemuBuild) -> str:
 # --- source builds -----------------------------------------------------------------------
 
 
-def from_source_build(sb: Any) -> QemuBuild:
-    """A :class:`harness.sources.SourceBuild` as a runnable build.
-
-    Debian's source tarball has no SeaBIOS/iPXE blobs, so after the build's own ``pc-bios``
-    come the data dirs of the catalogue prefix of the same release (or the newest one).
-    """
-    entry = catalog_entry_for(sb.version)
-    if entry is None:
-        entries = sorted(catalog_mod.default().qemu, key=lambda e: Version.parse(e.version))
-        entry = entries[-1] if entries else None
-    datadirs = [sb.build_dir / "pc-bios"]
-    if entry is not None:
-        datadirs += [d for d in builds_mod.from_catalog(entry).datadirs if d not in datadirs]
-    return QemuBuild(sb.label, "x86_64", sb.binary, tuple(d for d in datadirs if d.is_dir()),
-                     (), f"source:{sb.source}", sb.root)  # fmt: skip
-
-
-def source_build(label: str) -> QemuBuild | None:
-    """The cached source build labelled ``label`` (``src:10.0.2+1a2b3c4d``), or None."""
-    from harness import sources
-
-    for sb in sources.cached_builds():
-        if sb.label == label:
-            return from_source_build(sb)
-    return None
-
-
 # --- what nightly calls ------------------------------------------------------------------
 
 
@@ -464,8 +359,6 @@ def register_from_options(args: Any, path: Path | None = None) -> Registration:
     ``<cache>/registries``; ``$HARNESS_REGISTRY`` is set to it so subprocesses (pytest and
     its xdist workers) see the same builds.
     """
-    from harness import firmware as fw_mod
-
     qemu_debs = [Path(p) for p in getattr(args, "qemu_deb", None) or []]
     qemu_dirs = [Path(p) for p in getattr(args, "qemu_dir", None) or []]
     ovmf_debs = [Path(p) for p in getattr(args, "ovmf_deb", None) or []]
@@ -486,5 +379,6 @@ def register_from_options(args: Any, path: Path | None = None) -> Registration:
         reg.qemu.append(b.label)
     record(path, qemu=qemu, firmware=firmware)
     os.environ[ENV_VAR] = str(path)
-    _load_file(path)
+    load()
     return reg
+

@@ -19,6 +19,8 @@ from harness.errors import GuestCommandError, GuestTimeout, MachineError
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT = 16 * 1024 * 1024
+#: A guest command run detached, after the SSH command returned (reboot, poweroff).
+DETACHED = "(sleep 0.5; {cmd}) </dev/null >/dev/null 2>&1 &"
 
 
 @dataclass(frozen=True)

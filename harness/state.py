@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import StateError
+from harness.ssh import DETACHED
 
 if TYPE_CHECKING:
     from harness.machine import Machine
@@ -260,7 +261,6 @@ def guest_variables(vm: Machine) -> dict[tuple[str, str], tuple[int, bytes]]:
 
 # --- guest-initiated reboot and poweroff -------------------------------------------------------
 
-_DETACHED = "(sleep 0.5; {cmd}) </dev/null >/dev/null 2>&1 &"
 
 
 def reboot(vm: Machine, timeout: float = 300.0) -> int:
@@ -269,7 +269,7 @@ def reboot(vm: Machine, timeout: float = 300.0) -> int:
     :func:`harness.bootorder.assert_booted`)."""
     mark = vm.console.mark()
     before = vm.ready.boot_id if vm.ready else None
-    vm.ssh.run(_DETACHED.format(cmd="reboot -f"), timeout=30, check=True)
+    vm.ssh.run(DETACHED.format(cmd="reboot -f"), timeout=30, check=True)
     vm.ssh.close()
     ready = vm.wait_ready(timeout, since=mark)
     if before is not None and ready.boot_id == before:
@@ -281,9 +281,7 @@ def reboot(vm: Machine, timeout: float = 300.0) -> int:
 def poweroff(vm: Machine, timeout: float = 120.0) -> None:
     """Power the guest off from inside (``poweroff -f``) and wait for QEMU to exit; QEMU
     has then written every flash change to the varstore file."""
-    vm.ssh.run(_DETACHED.format(cmd="poweroff -f"), timeout=30, check=True)
-    vm.ssh.close()
-    vm.wait_poweroff(timeout)
+    vm.poweroff_from_inside(timeout)
 
 
 # --- a guest that stopped answering --------------------------------------------------------

@@ -368,9 +368,10 @@ def test_children_get_their_parent_death_signal_from_setpriv() -> None:
 
     argv, env = die_with_parent(["qemu-system-x86_64", "-S"], {"LD_LIBRARY_PATH": "/p/lib", "A": "1"})
     assert argv[1:4] == ["--pdeathsig", "KILL", "--"] and argv[0].endswith("setpriv")
+    assert argv[4:6] == ["/bin/sh", "-c"] and argv[7] == str(os.getpid())
     # the host's setpriv never loads a prefix's libraries; QEMU still gets them
     assert "LD_LIBRARY_PATH" not in env and env["A"] == "1"
-    assert argv[4:] == ["env", "LD_LIBRARY_PATH=/p/lib", "qemu-system-x86_64", "-S"]
+    assert argv[8:] == ["env", "LD_LIBRARY_PATH=/p/lib", "qemu-system-x86_64", "-S"]
     script = "import time; time.sleep(30)"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
@@ -381,7 +382,7 @@ def test_children_get_their_parent_death_signal_from_setpriv() -> None:
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
-    parent.kill()
+    parent.kill()  # at once: before the child armed its signal, or after; it must die either way
     parent.wait()
     deadline = time.monotonic() + 10
     while True:
@@ -393,3 +394,15 @@ def test_children_get_their_parent_death_signal_from_setpriv() -> None:
             break
         assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
         time.sleep(0.05)
+
+
+def test_a_child_whose_parent_is_already_gone_does_not_run() -> None:
+    from harness.qemu_process import die_with_parent
+
+    argv, env = die_with_parent(["sh", "-c", "echo RAN"], dict(os.environ))
+    argv[7] = "1"  # as if the parent had died before the signal was armed (reparented)
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 125 and "RAN" not in res.stdout
+    argv, env = die_with_parent(["sh", "-c", "echo RAN"], dict(os.environ))
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0 and res.stdout == "RAN\n"
