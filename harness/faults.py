@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -39,15 +38,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness import migration
 from harness.errors import ConfigError, HarnessError, HostError, MachineError, UnsupportedError
 from harness.machine import Incarnation, Machine
-from harness.migration import (
-    MigrationResult,
-    guest_running,
-    machine_type,
-    recover_source,
-)
-from harness.qemu_process import unix_listening
+from harness.migration import MigrationResult
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +272,6 @@ def is_mountpoint(path: Path) -> bool:
 #: max-bandwidth (bytes/s) that keeps a live migration of a 1 GiB guest "active" for
 #: many seconds, long enough to act on it
 SLOW_BANDWIDTH = 1 << 20
-_TERMINAL = ("completed", "failed", "cancelled")
 
 
 @contextlib.contextmanager
@@ -359,51 +352,24 @@ def live_to_vanishing_destination(vm: Machine, *, timeout: float = 120.0) -> Mig
     """A live migration whose destination takes the whole stream and dies before loading
     it (:func:`draining_listener`).  Precopy without a return path calls that
     'completed': the source stops in 'postmigrate' with nobody running the guest, the
-    window a destination that refuses a late section falls into.  The harness's recovery
-    (:func:`harness.migration.recover_source`) then has to bring the guest back."""
-    src = vm.current
-    result = _result(vm, "live-vanishing-destination", "normal", "draining listener")
-    params = src.process.qmp("query-migrate-parameters") or {}
-    if "mode" in params and params["mode"] != "normal":
-        src.process.qmp("migrate-set-parameters", mode="normal")
-    t0 = time.monotonic()
+    window a destination that refuses a late section falls into.  The driver's recovery
+    (:func:`harness.migration.recover`) then has to bring the guest back."""
     sock = vm.sock_dir / f"drain-{time.monotonic_ns() % 10**9}.sock"
     with draining_listener(sock) as seen:
-        src.process.qmp("migrate", uri=f"unix:{sock}")
-        final = _settle(src, timeout)
-    result.extra.update(final=final, bytes_taken=seen["bytes"],
-                        runstate_after=src.process.qmp("query-status").get("status"))
-    recover_source(src, result)
-    result.wall_s = time.monotonic() - t0
+        runstate: dict[str, Any] = {}
+
+        def settled(info: dict[str, Any]) -> None:  # before the recovery
+            runstate["after"] = vm.current.process.qmp("query-status").get("status")
+
+        result = migration.live(vm, timeout=timeout, check=False,
+                                hooks=migration.Hooks(target=f"unix:{sock}", on_settled=settled))
+    result.op, result.destination = "live-vanishing-destination", "draining listener"
+    result.extra.update(bytes_taken=seen["bytes"], runstate_after=runstate.get("after"))
+    final = result.extra["final"]
+    result.error = ""
     result.fail(f"the destination vanished after taking {seen['bytes']} bytes "
                 f"(source migration status {final.get('status')})", status=str(final.get("status")))
     return result
-
-
-def _status(inc: Incarnation) -> dict[str, Any]:
-    info = inc.process.qmp("query-migrate") or {}
-    return dict(info)
-
-
-def wait_status(inc: Incarnation, wanted: tuple[str, ...], timeout: float) -> dict[str, Any]:
-    """Poll ``query-migrate`` on ``inc`` until its status is one of ``wanted`` (or a terminal
-    one); raise :class:`~harness.errors.GuestTimeout` naming the last status otherwise."""
-    from harness.errors import GuestTimeout
-
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        last = _status(inc)
-        if last.get("status") in wanted or last.get("status") in _TERMINAL:
-            return last
-        time.sleep(0.02)
-    raise GuestTimeout(f"migration status {' or '.join(wanted)} on {inc.process.name}", timeout,
-                       str(last.get("status")))
-
-
-def _result(vm: Machine, op: str, mode: str, dest: str) -> MigrationResult:
-    return MigrationResult(op=op, mode=mode, status="pending", source=vm.build.label,
-                           destination=dest, machine=machine_type(vm))
 
 
 def live_fault(
@@ -415,201 +381,106 @@ def live_fault(
     capabilities: tuple[str, ...] = (),
     timeout: float = 120.0,
 ) -> MigrationResult:
-    """Start a live migration of ``vm`` and, once it reaches ``phase`` (``setup``,
-    ``active``, ``pre-switchover``), ``cancel`` it or ``kill-destination``.
+    """Start a live migration of ``vm`` (:func:`harness.migration.live`, the driver users
+    run) and, once it reaches ``phase`` (``setup``, ``active``, ``pre-switchover``),
+    ``cancel`` it or ``kill-destination``.
 
     ``setup`` migrates to a :func:`stalled_listener` (the connection never completes);
-    ``active`` throttles the source to :data:`SLOW_BANDWIDTH`; ``pre-switchover`` turns on
-    ``pause-before-switchover``.  Whatever happens, the source's parameters and
-    capabilities are put back and the destination is reaped.  The result records the
-    status the fault met (``extra['reached']``), the source's final migration status
-    (``status``), whether the guest still runs there (``source_running``), and QEMU's
-    error, classified."""
+    ``active`` throttles the stream to :data:`SLOW_BANDWIDTH`; ``pre-switchover`` turns on
+    ``pause-before-switchover``.  The driver puts the source's settings back and reaps the
+    destination.  The result records the status the fault met (``extra['reached']``), the
+    source's final migration status (``status``, ``extra['final']``), whether the guest
+    still runs there (``source_running``), and QEMU's error, classified."""
     if phase not in LIVE_PHASES:
         raise ConfigError(f"phase {phase!r}: expected one of {', '.join(LIVE_PHASES)}")
     if fault not in FAULTS:
         raise ConfigError(f"fault {fault!r}: expected one of {', '.join(FAULTS)}")
     if phase == "setup" and fault != "cancel":
         raise ConfigError("a migration in setup has no destination QEMU to kill (use cancel)")
-    src = vm.current
-    caps = list(capabilities)
-    if phase == "pre-switchover":
-        caps.append("pause-before-switchover")
+    caps = list(capabilities) + (["pause-before-switchover"] if phase == "pre-switchover" else [])
     for c in caps:
         if not vm.build.capabilities.has_capability(c):
             raise UnsupportedError(f"migration capability {c}", f"QEMU {vm.build.label}")
-    result = _result(vm, f"live-{fault}-at-{phase}", "normal",
-                     "stalled listener" if phase == "setup" else vm.build.label)
-    result.extra.update(fault=fault, phase=phase)
-    t0 = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        dest: Incarnation | None = None
-        if phase == "setup":
-            sock = stack.enter_context(stalled_listener(vm.workdir / f"stall-{time.monotonic_ns()}.sock"))
-            uri = f"unix:{sock}"
-        else:
-            dest = vm.spawn(machine=machine_type(vm), incoming=["defer"], extra_args=dest_args)
-            stack.callback(vm.release, dest, hard=True)
-            uri = f"unix:{vm.sock_dir / f'mig-{time.monotonic_ns() % 10**9}.sock'}"
-            if caps:
-                dest.process.qmp("migrate-set-capabilities",
-                                 capabilities=[{"capability": c, "state": True} for c in caps])
-            dest.process.qmp("migrate-incoming", uri=uri)
-        params = src.process.qmp("query-migrate-parameters") or {}
-        restore: dict[str, Any] = {}
-        if "mode" in params:
-            restore["mode"] = params["mode"]
-            src.process.qmp("migrate-set-parameters", mode="normal")
-        if phase == "active":
-            restore["max-bandwidth"] = params.get("max-bandwidth")
-            src.process.qmp("migrate-set-parameters", **{"max-bandwidth": SLOW_BANDWIDTH})
-        stack.callback(_put_back, src, {k: v for k, v in restore.items() if v is not None}, caps)
-        if caps:
-            src.process.qmp("migrate-set-capabilities",
-                            capabilities=[{"capability": c, "state": True} for c in caps])
-        src.process.qmp("migrate", uri=uri)
-        seen = wait_status(src, (phase,), timeout)
-        result.extra["reached"] = seen.get("status")
-        if seen.get("status") != phase:
-            result.fail(f"migration went to {seen.get('status')} before reaching {phase}: "
-                        f"{seen.get('error-desc', '')}", status=str(seen.get("status")))
-            result.source_running = guest_running(src)
-            result.wall_s = time.monotonic() - t0
-            return result
+    src = vm.current
+    extra: dict[str, Any] = {"fault": fault, "phase": phase}
+    dest: list[Incarnation] = []
+
+    def inject(status: str, info: dict[str, Any]) -> bool:
+        if status != phase:
+            return False
+        extra["reached"] = status
         if phase == "setup":
             time.sleep(1.0)  # it really stays there
-            result.extra["still_setup_after_1s"] = _status(src).get("status") == "setup"
+            extra["still_setup_after_1s"] = migration.status(src.process) == "setup"
         if fault == "cancel":
-            src.process.qmp("migrate_cancel")
+            migration.cancel(src.process)
         else:
-            assert dest is not None
-            os.kill(dest.process.pid, signal.SIGKILL)
-        final = _settle(src, timeout)
-        result.extra["final"] = final
-        status = str(final.get("status"))
-        result.source_running = guest_running(src)
-        result.wall_s = time.monotonic() - t0
-        if status == "completed":
-            result.status = "completed"  # the fault came too late to matter
-        else:
-            result.fail(str(final.get("error-desc") or f"migration {status}"), status=status)
-        if dest is not None and not dest.process.running:
-            result.extra["destination_exit"] = dest.process.exitcode
+            os.kill(dest[0].process.pid, signal.SIGKILL)
+        return True
+
+    with contextlib.ExitStack() as stack:
+        target = None
+        if phase == "setup":
+            sock = stack.enter_context(stalled_listener(vm.workdir / f"stall-{time.monotonic_ns()}.sock"))
+            target = f"unix:{sock}"
+        hooks = migration.Hooks(target=target, dest_args=dest_args, on_destination=dest.append,
+                                on_status=inject, stuck_after=timeout)  # fmt: skip
+        result = migration.live(vm, capabilities=caps, timeout=timeout, check=False, hooks=hooks,
+                                bandwidth=SLOW_BANDWIDTH if phase == "active" else None)  # fmt: skip
+    result.op = f"live-{fault}-at-{phase}"
+    if phase == "setup":
+        result.destination = "stalled listener"
+    result.extra.update(extra)
+    if "reached" not in extra:
+        statuses = result.extra["final"].get("statuses", [])
+        result.fail(f"the migration went through {', '.join(statuses)} without reaching {phase}")
     return result
-
-
-def _settle(inc: Incarnation, timeout: float) -> dict[str, Any]:
-    """Wait for a terminal migration status; a migration that stays paused before
-    switchover (its destination is gone and nothing tells it) is cancelled at the end."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        last = _status(inc)
-        if last.get("status") in _TERMINAL:
-            return last
-        time.sleep(0.05)
-    inc.process.qmp("migrate_cancel")
-    after = wait_status(inc, _TERMINAL, 30)
-    return {**after, "stuck_in": last.get("status")}
-
-
-def _put_back(inc: Incarnation, params: dict[str, Any], caps: list[str]) -> None:
-    """Restore the source's migration parameters and turn off the capabilities we set."""
-    if not inc.process.running:
-        return
-    try:
-        if caps:
-            inc.process.qmp("migrate-set-capabilities",
-                            capabilities=[{"capability": c, "state": False} for c in caps])
-        if params:
-            inc.process.qmp("migrate-set-parameters", **params)
-    except HarnessError as exc:
-        log.warning("could not restore migration settings on %s: %s", inc.process.name, exc)
 
 
 def migrate_to_uri(vm: Machine, uri: str, *, timeout: float = 60.0) -> MigrationResult:
     """A live migration of ``vm`` to ``uri`` with no destination of ours (a bad destination):
     the result carries QEMU's error, classified, and whether the guest still runs."""
-    src = vm.current
-    result = _result(vm, "live-bad-destination", "normal", uri)
-    t0 = time.monotonic()
-    params = src.process.qmp("query-migrate-parameters") or {}
-    if "mode" in params and params["mode"] != "normal":
-        src.process.qmp("migrate-set-parameters", mode="normal")
-    try:
-        src.process.qmp("migrate", uri=uri)
-        final = _settle(src, timeout)
-    except HarnessError as exc:
-        final = {"status": "failed", "error-desc": str(exc)}
-    result.extra["final"] = final
-    result.source_running = guest_running(src)
-    result.wall_s = time.monotonic() - t0
-    if final.get("status") == "completed":
-        result.status = "completed"
-    else:
-        result.fail(str(final.get("error-desc") or f"migration {final.get('status')}"),
-                    status=str(final.get("status")))
+    result = migration.live(vm, timeout=timeout, check=False, hooks=migration.Hooks(target=uri))
+    result.op = "live-bad-destination"
     return result
 
 
 def cpr_transfer_kill_destination(vm: Machine, *, timeout: float = 120.0) -> MigrationResult:
-    """cpr-transfer with the destination killed mid-transfer: the destination is frozen
-    (SIGSTOP) once its CPR socket listens, the source is told to migrate (it connects
-    the CPR channel, sends its CPR state including the guest-RAM memfds, and waits in
-    ``setup`` for the destination to hang up that channel before it connects the main
-    one), then the destination is SIGKILLed.
+    """cpr-transfer (:func:`harness.migration.cpr_transfer`) with the destination killed
+    mid-transfer: the destination is frozen (SIGSTOP) once its CPR socket listens, the
+    source is told to migrate (it connects the CPR channel, sends its CPR state including
+    the guest-RAM memfds, and waits in ``setup`` for the destination to hang up that
+    channel before it connects the main one), then the destination is SIGKILLed.
 
     QEMU 10.0.2 (migration.c, qmp_migrate): the hang-up of the CPR channel is the signal to
     connect the main channel; a dead destination hangs up too, so the source tries to
     connect, fails, and the migration ends ``failed`` with the guest still running on the
     source (it was never stopped: cpr-transfer stops the guest only at switchover)."""
-
-
-    src = vm.current
     if not vm.build.capabilities.has_mode("cpr-transfer"):
         raise UnsupportedError("migration mode cpr-transfer", f"QEMU {vm.build.label}")
-    result = _result(vm, "cpr-transfer-kill-destination", "cpr-transfer", vm.build.label)
-    stamp = time.monotonic_ns() % 10**9
-    main_sock = vm.sock_dir / f"cprm-{stamp}.sock"
-    cpr_sock = vm.sock_dir / f"cprc-{stamp}.sock"
-    cpr_channel = json.dumps({"channel-type": "cpr",
-                               "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
-    t0 = time.monotonic()
-    dest = vm.spawn(machine=machine_type(vm), incoming=[f"unix:{main_sock}", cpr_channel],
-                    defer_qmp=True)
+    src = vm.current
+    extra: dict[str, Any] = {}
+    frozen_pid: list[int] = []
+
+    def freeze_it(dest: Incarnation) -> None:
+        frozen_pid.append(freeze(dest))
+
+    def kill_it(status: str, info: dict[str, Any]) -> bool:
+        extra["reached"] = status
+        time.sleep(1.0)
+        extra["status_after_1s"] = migration.status(src.process)
+        extra["running_while_waiting"] = migration.guest_running(src)
+        os.kill(frozen_pid[0], signal.SIGKILL)
+        thaw(frozen_pid[0])
+        return True
+
     try:
-        deadline = time.monotonic() + 60
-        while not unix_listening(cpr_sock):  # bound is not enough: see migration.cpr_transfer
-            if not dest.process.running or time.monotonic() > deadline:
-                raise MachineError(f"cpr-transfer destination never listened on {cpr_sock}; "
-                                   f"log {dest.process.log_path}")
-            time.sleep(0.01)
-        dest_pid = freeze(dest)
-        src.process.qmp("migrate-set-parameters", mode="cpr-transfer")
-        try:
-            src.process.qmp("migrate", channels=[
-                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_sock)}},
-                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}},
-            ])  # fmt: skip
-            seen = _status(src)
-            result.extra["reached"] = seen.get("status")
-            time.sleep(1.0)
-            result.extra["status_after_1s"] = _status(src).get("status")
-            result.extra["running_while_waiting"] = guest_running(src)
-            os.kill(dest_pid, signal.SIGKILL)
-            thaw(dest_pid)
-            final = _settle(src, timeout)
-        finally:
-            with contextlib.suppress(HarnessError):
-                src.process.qmp("migrate-set-parameters", mode="normal")
+        result = migration.cpr_transfer(vm, timeout=timeout, check=False, hooks=migration.Hooks(
+            on_destination=freeze_it, on_status=kill_it, stuck_after=timeout))
     finally:
-        vm.release(dest, hard=True)
-    result.extra["final"] = final
-    result.source_running = guest_running(src)
-    result.wall_s = time.monotonic() - t0
-    if final.get("status") == "completed":
-        result.status = "completed"
-    else:
-        result.fail(str(final.get("error-desc") or f"migration {final.get('status')}"),
-                    status=str(final.get("status")))
+        for pid in frozen_pid:  # never leave a stopped process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    result.op = "cpr-transfer-kill-destination"
+    result.extra.update(extra)
     return result

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness.builds import QemuBuild
 from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
@@ -123,92 +123,283 @@ def _require_mode(build: QemuBuild, mode: str) -> None:
         )
 
 
-def _caps(proc_caps: Sequence[str], build: QemuBuild) -> list[dict[str, Any]]:
-    for c in proc_caps:
-        if not build.capabilities.has_capability(c):
-            raise UnsupportedError(f"migration capability {c}", f"QEMU {build.label}")
-    return [{"capability": c, "state": True} for c in proc_caps]
+# --- the driver's phases, over any QMP endpoint ------------------------------------------
+#
+# Every migration of the harness goes through these: the operations below (live,
+# save/restore, cpr-reboot, cpr-transfer, cpr-exec) compose them for a Machine's QEMU
+# processes, harness.faults injects into them through Hooks, and harness.nested drives
+# L2's QEMU inside L1 with them through an endpoint that reaches L1's QMP.
+
+TERMINAL = ("completed", "failed", "cancelled")
 
 
-def _set_up(inc: Incarnation, caps: Sequence[str], params: dict[str, Any]) -> None:
-    build = inc.process.build
+class Endpoint(Protocol):
+    """A QEMU the driver talks to: :class:`harness.qemu_process.QemuProcess`, or an L2's
+    QEMU reached through L1 (:mod:`harness.nested`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def qmp(self, cmd: str, **args: Any) -> Any: ...
+
+
+#: ``on_status(status, info)``: called with each new status the source reports; True when
+#: the hook intervened (cancelled the migration, killed the destination, ...).
+StatusHook = Callable[[str, dict[str, Any]], bool]
+
+
+@dataclass
+class Hooks:
+    """Where a fault or an observation is injected into a migration: the fault tests
+    exercise the very driver users run.
+
+    ``target``: a URI of the caller's to migrate to instead of a destination QEMU of ours
+    (a listener that stalls, drains or does not exist).  ``dest_args``: extra QEMU
+    arguments for the destination.  ``on_destination``: called with the destination once
+    it listens, before the source starts.  ``on_status``: see :data:`StatusHook`.
+    ``stuck_after``: once a hook intervened, a migration that has not ended within this
+    many seconds is cancelled, and the status it stuck in is recorded (``stuck_in``).
+    ``on_settled``: called with the source's final ``query-migrate`` before any
+    recovery."""
+
+    target: str | None = None
+    dest_args: tuple[str, ...] = ()
+    on_destination: Callable[[Incarnation], None] | None = None
+    on_status: StatusHook | None = None
+    stuck_after: float | None = None
+    on_settled: Callable[[dict[str, Any]], None] | None = None
+
+
+def configure(ep: Endpoint, caps: Sequence[str], params: dict[str, Any]) -> None:
+    """Turn on migration capabilities ``caps`` and set ``params`` (checked by the caller
+    against the build's schema: :func:`check_caps`)."""
     if caps:
-        inc.process.qmp("migrate-set-capabilities", capabilities=_caps(caps, build))
+        ep.qmp("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
     if params:
-        inc.process.qmp("migrate-set-parameters", **params)
+        ep.qmp("migrate-set-parameters", **params)
 
 
-def _nap(since: float) -> None:
+def reset(ep: Endpoint, caps: Sequence[str], *, mode_param: bool = True) -> None:
+    """Put an endpoint that keeps (or takes) the guest back to plain migration settings
+    (mode normal, ``caps`` off), so the next operation starts clean."""
+    if not ep.running:
+        return
+    try:
+        if caps:
+            ep.qmp("migrate-set-capabilities", capabilities=[{"capability": c, "state": False} for c in caps])
+        if mode_param:
+            ep.qmp("migrate-set-parameters", mode="normal")
+    except HarnessError as exc:
+        log.warning("could not reset migration settings on %s: %s", ep.name, exc)
+
+
+def start(ep: Endpoint, *, uri: str | None = None, channels: list[dict[str, Any]] | None = None) -> None:
+    """Start the outgoing migration (a URI, or main and CPR channels)."""
+    if channels is not None:
+        ep.qmp("migrate", channels=channels)
+    else:
+        ep.qmp("migrate", uri=uri)
+
+
+def incoming(ep: Endpoint, uri: str) -> None:
+    """Start the incoming side of a destination started with ``-incoming defer``."""
+    ep.qmp("migrate-incoming", uri=uri)
+
+
+def status(ep: Endpoint) -> str:
+    """The source's migration status now (``query-migrate``)."""
+    return str((ep.qmp("query-migrate") or {}).get("status"))
+
+
+def cancel(ep: Endpoint) -> None:
+    with contextlib.suppress(HarnessError):
+        ep.qmp("migrate_cancel")
+
+
+def _nap(since: float, min_interval: float = 0.0) -> None:
     """The pause between two QMP polls: short at first (a small guest's migration or load
     is over in tens of milliseconds), longer as the wait goes on."""
     waited = time.monotonic() - since
-    time.sleep(0.004 if waited < 1.0 else 0.02 if waited < 10.0 else 0.05)
+    time.sleep(max(min_interval, 0.004 if waited < 1.0 else 0.02 if waited < 10.0 else 0.05))
 
 
-def _clear_settings(inc: Incarnation, caps: Sequence[str]) -> None:
-    """Put a source that keeps the guest after a failed CPR back to plain migration
-    settings (mode normal, ``caps`` off), so the next operation starts clean."""
-    if not inc.process.running:
-        return
-    build = inc.process.build
-    try:
-        if caps:
-            inc.process.qmp("migrate-set-capabilities",
-                            capabilities=[{"capability": c, "state": False} for c in caps])
-        if "mode" in build.capabilities.migration_parameters:
-            inc.process.qmp("migrate-set-parameters", mode="normal")
-    except HarnessError as exc:
-        log.warning("could not reset migration settings on %s: %s", inc.process.name, exc)
+def watch(ep: Endpoint, timeout: float, *, on_status: StatusHook | None = None,
+          stuck_after: float | None = None, min_interval: float = 0.0) -> dict[str, Any]:
+    """Poll the source's ``query-migrate`` until completed, failed or cancelled; its last
+    answer, with ``statuses`` (every status seen, in order).
 
-
-def _poll_source(inc: Incarnation, timeout: float, *, on_active: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Poll ``query-migrate`` until completed/failed/cancelled; cancel on timeout."""
+    A migration still going at ``timeout`` is cancelled and reported failed.  Once
+    ``on_status`` intervened, ``stuck_after`` replaces the timeout: a migration that then
+    does not end is cancelled and its real end is reported with ``stuck_in``."""
     since = time.monotonic()
     deadline = since + timeout
-    fired = False
+    seen: list[str] = []
+    intervened = False
     last: dict[str, Any] = {}
     while True:
-        last = inc.process.qmp("query-migrate") or {}
-        status = last.get("status")
-        if status in ("completed", "failed", "cancelled"):
-            return last
-        if on_active is not None and not fired and status in ("active", "device"):
-            fired = True
-            on_active()
-        if not inc.process.running:
-            return {"status": "failed", "error-desc": "source QEMU exited during migration"}
+        last = ep.qmp("query-migrate") or {}
+        status = str(last.get("status"))
+        if not seen or seen[-1] != status:
+            seen.append(status)
+            if on_status is not None and not intervened and status not in TERMINAL:
+                intervened = bool(on_status(status, last))
+                if intervened and stuck_after is not None:
+                    deadline = time.monotonic() + stuck_after
+                continue  # the hook may have changed everything: ask again
+        if status in TERMINAL:
+            return {**last, "statuses": seen}
+        if not ep.running:
+            return {"status": "failed", "error-desc": "source QEMU exited during migration", "statuses": seen}
         if time.monotonic() > deadline:
-            with contextlib.suppress(HarnessError):
-                inc.process.qmp("migrate_cancel")
-            return {**last, "status": "failed",
+            cancel(ep)
+            if intervened:
+                final = wait_terminal(ep, 30.0)
+                return {**final, "stuck_in": status, "statuses": seen}
+            return {**last, "status": "failed", "statuses": seen,
                     "error-desc": f"migration did not complete within {timeout:.0f} s (last status {status})"}
+        _nap(since, min_interval)
+
+
+def wait_terminal(ep: Endpoint, timeout: float) -> dict[str, Any]:
+    """The source's ``query-migrate`` once it is completed, failed or cancelled (or its
+    last answer after ``timeout``)."""
+    since = time.monotonic()
+    last: dict[str, Any] = {}
+    while time.monotonic() < since + timeout:
+        last = ep.qmp("query-migrate") or {}
+        if last.get("status") in TERMINAL:
+            break
         _nap(since)
+    return dict(last)
 
 
-def _wait_running(inc: Incarnation, timeout: float) -> str | None:
+def wait_running(ep: Endpoint, timeout: float, *, min_interval: float = 0.0) -> str | None:
     """Wait until the destination runs the guest; None, or what went wrong."""
     since = time.monotonic()
     deadline = since + timeout
     status = "?"
     while time.monotonic() < deadline:
-        if not inc.process.running:
-            return f"destination QEMU exited (code {inc.process.exitcode})"
+        if not ep.running:
+            return f"destination QEMU exited (code {ep.exitcode})"
         try:
-            st = inc.process.qmp("query-status")
+            st = ep.qmp("query-status")
         except HarnessError as exc:
-            if not inc.process.running:
-                return f"destination QEMU exited (code {inc.process.exitcode})"
+            if not ep.running:
+                return f"destination QEMU exited (code {ep.exitcode})"
             return f"destination QMP failed: {exc}"
         status = st.get("status", "?")
         if status == "running":
             return None
-        if status in ("paused", "postmigrate") and st.get("running") is False:
-            # loaded but not resumed (e.g. the source was paused): leave it to the caller
-            pass
         if status in ("internal-error", "shutdown", "guest-panicked"):
             return f"destination status {status}"
-        _nap(since)
+        _nap(since, min_interval)
     return f"destination not running after {timeout:.0f} s (status {status})"
+
+
+def wait_loaded(ep: Endpoint, timeout: float) -> str | None:
+    """Wait for an incoming load to finish and the guest to run (resuming it if needed)."""
+    since = time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        if not ep.running:
+            return f"destination QEMU exited (code {ep.exitcode})"
+        try:
+            st = ep.qmp("query-status")
+            mig = ep.qmp("query-migrate") or {}
+        except HarnessError as exc:
+            if not ep.running:
+                return f"destination QEMU exited (code {ep.exitcode})"
+            return str(exc)
+        if st.get("status") == "running":
+            return None
+        if mig.get("status") == "failed":
+            return str(mig.get("error-desc") or "incoming migration failed")
+        if st.get("status") in ("paused", "postmigrate", "prelaunch") and mig.get("status") == "completed":
+            ep.qmp("cont")
+        _nap(since)
+    return f"incoming load did not finish within {timeout:.0f} s"
+
+
+def guest_runs(ep: Endpoint) -> bool:
+    """True when this QEMU is alive and its guest runs (not paused)."""
+    try:
+        return bool(ep.running and ep.qmp("query-status").get("running"))
+    except HarnessError:
+        return False
+
+
+def recover(ep: Endpoint, result: MigrationResult, *, was_running: bool = True,
+            settle: float = 10.0, reset_caps: Sequence[str] | None = None,
+            mode_param: bool = True) -> bool:
+    """After a failed migration, leave the guest running on the source as it was before.
+
+    QEMU restarts the source itself when it sees the failure, a moment after reporting
+    'failed'.  Precopy without a return path can instead report 'completed' before the
+    destination refuses a section; the source then sits in 'postmigrate' and only 'cont'
+    brings the guest back (libvirt does the same).  What was done goes into
+    ``result.extra['source_recovery']``; ``result.source_running`` is set."""
+    deadline = time.monotonic() + settle
+    resumed = False
+    while ep.running:
+        try:
+            st = ep.qmp("query-status")
+        except HarnessError:
+            break
+        if st.get("running"):
+            break
+        status = str(st.get("status", "?"))
+        if not was_running:
+            break  # paused before the migration: it stays paused
+        if not resumed and (status == "postmigrate" or
+                            (status == "paused" and time.monotonic() > deadline)):
+            try:
+                ep.qmp("cont")
+                result.extra["source_recovery"] = f"resumed with 'cont' from {status}"
+            except HarnessError as exc:
+                result.extra["source_recovery"] = f"'cont' from {status} failed: {exc}"
+                break
+            resumed, deadline = True, time.monotonic() + 5.0
+            continue
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if reset_caps is not None:  # it keeps the guest: plain settings for the next operation
+        reset(ep, reset_caps, mode_param=mode_param)
+    result.source_running = guest_runs(ep)
+    if not ep.running:
+        result.extra.setdefault("source_recovery", f"source QEMU exited (code {ep.exitcode})")
+    return result.source_running
+
+
+# --- the phases for a Machine's QEMU processes ---------------------------------------------
+
+
+def check_caps(caps: Sequence[str], *builds: QemuBuild) -> None:
+    """Every capability in ``caps`` exists in every build's schema (else UnsupportedError
+    naming the build and the capability)."""
+    for build in builds:
+        for c in caps:
+            if not build.capabilities.has_capability(c):
+                raise UnsupportedError(f"migration capability {c}", f"QEMU {build.label}")
+
+
+def _set_up(inc: Incarnation, caps: Sequence[str], params: dict[str, Any]) -> None:
+    check_caps(caps, inc.process.build)
+    configure(inc.process, caps, params)
+
+
+def _has_mode(inc: Incarnation) -> bool:
+    return "mode" in inc.process.build.capabilities.migration_parameters
+
+
+def _clear_settings(inc: Incarnation, caps: Sequence[str]) -> None:
+    reset(inc.process, caps, mode_param=_has_mode(inc))
 
 
 def _incomplete_load(inc: Incarnation, result: MigrationResult) -> None:
@@ -222,7 +413,7 @@ def _incomplete_load(inc: Incarnation, result: MigrationResult) -> None:
         result.signature, result.signature_explanation = sig.name, sig.explanation
 
 
-def _fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
+def fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
     result.total_time_ms = info.get("total-time")
     result.downtime_ms = info.get("downtime")
     result.setup_time_ms = info.get("setup-time")
@@ -232,57 +423,22 @@ def _fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
 
 def guest_running(inc: Incarnation) -> bool:
     """True when this QEMU process is alive and its guest runs (not paused)."""
-    try:
-        return bool(inc.process.running and inc.process.qmp("query-status").get("running"))
-    except HarnessError:
-        return False
+    return guest_runs(inc.process)
 
 
 def recover_source(inc: Incarnation, result: MigrationResult, *, was_running: bool = True,
-                    settle: float = 10.0, reset_caps: Sequence[str] | None = None) -> bool:
-    """After a failed migration, leave the guest running on the source as it was before.
-
-    QEMU restarts the source itself when it sees the failure, a moment after reporting
-    'failed'.  Precopy without a return path can instead report 'completed' before the
-    destination refuses a section; the source then sits in 'postmigrate' and only 'cont'
-    brings the guest back (libvirt does the same).  What was done goes into
-    ``result.extra['source_recovery']``; ``result.source_running`` is set."""
-    deadline = time.monotonic() + settle
-    resumed = False
-    while inc.process.running:
-        try:
-            st = inc.process.qmp("query-status")
-        except HarnessError:
-            break
-        if st.get("running"):
-            break
-        status = str(st.get("status", "?"))
-        if not was_running:
-            break  # paused before the migration: it stays paused
-        if not resumed and (status == "postmigrate" or
-                            (status == "paused" and time.monotonic() > deadline)):
-            try:
-                inc.process.qmp("cont")
-                result.extra["source_recovery"] = f"resumed with 'cont' from {status}"
-            except HarnessError as exc:
-                result.extra["source_recovery"] = f"'cont' from {status} failed: {exc}"
-                break
-            resumed, deadline = True, time.monotonic() + 5.0
-            continue
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if reset_caps is not None:  # it keeps the guest: plain settings for the next operation
-        _clear_settings(inc, reset_caps)
-    result.source_running = guest_running(inc)
-    if not inc.process.running:
-        result.extra.setdefault("source_recovery", f"source QEMU exited (code {inc.process.exitcode})")
-    return result.source_running
+                   settle: float = 10.0, reset_caps: Sequence[str] | None = None) -> bool:
+    """:func:`recover` for a Machine's QEMU process."""
+    return recover(inc.process, result, was_running=was_running, settle=settle,
+                   reset_caps=reset_caps, mode_param=_has_mode(inc))
 
 
-def _dest_failure(vm: Machine, inc: Incarnation | None, result: MigrationResult, why: str) -> None:
+def _dest_failure(vm: Machine, inc: Incarnation | None, result: MigrationResult, why: str,
+                  status: str = "failed") -> None:
     text = why
     if inc is not None:
+        if not inc.process.running:
+            result.extra["destination_exit"] = inc.process.exitcode
         out = inc.process.output() if not inc.process.running else ""
         if inc.process.running:
             vm.release(inc, hard=True)
@@ -292,7 +448,7 @@ def _dest_failure(vm: Machine, inc: Incarnation | None, result: MigrationResult,
         if out.strip():
             text += "\ndestination output:\n" + out.strip()[-4000:]
         result.extra["destination_log"] = str(inc.process.log_path)
-    result.fail(text)
+    result.fail(text, status=status)
 
 
 def _spawn_dest(vm: Machine, result: MigrationResult, **kw: Any) -> Incarnation | None:
@@ -317,16 +473,20 @@ def live(
     bandwidth: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
+    hooks: Hooks | None = None,
 ) -> MigrationResult:
     """Precopy live migration to a new QEMU (``to``, default the same build).
 
     ``bandwidth`` (bytes/s) caps the stream (QEMU's ``max-bandwidth``) so that precopy lasts
     long enough for the guest to write during it; a source that keeps the guest gets its
-    previous cap back."""
+    previous cap back and its migration settings reset.  ``hooks``: where faults and
+    observations are injected (:class:`Hooks`); with hooks the source's final
+    ``query-migrate`` is kept in ``extra['final']``."""
     src = vm.current
     dest_build = to or vm.build
     mtype = machine_type(vm)
     result = _new_result("live", "normal", vm, dest_build, mtype)
+    h = hooks or Hooks()
     caps = list(capabilities) + (["multifd"] if multifd else []) + (["postcopy-ram"] if postcopy else [])
     if vm.spec.memory_backend == "file" and "x-ignore-shared" not in caps:
         # The destination maps the same RAM file (share=on).  Copying RAM into it would
@@ -334,9 +494,11 @@ def live(
         # aarch64 guest); on one host the file is shared, so the stream carries no RAM.
         caps.append("x-ignore-shared")
         result.extra["ram"] = "shared file, not copied (x-ignore-shared)"
-    for b in {vm.build.label: vm.build, dest_build.label: dest_build}.values():
-        _caps(caps, b)  # UnsupportedError names the build and capability
-    if transport == "unix":
+    check_caps(caps, *{vm.build.label: vm.build, dest_build.label: dest_build}.values())
+    if h.target is not None:
+        uri = h.target
+        result.destination = h.target
+    elif transport == "unix":
         uri = f"unix:{vm.sock_dir / f'mig-{time.monotonic_ns() % 10**9}.sock'}"
     elif transport == "tcp":
         from harness.machine import free_port
@@ -347,36 +509,58 @@ def live(
     was_running = guest_running(src)
     old_cap: int | None = None
     t0 = time.monotonic()
-    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
-    if dest is None:
-        result.source_running = guest_running(src)
-        result.wall_s = time.monotonic() - t0
-        return _check(result, check)
+    dest: Incarnation | None = None
+    if h.target is None:
+        dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"],
+                           extra_args=h.dest_args)  # fmt: skip
+        if dest is None:
+            result.source_running = guest_running(src)
+            result.wall_s = time.monotonic() - t0
+            return _check(result, check)
+
+    def on_status(status: str, info: dict[str, Any]) -> bool:
+        if postcopy and status in ("active", "device") and "postcopy" not in result.extra:
+            src.process.qmp("migrate-start-postcopy")
+            result.extra["postcopy"] = f"started in {status}"
+        return bool(h.on_status and h.on_status(status, info))
+
     try:
-        _set_up(dest, caps, {})
-        dest.process.qmp("migrate-incoming", uri=uri)
-        params: dict[str, Any] = {"mode": "normal"} if "mode" in vm.build.capabilities.migration_parameters else {}
+        if dest is not None:
+            _set_up(dest, caps, {})
+            incoming(dest.process, uri)
+            if h.on_destination is not None:
+                h.on_destination(dest)
+        params: dict[str, Any] = {"mode": "normal"} if _has_mode(src) else {}
         if bandwidth is not None:
             old_cap = (src.process.qmp("query-migrate-parameters") or {}).get("max-bandwidth")
             params["max-bandwidth"] = bandwidth
         _set_up(src, caps, params)
-        src.process.qmp("migrate", uri=uri)
-        on_active = (lambda: src.process.qmp("migrate-start-postcopy")) if postcopy else None
-        info = _poll_source(src, timeout, on_active=on_active)
+        start(src.process, uri=uri)
+        info = watch(src.process, timeout, on_status=on_status, stuck_after=h.stuck_after)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    _fill_stats(result, info)
-    if info.get("status") != "completed":
-        _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {info.get('status')}"))
-        recover_source(src, result, was_running=was_running)
+    if hooks is not None:
+        result.extra["final"] = info
+    if h.on_settled is not None:
+        h.on_settled(info)
+    fill_stats(result, info)
+    status = str(info.get("status"))
+    if status != "completed" or dest is None:
+        if dest is None and status == "completed":
+            result.fail(f"the migration completed to {uri}, where no QEMU of ours loads it",
+                        status="completed")  # fmt: skip
+        else:
+            _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {status}"),
+                          status="cancelled" if status == "cancelled" else "failed")  # fmt: skip
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
         _restore_bandwidth(src, old_cap)
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
-    why = _wait_running(dest, 60)
+    why = wait_running(dest.process, 60)
     result.wall_s = time.monotonic() - t0
     if why:
         _dest_failure(vm, dest, result, why)
-        recover_source(src, result, was_running=was_running)
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
         _restore_bandwidth(src, old_cap)
         return _check(result, check)
     vm.adopt(dest)
@@ -399,13 +583,13 @@ def _restore_bandwidth(inc: Incarnation, cap: int | None) -> None:
 # --- save / restore ----------------------------------------------------------------------
 
 
-def _outgoing_uri(build: QemuBuild, path: Path) -> str:
+def outgoing_uri(build: QemuBuild, path: Path) -> str:
     if build.capabilities.file_uri:
         return f"file:{path}"
     return f"exec:cat > {shlex.quote(str(path))}"
 
 
-def _incoming_uri(build: QemuBuild, path: Path) -> str:
+def incoming_uri(build: QemuBuild, path: Path) -> str:
     if build.capabilities.file_uri:
         return f"file:{path}"
     return f"exec:cat {shlex.quote(str(path))}"
@@ -434,11 +618,11 @@ def save(
     try:
         params = {"mode": mode} if "mode" in vm.build.capabilities.migration_parameters else {}
         _set_up(src, capabilities, params)
-        src.process.qmp("migrate", uri=_outgoing_uri(vm.build, tmp))
-        info = _poll_source(src, timeout)
+        start(src.process, uri=outgoing_uri(vm.build, tmp))
+        info = watch(src.process, timeout)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    _fill_stats(result, info)
+    fill_stats(result, info)
     result.wall_s = time.monotonic() - t0
     if info.get("status") != "completed":
         if tmp.is_file():
@@ -500,8 +684,8 @@ def _load_into_new_qemu(
         return _check(result, check)
     try:
         _set_up(dest, caps, params)
-        dest.process.qmp("migrate-incoming", uri=_incoming_uri(dest_build, path))
-        why = _wait_incoming(dest, timeout)
+        incoming(dest.process, incoming_uri(dest_build, path))
+        why = wait_loaded(dest.process, timeout)
     except HarnessError as exc:
         why = str(exc)
     result.wall_s = time.monotonic() - t0
@@ -512,30 +696,6 @@ def _load_into_new_qemu(
     result.status = "completed"
     _incomplete_load(dest, result)
     return _check(result, check)
-
-
-def _wait_incoming(dest: Incarnation, timeout: float) -> str | None:
-    """Wait for an incoming load to finish and the guest to run (resuming it if needed)."""
-    since = time.monotonic()
-    deadline = since + timeout
-    while time.monotonic() < deadline:
-        if not dest.process.running:
-            return f"destination QEMU exited (code {dest.process.exitcode})"
-        try:
-            st = dest.process.qmp("query-status")
-            mig = dest.process.qmp("query-migrate") or {}
-        except HarnessError as exc:
-            if not dest.process.running:
-                return f"destination QEMU exited (code {dest.process.exitcode})"
-            return str(exc)
-        if st.get("status") == "running":
-            return None
-        if mig.get("status") == "failed":
-            return str(mig.get("error-desc") or "incoming migration failed")
-        if st.get("status") in ("paused", "postmigrate", "prelaunch") and mig.get("status") == "completed":
-            dest.process.qmp("cont")
-        _nap(since)
-    return f"incoming load did not finish within {timeout:.0f} s"
 
 
 def save_restore(
@@ -623,11 +783,11 @@ def cpr_reboot(
     t0 = time.monotonic()
     try:
         _set_up(src, caps, {"mode": mode})
-        src.process.qmp("migrate", uri=_outgoing_uri(vm.build, tmp))
-        info = _poll_source(src, timeout)
+        start(src.process, uri=outgoing_uri(vm.build, tmp))
+        info = watch(src.process, timeout)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    _fill_stats(result, info)
+    fill_stats(result, info)
     if info.get("status") != "completed":
         if tmp.is_file():
             tmp.unlink()
@@ -655,9 +815,14 @@ def cpr_transfer(
     to: QemuBuild | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
+    hooks: Hooks | None = None,
 ) -> MigrationResult:
     """cpr-transfer: a new QEMU beside the old one receives RAM through the CPR channel
-    (file descriptors over a unix socket) and the rest over the main channel."""
+    (file descriptors over a unix socket) and the rest over the main channel.  ``hooks``:
+    as for :func:`live` (``target`` is not offered: the CPR channel needs our destination)."""
+    h = hooks or Hooks()
+    if h.target is not None:
+        raise UnsupportedError("a caller's target", "cpr-transfer", "it needs a destination QEMU of ours")
     dest_build = to or vm.build
     mode = "cpr-transfer"
     mtype = machine_type(vm)
@@ -679,7 +844,7 @@ def cpr_transfer(
     cpr_channel = json.dumps({"channel-type": "cpr",
                               "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}})
     t0 = time.monotonic()
-    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype,
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, extra_args=h.dest_args,
                        incoming=[f"unix:{main_sock}", cpr_channel], defer_qmp=True)  # fmt: skip
     if dest is None:
         result.source_running = guest_running(src)
@@ -698,23 +863,30 @@ def cpr_transfer(
             return _check(result, check)
         time.sleep(0.01)
     try:
+        if h.on_destination is not None:
+            h.on_destination(dest)
         _set_up(src, [], {"mode": mode})
-        src.process.qmp("migrate", channels=[
+        start(src.process, channels=[
             {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_sock)}},
             {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)}},
         ])  # fmt: skip
-        info = _poll_source(src, timeout)
+        info = watch(src.process, timeout, on_status=h.on_status, stuck_after=h.stuck_after)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    _fill_stats(result, info)
+    if hooks is not None:
+        result.extra["final"] = info
+    if h.on_settled is not None:
+        h.on_settled(info)
+    fill_stats(result, info)
     if info.get("status") != "completed":
-        _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"))
+        _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"),
+                      status="cancelled" if info.get("status") == "cancelled" else "failed")
         recover_source(src, result, was_running=was_running, reset_caps=[])
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
         dest.process.connect_qmp()
-        why = _wait_running(dest, 60)
+        why = wait_running(dest.process, 60)
     except (HarnessError, OSError, EOFError) as exc:
         why = f"destination QMP did not come up: {exc}"
     result.wall_s = time.monotonic() - t0
@@ -785,7 +957,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     caps = ["events"] if vm.build.capabilities.has_capability("events") else []
     try:
         _set_up(src, caps, {"mode": mode, "cpr-exec-command": argv})
-        proc.qmp("migrate", uri=f"file:{path}")
+        start(proc, uri=f"file:{path}")
     except HarnessError as exc:
         recover_source(src, result, was_running=was_running, reset_caps=caps)
         return give_up(f"cpr-exec could not start: {exc}")
@@ -824,7 +996,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     try:
         with _quiet_qmp_library():
             proc.reexeced(dest_build, argv, qmp_path, timeout=60)
-        why = _wait_running(new, 60)
+        why = wait_running(new.process, 60)
     except HarnessError as exc:
         why = str(exc)
     result.wall_s = time.monotonic() - t0

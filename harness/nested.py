@@ -335,6 +335,24 @@ class L1Qmp:
                                    + (f": {err.decode(errors='replace').strip()}" if err else ""))  # fmt: skip
             self._buf += chunk
 
+    # -- the migration driver's endpoint (harness.migration.Endpoint) -------------------------
+
+    @property
+    def name(self) -> str:
+        return f"QEMU in L1 at {self.socket_path}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the session is open (the QEMU's exit closes it)."""
+        return self._chan is not None and not self._chan.closed
+
+    @property
+    def exitcode(self) -> int | None:
+        return None  # a process in L1: its exit status is L1's business
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        return self.execute(cmd, **args)
+
     def execute(self, cmd: str, **args: Any) -> Any:
         """Run one QMP command; its ``return`` value, or :class:`MachineError` naming the error."""
         if self._chan is None:
@@ -650,9 +668,7 @@ def probe_sections(vm: Machine, path: Path | None = None) -> dict[str, list[str]
         return file_sections(path)
     finally:
         if shared:
-            with contextlib.suppress(HarnessError):
-                vm.qmp("migrate-set-capabilities",
-                       capabilities=[{"capability": "x-ignore-shared", "state": False}])
+            migration.reset(vm.current.process, ["x-ignore-shared"], mode_param=False)
         with contextlib.suppress(OSError):
             path.unlink()
 
@@ -724,6 +740,7 @@ def migrate_l2(l2: L2, *, timeout: float = 600.0) -> MigrationResult:
     log, varstore copy and forwarded port; on success the source quits, L1's agent is
     pointed at the destination (``/run/l2/qemu.pid``) and ``l2`` follows it.  A failed
     migration leaves the source running and kills the destination."""
+    from harness import migration
     from harness.migration import MigrationResult
 
     gen = l2.generation + 1
@@ -744,32 +761,20 @@ def migrate_l2(l2: L2, *, timeout: float = 600.0) -> MigrationResult:
     dest_ok = False
     try:
         with l2.qmp(timeout=60) as src, L1Qmp(l1, dest_qmp, timeout=60) as dst:
-            src.execute("migrate", uri=f"unix:{L2_RUN}/mig-{gen}.sock")
-            deadline = time.monotonic() + timeout
-            info: dict[str, Any] = {}
-            while True:
-                info = src.execute("query-migrate") or {}
-                if info.get("status") in ("completed", "failed", "cancelled"):
-                    break
-                if time.monotonic() > deadline:
-                    with contextlib.suppress(HarnessError):
-                        src.execute("migrate_cancel")
-                    info = {**info, "status": "failed", "error-desc": f"not completed within {timeout:.0f} s"}
-                    break
-                time.sleep(0.2)
-            res.total_time_ms = info.get("total-time")
-            res.downtime_ms = info.get("downtime")
-            res.transferred_bytes = (info.get("ram") or {}).get("transferred")
+            # the driver's phases, over QMP sessions through L1 (polled no faster than every
+            # 0.2 s: each poll is a round trip into a TCG guest)
+            migration.start(src, uri=f"unix:{L2_RUN}/mig-{gen}.sock")
+            info = migration.watch(src, timeout, min_interval=0.2)
+            migration.fill_stats(res, info)
             if info.get("status") != "completed":
-                return res.fail(str(info.get("error-desc") or f"nested migration {info.get('status')}"))
-            status = "?"
-            while time.monotonic() < deadline:
-                status = str((dst.execute("query-status") or {}).get("status"))
-                if status == "running":
-                    break
-                time.sleep(0.2)
-            if status != "running":
-                return res.fail(f"destination L2 QEMU status {status} after the migration")
+                res.fail(str(info.get("error-desc") or f"nested migration {info.get('status')}"))
+                migration.recover(src, res, mode_param=False)
+                return res
+            why = migration.wait_running(dst, timeout, min_interval=0.2)
+            if why:
+                res.fail(f"destination L2 QEMU: {why}")
+                migration.recover(src, res, mode_param=False)
+                return res
             dest_ok = True
             with contextlib.suppress(HarnessError):
                 src.execute("quit")
@@ -779,9 +784,6 @@ def migrate_l2(l2: L2, *, timeout: float = 600.0) -> MigrationResult:
         if not dest_ok:
             l1.ssh.run(f"[ -f {dest_pidfile} ] && kill -9 $(cat {dest_pidfile}); rm -f {dest_pidfile}",
                        timeout=30)  # fmt: skip
-            with contextlib.suppress(HarnessError), l2.qmp(timeout=30) as q:
-                if not q.execute("query-status").get("running"):  # a failed migration pauses L2
-                    q.execute("cont")
     # point L1's agent (and this handle) at the destination once the source is gone
     old_pid = l1.ssh.run(f"cat {shlex.quote(l2.pidfile)} 2>/dev/null", timeout=30).stdout.strip()
     if old_pid.isdigit():

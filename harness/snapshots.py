@@ -184,9 +184,8 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
     machine._last_varstore = varstore
     inc = machine.spawn(varstore=varstore, machine=str(snap.meta["machine"]), incoming=["defer"])
     try:
-        uri = migration._incoming_uri(machine.build, snap.state)
-        inc.process.qmp("migrate-incoming", uri=uri)
-        why = migration._wait_incoming(inc, timeout)
+        migration.incoming(inc.process, migration.incoming_uri(machine.build, snap.state))
+        why = migration.wait_loaded(inc.process, timeout)
         if why:
             raise MachineError(f"restoring snapshot {snap.root} failed: {why}\n{inc.process.output()[-2000:]}")
         machine.adopt(inc)

@@ -4,7 +4,6 @@ thing runs in tests/integration/test_aarch64.py and test_faults.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from harness import migration
@@ -15,6 +14,7 @@ class FakeQemu:
     """A source QEMU whose run state follows a script of query-status answers."""
 
     def __init__(self, states: list[str], *, cont_fails: bool = False) -> None:
+        self.name = "fake-source"
         self.states = list(states)
         self.running = True
         self.exitcode: int | None = None
@@ -39,7 +39,7 @@ def _result() -> migration.MigrationResult:
 
 def _recover(qemu: FakeQemu, **kw: Any) -> tuple[bool, migration.MigrationResult]:
     result = _result()
-    ok = migration.recover_source(SimpleNamespace(process=qemu), result, **kw)  # type: ignore[arg-type]
+    ok = migration.recover(qemu, result, **kw)  # the driver's phase, on a faked endpoint
     return ok, result
 
 
@@ -113,3 +113,73 @@ def test_unix_listening_reads_the_socket_table_defensively(tmp_path: Path) -> No
     assert migration.unix_listening(path, table=str(table))
     # no table (not Linux, /proc not mounted): the path's existence is all there is
     assert migration.unix_listening(table, table=str(tmp_path / "missing")) is True
+
+
+# --- the driver's watch phase and its hooks (QMP faked) -------------------------------------
+
+
+class FakeSource:
+    """A source whose query-migrate answers follow a script; migrate_cancel ends it."""
+
+    def __init__(self, statuses: list[str], *, cancel_ends: bool = True) -> None:
+        self.name = "fake-source"
+        self.statuses = list(statuses)
+        self.running = True
+        self.exitcode: int | None = None
+        self.commands: list[str] = []
+        self.cancel_ends = cancel_ends
+
+    def qmp(self, cmd: str, **_: Any) -> dict[str, Any]:
+        self.commands.append(cmd)
+        if cmd == "migrate_cancel" and self.cancel_ends:
+            self.statuses = ["cancelling", "cancelled"]
+            return {}
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"status": status}
+
+
+def test_watch_reports_every_status_and_the_end() -> None:
+    src = FakeSource(["setup", "active", "active", "device", "completed"])
+    info = migration.watch(src, 10)
+    assert info["status"] == "completed" and info["statuses"] == ["setup", "active", "device", "completed"]
+
+
+def test_a_hook_that_cancels_at_a_phase_sees_the_cancellation() -> None:
+    src = FakeSource(["setup", "active", "active", "active"])
+    met: list[str] = []
+
+    def at_active(status: str, info: dict[str, Any]) -> bool:
+        met.append(status)
+        if status == "active":
+            migration.cancel(src)
+            return True
+        return False
+
+    info = migration.watch(src, 10, on_status=at_active)
+    assert met == ["setup", "active"] and info["status"] == "cancelled"
+    assert "stuck_in" not in info
+
+
+def test_a_migration_stuck_after_the_fault_is_cancelled_and_says_where() -> None:
+    src = FakeSource(["active", "pre-switchover"])  # stays there: nobody says continue
+    info = migration.watch(src, 60, on_status=lambda s, i: s == "pre-switchover", stuck_after=0.2)
+    assert info["status"] == "cancelled" and info["stuck_in"] == "pre-switchover"
+    assert src.commands.count("migrate_cancel") == 1
+
+
+def test_a_migration_over_time_is_cancelled_and_failed() -> None:
+    src = FakeSource(["active"])
+    info = migration.watch(src, 0.1)
+    assert info["status"] == "failed" and "did not complete within" in info["error-desc"]
+    assert "migrate_cancel" in src.commands
+
+
+def test_a_source_that_exits_mid_migration_fails_it() -> None:
+    src = FakeSource(["active"])
+
+    def exit_now(status: str, info: dict[str, Any]) -> bool:
+        src.running = False
+        return False
+
+    info = migration.watch(src, 10, on_status=exit_now)
+    assert info["status"] == "failed" and info["error-desc"] == "source QEMU exited during migration"
