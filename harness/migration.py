@@ -115,6 +115,21 @@ def machine_type(vm: Machine) -> str:
     return vm.build.capabilities.resolve_machine(vm.current.resolved.machine)
 
 
+def _unsupported(vm: Machine, dest_build: QemuBuild, mode: str, *, shared_ram: bool = False) -> str | None:
+    """Why ``vm`` cannot make a ``mode`` hop to ``dest_build`` (None: it can): both builds
+    must offer the mode; ``shared_ram``: the guest's RAM must be shareable (memfd or file
+    backend with aux-ram-share), so that the new QEMU maps it instead of copying it."""
+    for b in (vm.build, dest_build):
+        try:
+            _require_mode(b, mode)
+        except UnsupportedError as exc:
+            return str(exc)
+    if shared_ram and (vm.spec.memory_backend == "plain" or not vm.spec.aux_ram_share):
+        return (f"{mode} needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
+                "aux_ram_share=True")
+    return None
+
+
 def _require_mode(build: QemuBuild, mode: str) -> None:
     if not build.capabilities.has_mode(mode):
         raise UnsupportedError(
@@ -612,30 +627,42 @@ def save(
     src = vm.current
     result = _new_result("save", mode, vm, None, machine_type(vm))
     result.destination = str(path)
+    params = {"mode": mode} if _has_mode(src) else {}
+    t0 = time.monotonic()
+    saved = _save_to_file(vm, result, path, list(capabilities), params, timeout)
+    result.wall_s = time.monotonic() - t0
+    if not saved:
+        return _check(result, check)
+    result.status = "completed"
+    if resume:
+        src.process.qmp("cont")
+    return _check(result, check)
+
+
+def _save_to_file(vm: Machine, result: MigrationResult, path: Path, caps: list[str],
+                  params: dict[str, Any], timeout: float) -> bool:
+    """Migrate the guest's state to ``path``, written under a temporary name and renamed on
+    success (a previous file at ``path`` survives a failure untouched).  On failure the
+    temporary file is removed, the result failed, and the source recovered as it was with
+    plain settings; False."""
+    src = vm.current
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     was_running = guest_running(src)
-    t0 = time.monotonic()
     try:
-        params = {"mode": mode} if "mode" in vm.build.capabilities.migration_parameters else {}
-        _set_up(src, capabilities, params)
+        _set_up(src, caps, params)
         start(src.process, uri=outgoing_uri(vm.build, tmp))
         info = watch(src.process, timeout)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
     fill_stats(result, info)
-    result.wall_s = time.monotonic() - t0
     if info.get("status") != "completed":
-        if tmp.is_file():
-            tmp.unlink()
-        recover_source(src, result, was_running=was_running)  # a failed save leaves it running
-        return _check(result.fail(str(info.get("error-desc") or "save failed")), check)
+        tmp.unlink(missing_ok=True)
+        result.fail(str(info.get("error-desc") or f"{result.op} save failed"))
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
+        return False
     os.replace(tmp, path)
-    result.state_file = str(path)
-    result.state_file_size = path.stat().st_size
-    result.status = "completed"
-    if resume:
-        src.process.qmp("cont")
-    return _check(result, check)
+    result.state_file, result.state_file_size = str(path), path.stat().st_size
+    return True
 
 
 def restore(
@@ -712,35 +739,33 @@ def save_restore(
     ``keep_source_until_loaded``: as for :func:`cpr_reboot`, the saved QEMU quits only
     once the new one runs the guest, and resumes it if the load is refused."""
     path = path or vm.workdir / f"state-{time.monotonic_ns()}.bin"
+    return _save_and_load(vm, "save-restore", "normal", [], to or vm.build, path,
+                          keep_source_until_loaded, timeout, check)  # fmt: skip
+
+
+def _save_and_load(vm: Machine, op: str, mode: str, caps: list[str], dest_build: QemuBuild,
+                   path: Path, keep_source: bool, timeout: float, check: bool) -> MigrationResult:
+    """Save the guest to ``path`` and load it into a new QEMU of ``dest_build``: the old
+    QEMU quits before the load, or (``keep_source``) only once the new one runs the guest,
+    and is resumed if the load is refused."""
+    mtype = machine_type(vm)
+    result = _new_result(op, mode, vm, dest_build, mtype)
+    src = vm.current
+    was_running = guest_running(src)
     t0 = time.monotonic()
-    saved = save(vm, path, timeout=timeout, check=False)
-    result = _new_result("save-restore", "normal", vm, to, saved.machine)
-    result.downtime_ms = saved.downtime_ms
-    result.total_time_ms = saved.total_time_ms
-    result.transferred_bytes = saved.transferred_bytes
-    result.state_file, result.state_file_size = saved.state_file, saved.state_file_size
-    if not saved.ok:
-        result.source_running = saved.source_running
-        result.error, result.signature = saved.error, saved.signature
-        result.signature_explanation = saved.signature_explanation
-        result.status = saved.status
+    if not _save_to_file(vm, result, path, caps, {"mode": mode} if _has_mode(src) else {}, timeout):
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
-    src = vm.current
-    if keep_source_until_loaded:
-        result.extra["source_kept_until_loaded"] = True
-    else:
-        vm.release(src)  # the saved source is not needed any more
-    loaded = restore(vm, path, to=to, timeout=timeout, check=False)
-    result.wall_s = time.monotonic() - t0
-    if not loaded.ok:
-        result.error, result.signature = loaded.error, loaded.signature
-        result.signature_explanation = loaded.signature_explanation
-        result.status = loaded.status
-        if keep_source_until_loaded:
-            recover_source(src, result)  # the new QEMU never ran the guest
-        return _check(result, check)
-    result.status = "completed"
+    params = {"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}
+    if not keep_source:
+        vm.release(src)  # the old QEMU quits; shared RAM stays in its file
+        return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, params,
+                                   timeout=timeout, t0=t0, check=check)  # fmt: skip
+    result.extra["source_kept_until_loaded"] = True
+    _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, params,
+                        timeout=timeout, t0=t0, check=False)  # fmt: skip
+    if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
+        recover_source(src, result, was_running=was_running, reset_caps=caps)
     return _check(result, check)
 
 
@@ -768,45 +793,13 @@ def cpr_reboot(
     is the same; only the old process quits after the load instead of before it."""
     dest_build = to or vm.build
     mode = "cpr-reboot"
-    mtype = machine_type(vm)
-    result = _new_result("cpr-reboot", mode, vm, dest_build, mtype)
-    for b in (vm.build, dest_build):
-        try:
-            _require_mode(b, mode)
-        except UnsupportedError as exc:
-            return _check(result.fail(str(exc), status="unsupported"), check)
+    why = _unsupported(vm, dest_build, mode)
+    if why:
+        result = _new_result("cpr-reboot", mode, vm, dest_build, machine_type(vm))
+        return _check(result.fail(why, status="unsupported"), check)
     caps = ["x-ignore-shared"] if vm.spec.memory_backend == "file" else []
-    path = path or vm.workdir / "cpr-reboot.state"
-    src = vm.current
-    tmp = path.with_name(f".{path.name}.partial")
-    was_running = guest_running(src)
-    t0 = time.monotonic()
-    try:
-        _set_up(src, caps, {"mode": mode})
-        start(src.process, uri=outgoing_uri(vm.build, tmp))
-        info = watch(src.process, timeout)
-    except HarnessError as exc:
-        info = {"status": "failed", "error-desc": str(exc)}
-    fill_stats(result, info)
-    if info.get("status") != "completed":
-        if tmp.is_file():
-            tmp.unlink()
-        result.fail(str(info.get("error-desc") or "cpr-reboot save failed"))
-        recover_source(src, result, was_running=was_running, reset_caps=caps)
-        result.wall_s = time.monotonic() - t0
-        return _check(result, check)
-    os.replace(tmp, path)
-    result.state_file, result.state_file_size = str(path), path.stat().st_size
-    if not keep_source_until_loaded:
-        vm.release(src)  # the old QEMU quits; RAM stays in the shared file
-        return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
-                                   timeout=timeout, t0=t0, check=check)  # fmt: skip
-    result.extra["source_kept_until_loaded"] = True
-    _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, {"mode": mode},
-                        timeout=timeout, t0=t0, check=False)  # fmt: skip
-    if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
-        recover_source(src, result, was_running=was_running, reset_caps=caps)
-    return _check(result, check)
+    return _save_and_load(vm, "cpr-reboot", mode, caps, dest_build, path or vm.workdir / "cpr-reboot.state",
+                          keep_source_until_loaded, timeout, check)  # fmt: skip
 
 
 def cpr_transfer(
@@ -827,15 +820,9 @@ def cpr_transfer(
     mode = "cpr-transfer"
     mtype = machine_type(vm)
     result = _new_result("cpr-transfer", mode, vm, dest_build, mtype)
-    for b in (vm.build, dest_build):
-        try:
-            _require_mode(b, mode)
-        except UnsupportedError as exc:
-            return _check(result.fail(str(exc), status="unsupported"), check)
-    if vm.spec.memory_backend == "plain" or not vm.spec.aux_ram_share:
-        return _check(result.fail(
-            "cpr-transfer needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
-            "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
+    why = _unsupported(vm, dest_build, mode, shared_ram=True)
+    if why:
+        return _check(result.fail(why, status="unsupported"), check)
     src = vm.current
     was_running = guest_running(src)
     stamp = time.monotonic_ns() % 10**9
@@ -915,15 +902,9 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     mode = "cpr-exec"
     mtype = machine_type(vm)
     result = _new_result("cpr-exec", mode, vm, dest_build, mtype)
-    for b in (vm.build, dest_build):
-        try:
-            _require_mode(b, mode)
-        except UnsupportedError as exc:
-            return _check(result.fail(str(exc), status="unsupported"), check)
-    if vm.spec.memory_backend == "plain" or not vm.spec.aux_ram_share:
-        return _check(result.fail(
-            "cpr-exec needs shared guest RAM: spec memory_backend='memfd' (or 'file') and "
-            "aux_ram_share=True", status="unsupported"), check)  # fmt: skip
+    why = _unsupported(vm, dest_build, mode, shared_ram=True)
+    if why:
+        return _check(result.fail(why, status="unsupported"), check)
     if not dest_build.capabilities.file_uri:
         return _check(result.fail(f"QEMU {dest_build.label} has no file: URI",
                                   status="unsupported"), check)  # fmt: skip

@@ -155,7 +155,7 @@ def test_mode_a_build_lacks_names_mode_and_build() -> None:
 def test_capability_a_build_lacks() -> None:
     b = builds.get_build("10.0.2")
     with pytest.raises(UnsupportedError, match="no-such-capability"):
-        migration._caps(["no-such-capability"], b)
+        migration.check_caps(["no-such-capability"], b)
 
 
 def test_unknown_operation() -> None:
