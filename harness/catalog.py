@@ -19,6 +19,10 @@ from harness.errors import AmbiguousVersionError, CatalogError, UnknownVersionEr
 from harness.paths import DATA_DIR, FIRMWARE_DIR
 
 QEMU_CATALOG = DATA_DIR / "qemu.toml"
+#: The builds a guest gets when nobody names one (VmSpec, the plugin, the CLI, scenarios):
+#: written here only; the catalogue must have them (checked when it is read).
+DEFAULT_QEMU = "10.0.2"
+DEFAULT_FIRMWARE = "2022.11"
 FIRMWARE_CATALOG = FIRMWARE_DIR / "catalog.toml"
 
 _VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
@@ -305,10 +309,17 @@ def parse_firmware(path: Path, data: Mapping[str, Any]) -> tuple[FirmwareEntry, 
 
 
 def load(qemu_path: Path = QEMU_CATALOG, firmware_path: Path = FIRMWARE_CATALOG) -> Catalog:
-    """Read and validate both catalogue files."""
+    """Read and validate both catalogue files (the defaults must be entries of them)."""
     qemu, python = parse_qemu(qemu_path, _load_toml(qemu_path))
     firmware = parse_firmware(firmware_path, _load_toml(firmware_path))
-    return Catalog(qemu=qemu, firmware=firmware, python=python)
+    cat = Catalog(qemu=qemu, firmware=firmware, python=python)
+    if qemu_path == QEMU_CATALOG and firmware_path == FIRMWARE_CATALOG:
+        for path, what, version, entries in (
+            (qemu_path, "QEMU", DEFAULT_QEMU, cat.qemu), (firmware_path, "firmware", DEFAULT_FIRMWARE, cat.firmware),
+        ):  # fmt: skip
+            if not any(e.version == version for e in entries):
+                raise CatalogError(path, f"the default {what} build {version} (harness.catalog) is not an entry")
+    return cat
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,20 +32,21 @@ from harness.builds import QemuBuild
 from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
 from harness.machine import Incarnation, Machine
 from harness.qemu_process import unix_listening
+from harness.terms import Mode, Op, Status
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = float(os.environ.get("HARNESS_MIGRATION_TIMEOUT", "300"))
-OPERATIONS = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "cpr-exec")
+OPERATIONS: tuple[Op, ...] = tuple(Op)
 
 
 @dataclass
 class MigrationResult:
     """What one migration or live update did, measured."""
 
-    op: str
-    mode: str
-    status: str
+    op: str  # an Op, or a fault's or a nested hop's own name
+    mode: Mode
+    status: Status
     source: str
     destination: str
     machine: str
@@ -67,17 +68,21 @@ class MigrationResult:
     problems: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # text from a caller or a record: the closed sets
+        self.mode = Mode(self.mode)
+        self.status = Status(self.status)
+
     @property
     def ok(self) -> bool:
-        return self.status == "completed" and not self.problems
+        return self.status == Status.COMPLETED and not self.problems
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["ok"] = self.ok
         return data
 
-    def fail(self, error: str, status: str = "failed") -> MigrationResult:
-        self.status = status
+    def fail(self, error: str, status: str = Status.FAILED) -> MigrationResult:
+        self.status = Status(status)
         self.error = (self.error + "\n" + error).strip() if self.error else error
         from harness import signatures
 
@@ -105,7 +110,7 @@ def _check(result: MigrationResult, check: bool) -> MigrationResult:
 
 def _new_result(op: str, mode: str, vm: Machine, dest: QemuBuild | None, machine: str) -> MigrationResult:
     return MigrationResult(
-        op=op, mode=mode, status="pending", source=vm.build.label,
+        op=op, mode=Mode(mode), status=Status.PENDING, source=vm.build.label,
         destination=(dest or vm.build).label, machine=machine, arch=vm.spec.arch,
     )  # fmt: skip
 
@@ -566,7 +571,7 @@ def live(
                         status="completed")  # fmt: skip
         else:
             _dest_failure(vm, dest, result, str(info.get("error-desc") or f"migration {status}"),
-                          status="cancelled" if status == "cancelled" else "failed")  # fmt: skip
+                          status=Status.CANCELLED if status == Status.CANCELLED else Status.FAILED)  # fmt: skip
         recover_source(src, result, was_running=was_running, reset_caps=caps)
         _restore_bandwidth(src, old_cap)
         result.wall_s = time.monotonic() - t0
@@ -580,7 +585,7 @@ def live(
         return _check(result, check)
     vm.adopt(dest)
     _clear_settings(dest, caps)  # the next operation on this process starts clean
-    result.status = "completed"
+    result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)
 
@@ -633,7 +638,7 @@ def save(
     result.wall_s = time.monotonic() - t0
     if not saved:
         return _check(result, check)
-    result.status = "completed"
+    result.status = Status.COMPLETED
     if resume:
         src.process.qmp("cont")
     return _check(result, check)
@@ -720,7 +725,7 @@ def _load_into_new_qemu(
         _dest_failure(vm, dest, result, why)
         return _check(result, check)
     vm.adopt(dest)
-    result.status = "completed"
+    result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)
 
@@ -796,7 +801,7 @@ def cpr_reboot(
     why = _unsupported(vm, dest_build, mode)
     if why:
         result = _new_result("cpr-reboot", mode, vm, dest_build, machine_type(vm))
-        return _check(result.fail(why, status="unsupported"), check)
+        return _check(result.fail(why, status=Status.UNSUPPORTED), check)
     caps = ["x-ignore-shared"] if vm.spec.memory_backend == "file" else []
     return _save_and_load(vm, "cpr-reboot", mode, caps, dest_build, path or vm.workdir / "cpr-reboot.state",
                           keep_source_until_loaded, timeout, check)  # fmt: skip
@@ -822,7 +827,7 @@ def cpr_transfer(
     result = _new_result("cpr-transfer", mode, vm, dest_build, mtype)
     why = _unsupported(vm, dest_build, mode, shared_ram=True)
     if why:
-        return _check(result.fail(why, status="unsupported"), check)
+        return _check(result.fail(why, status=Status.UNSUPPORTED), check)
     src = vm.current
     was_running = guest_running(src)
     stamp = time.monotonic_ns() % 10**9
@@ -867,7 +872,7 @@ def cpr_transfer(
     fill_stats(result, info)
     if info.get("status") != "completed":
         _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"),
-                      status="cancelled" if info.get("status") == "cancelled" else "failed")
+                      status=Status.CANCELLED if info.get("status") == Status.CANCELLED else Status.FAILED)
         recover_source(src, result, was_running=was_running, reset_caps=[])
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
@@ -882,7 +887,7 @@ def cpr_transfer(
         recover_source(src, result, was_running=was_running, reset_caps=[])
         return _check(result, check)
     vm.adopt(dest)
-    result.status = "completed"
+    result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)
 
@@ -904,10 +909,10 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     result = _new_result("cpr-exec", mode, vm, dest_build, mtype)
     why = _unsupported(vm, dest_build, mode, shared_ram=True)
     if why:
-        return _check(result.fail(why, status="unsupported"), check)
+        return _check(result.fail(why, status=Status.UNSUPPORTED), check)
     if not dest_build.capabilities.file_uri:
         return _check(result.fail(f"QEMU {dest_build.label} has no file: URI",
-                                  status="unsupported"), check)  # fmt: skip
+                                  status=Status.UNSUPPORTED), check)  # fmt: skip
     src = vm.current
     proc = src.process
     path = vm.workdir / "cpr-exec.state"
@@ -988,7 +993,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     vm.adopt_exec(new)
     with contextlib.suppress(OSError):
         result.state_file_size = path.stat().st_size
-    result.status = "completed"
+    result.status = Status.COMPLETED
     _incomplete_load(new, result)
     return _check(result, check)
 
@@ -1018,8 +1023,8 @@ Operation = Callable[..., MigrationResult]
 def operation(name: str) -> Operation:
     """The operation for a scenario name (live, save-restore, cpr-reboot, cpr-transfer, cpr-exec)."""
     ops: dict[str, Operation] = {
-        "live": live, "save-restore": save_restore, "cpr-reboot": cpr_reboot,
-        "cpr-transfer": cpr_transfer, "cpr-exec": cpr_exec,
+        Op.LIVE: live, Op.SAVE_RESTORE: save_restore, Op.CPR_REBOOT: cpr_reboot,
+        Op.CPR_TRANSFER: cpr_transfer, Op.CPR_EXEC: cpr_exec,
     }  # fmt: skip
     if name not in ops:
         from harness.errors import ConfigError
@@ -1030,9 +1035,9 @@ def operation(name: str) -> Operation:
 
 def spec_fields_for(op: str) -> dict[str, Any]:
     """Spec fields a guest needs for ``op`` (shared RAM for the CPR modes)."""
-    if op == "cpr-reboot":
+    if op == Op.CPR_REBOOT:
         return {"memory_backend": "file"}
-    if op in ("cpr-transfer", "cpr-exec"):
+    if op in (Op.CPR_TRANSFER, Op.CPR_EXEC):
         return {"memory_backend": "memfd", "aux_ram_share": True}
     return {}
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from harness import state
+from harness.catalog import DEFAULT_QEMU
 from harness.errors import (
     GuestTimeout,
     HarnessError,
@@ -63,6 +64,7 @@ from harness.errors import (
 )
 from harness.host import KvmInfo, probe_kvm
 from harness.spec import VmSpec
+from harness.terms import Mode, Status
 
 if TYPE_CHECKING:
     from harness.builds import QemuBuild
@@ -113,7 +115,7 @@ def l1_plan(
     kvm: KvmInfo | None = None,
     *,
     accel: str = "auto",
-    qemu: str = "10.0.2",
+    qemu: str = DEFAULT_QEMU,
     machine: str = "q35",
     memory_mb: int = L1_MEMORY_MB,
     name: str = "l1",
@@ -745,7 +747,7 @@ def migrate_l2(l2: L2, *, timeout: float = 600.0) -> MigrationResult:
 
     gen = l2.generation + 1
     l1 = l2.l1
-    res = MigrationResult(op="nested-live", mode="normal", status="pending", source="7.2 (in L1)",
+    res = MigrationResult(op="nested-live", mode=Mode.NORMAL, status=Status.PENDING, source="7.2 (in L1)",
                           destination="7.2 (in L1)", machine="q35")  # fmt: skip
     t0 = time.monotonic()
     argv = dest_l2_argv(_l2_argv(l2), gen)
@@ -801,7 +803,7 @@ def migrate_l2(l2: L2, *, timeout: float = 600.0) -> MigrationResult:
     l2.varstore = f"{L2_RUN}/vars-{gen}.fd"
     l2.pidfile = f"{L2_RUN}/qemu.pid"
     res.wall_s = time.monotonic() - t0
-    res.status = "completed"
+    res.status = Status.COMPLETED
     return res
 
 
@@ -977,7 +979,7 @@ def _escaped_failure(l1: Machine, op: str, dest: QemuBuild | None, exc: Assertio
     the destination is reaped; the source stays the guest's process."""
     from harness.migration import MigrationResult
 
-    res = MigrationResult(op=op, mode=op if op.startswith("cpr") else "normal", status="pending",
+    res = MigrationResult(op=op, mode=Mode(op) if op.startswith("cpr") else Mode.NORMAL, status=Status.PENDING,
                           source=l1.build.label, destination=(dest or l1.build).label,
                           machine=l1.spec.machine)  # fmt: skip
     text = f"{op} raised {type(exc).__name__}: {exc}"

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from harness import matrix, signatures
+from harness.catalog import DEFAULT_FIRMWARE
 from harness.errors import ConfigError, HarnessError
 from harness.matrix import BootIncompatibility
 from harness.paths import NIGHTLY_SUITE_DIR, PACKAGE_DIR, checkout
@@ -57,7 +58,7 @@ ARTIFACTS_DIR = "artifacts"
 # directory that holds the package (the checkout, or site-packages)
 TEST_FILE = "harness/nightly_suite/test_matrix.py"
 TEST_FUNCTION = "test_scenario"
-DEFAULT_OVMF = "2022.11"
+DEFAULT_OVMF = DEFAULT_FIRMWARE
 DEFAULT_CYCLES = 3
 DEFAULT_JOBS = 2
 DEFAULT_TIMEOUT_S = 3 * 3600.0

@@ -51,14 +51,14 @@ from typing import Any
 import pytest
 
 from harness import builds, catalog, host, requirements
+from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import HarnessError, HostError
 from harness.factory import MachineFactory, private_base, safe_name
 from harness.machine import Machine
 from harness.qemu_process import live_processes, qemu_machine_missing
 from harness.spec import VmSpec
 
-DEFAULT_QEMU = "10.0.2"
-DEFAULT_OVMF = "2022.11"
+DEFAULT_OVMF = DEFAULT_FIRMWARE
 ACCELS = ("auto", "kvm", "tcg")
 
 _REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()

@@ -38,6 +38,7 @@ from harness.results import (
     junit_key,
     nodeid_from_junit,
 )
+from harness.terms import Outcome
 
 RESULTS_JSON = "results.json"
 JUNIT_XML = "junit.xml"
@@ -177,7 +178,7 @@ def join(records: Sequence[RunRecord], cases: Sequence[JunitCase],
             entry = _entry_for(nodeid, entries)
             qemu, ovmf = builds_from_id(nodeid)
             rec = RunRecord(id=nodeid, scenario=str(entry["scenario"]) if entry else "other",
-                            outcome=case.outcome, kind="pytest",
+                            outcome=Outcome(case.outcome), kind="pytest",
                             entry=str(entry["id"]) if entry else None, qemu=qemu, ovmf=ovmf,
                             firmware=ovmf[0] if ovmf else None, duration_s=case.time_s)  # fmt: skip
             art = _pytest_artifacts(nodeid, results_dir)
@@ -185,7 +186,7 @@ def join(records: Sequence[RunRecord], cases: Sequence[JunitCase],
                 rec.artifacts = art
         elif rec.outcome != case.outcome:
             rec.notes.append(f"record said {rec.outcome}, pytest says {case.outcome}")
-            rec.outcome = case.outcome
+            rec.outcome = Outcome(case.outcome)
         if case.outcome != "passed" and case.message and not rec.message:
             rec.message = first_line(case.message, 500)
         if rec.failing and rec.error is None:
@@ -201,7 +202,7 @@ def join(records: Sequence[RunRecord], cases: Sequence[JunitCase],
         if eid not in ran_entries:
             e: Mapping[str, Any] = next((x for x in entries if x.get("id") == eid), {})
             out.append(RunRecord(id=f"matrix::{eid}", scenario=str(e.get("scenario", eid)),
-                                 outcome="error", kind=str(e.get("runner", "scenario")), entry=eid,
+                                 outcome=Outcome.ERROR, kind=str(e.get("runner", "scenario")), entry=eid,
                                  qemu=list(e.get("qemu", [])), ovmf=list(e.get("ovmf", [])),
                                  error="never ran: no record and no JUnit test case"))  # fmt: skip
     return out

@@ -32,11 +32,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.terms import Outcome
 
 SCHEMA = 1
-OUTCOMES = ("passed", "failed", "error", "xfailed", "skipped")
+OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
 # outcomes that make a nightly run fail; "xfailed" (expected failures from data) does not
-FAILING = frozenset({"failed", "error"})
+FAILING = frozenset({Outcome.FAILED, Outcome.ERROR})
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RunRecord:
 
     id: str  # pytest node id
     scenario: str  # report group: "live", "cross-version", "boot-order", ...
-    outcome: str  # one of OUTCOMES
+    outcome: Outcome  # text from a record is checked into the closed set (__post_init__)
     kind: str = "scenario"  # matrix runner: scenario | boot | pytest | inject
     entry: str | None = None  # matrix entry id
     qemu: list[str] = field(default_factory=list)  # builds involved, source first
@@ -67,6 +68,9 @@ class RunRecord:
     worker: str | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.outcome)
 
     @property
     def failing(self) -> bool:
@@ -171,7 +175,7 @@ def builds_from_id(nodeid: str) -> tuple[list[str], list[str]]:
 
 
 def count(records: Iterable[RunRecord]) -> dict[str, int]:
-    out = dict.fromkeys(OUTCOMES, 0)
+    out: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
     n = 0
     for r in records:
         out[r.outcome] = out.get(r.outcome, 0) + 1

@@ -13,17 +13,26 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import SpecError
 
-MEMORY_BACKENDS = ("plain", "file", "memfd")
-BOOT_MODES = ("uefi", "direct")
-FIRMWARE_MODES = ("split", "stateless")
-FLASH_LAYOUTS = ("4m", "2m")
-SB_KEYS = ("snakeoil", "ms")  # harness.firmware.SB_KEYS
+# The closed sets of the spec's fields: types for mypy, tuples for validating text that
+# comes from TOML, JSON or a command line.
+MemoryBackend = Literal["plain", "file", "memfd"]
+BootMode = Literal["uefi", "direct"]
+FirmwareMode = Literal["split", "stateless"]
+FlashLayout = Literal["4m", "2m"]
+SbKeys = Literal["snakeoil", "ms"]
+Accel = Literal["auto", "kvm", "tcg"]
+MEMORY_BACKENDS: tuple[str, ...] = get_args(MemoryBackend)
+BOOT_MODES: tuple[str, ...] = get_args(BootMode)
+FIRMWARE_MODES: tuple[str, ...] = get_args(FirmwareMode)
+FLASH_LAYOUTS: tuple[str, ...] = get_args(FlashLayout)
+SB_KEYS: tuple[str, ...] = get_args(SbKeys)  # harness.firmware.SB_KEYS
+ACCELS: tuple[str, ...] = get_args(Accel)
 TPM_DEVICES = {"x86_64": "tpm-crb", "aarch64": "tpm-tis-device"}  # the vTPM's device model
-ACCELS = ("auto", "kvm", "tcg")
 # aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).
 _AARCH64_MACHINE_RE = re.compile(r"^virt(-\d+\.\d+)?$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -35,32 +44,32 @@ class VmSpec:
 
     ``machine`` left at its default ``q35`` means ``virt`` when ``arch`` is aarch64."""
 
-    qemu: str = "10.0.2"
+    qemu: str = DEFAULT_QEMU
     arch: str = "x86_64"
     machine: str = "q35"
     cpu: str = "max"
     smp: int = 1
     memory_mb: int = 1024
-    memory_backend: str = "plain"
-    firmware: str | None = "2022.11"
-    firmware_mode: str = "split"
-    flash: str = "4m"
+    memory_backend: MemoryBackend = "plain"
+    firmware: str | None = DEFAULT_FIRMWARE
+    firmware_mode: FirmwareMode = "split"
+    flash: FlashLayout = "4m"
     # Secure Boot: the firmware build whose descriptor has secure-boot + enrolled-keys (and
     # on x86 requires-smm: SMM on, a secure varstore chip, S3 off), a varstore from the
     # enrolled template of sb_keys, and the image signed with that key set's key (sb_signed
     # False boots it unsigned, which the firmware must refuse).
     secure_boot: bool = False
-    sb_keys: str = "snakeoil"
+    sb_keys: SbKeys = "snakeoil"
     sb_signed: bool = True
     tpm: bool = False  # a vTPM: one swtpm per QEMU process (harness.tpm)
-    boot: str = "uefi"
+    boot: BootMode = "uefi"
     image: str = "minimal"
     ssh: bool = True
     # user-mode networking with restrict=on: the guest reaches nothing outside it (not the
     # host's loopback services); only the explicit forwards (sshd) reach in.  False gives
     # the guest slirp's outbound NAT.
     net_restrict: bool = True
-    accel: str = "auto"
+    accel: Accel = "auto"
     guest_mem_mb: int = 16
     seed: str = "harness"
     disk_bootindex: int | None = None

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.cli import command, emit_json, register_parser
 from harness.errors import ConfigError
 
@@ -15,8 +16,8 @@ from harness.errors import ConfigError
 @register_parser
 def _parser(sub: Any) -> None:
     p = sub.add_parser("boot", help="boot a guest and run a command in it over SSH")
-    p.add_argument("--qemu", default="10.0.2", metavar="VERSION", help="QEMU build (default 10.0.2)")
-    p.add_argument("--ovmf", default="2022.11", metavar="VERSION",
+    p.add_argument("--qemu", default=DEFAULT_QEMU, metavar="VERSION", help=f"QEMU build (default {DEFAULT_QEMU})")
+    p.add_argument("--ovmf", default=DEFAULT_FIRMWARE, metavar="VERSION",
                    help="OVMF build, or 'none' for SeaBIOS with a direct kernel boot")
     p.add_argument("--image", default="minimal", help="guest image (default minimal)")
     p.add_argument("--arch", default="x86_64", help="guest architecture")

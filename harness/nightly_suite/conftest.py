@@ -16,6 +16,7 @@ import pytest
 from harness import nightly
 from harness.factory import safe_name
 from harness.results import RunRecord, summarize_steps
+from harness.terms import Outcome
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -96,7 +97,7 @@ def nightly_record(request: pytest.FixtureRequest, entry: nightly.Entry | None) 
     results_dir = loaded[1]
     outcome, message = outcome_of(request.node.stash.get(_REPORTS, {}))
     worker = str(getattr(request.config, "workerinput", {}).get("workerid", "main"))
-    rec = RunRecord(id=request.node.nodeid, scenario=entry.scenario, outcome=outcome,
+    rec = RunRecord(id=request.node.nodeid, scenario=entry.scenario, outcome=Outcome(outcome),
                     kind=entry.runner, entry=entry.id, qemu=list(entry.qemu), ovmf=list(entry.ovmf),
                     firmware=entry.ovmf[0] if entry.ovmf else None, started=started,
                     duration_s=round(time.monotonic() - t0, 2), message=message, worker=worker)  # fmt: skip

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import builds, matrix, migration, state, varstore
-from harness.catalog import Version
+from harness.catalog import DEFAULT_FIRMWARE, Version
 from harness.errors import HarnessError
 from harness.factory import MachineFactory
 from harness.machine import Machine
@@ -47,7 +47,6 @@ from harness.spec import VmSpec
 log = logging.getLogger(__name__)
 
 XV_VAR = "HarnessCrossVersion"
-DEFAULT_FIRMWARE = "2022.11"
 # A named CPU model, not "max": "max" exposes whatever the build's accelerator can do
 # (TCG gained AVX/AVX2 in 7.2), so a guest that started on a newer build and picked such
 # code paths dies with "Illegal instruction" after moving to an older one.  QEMU promises

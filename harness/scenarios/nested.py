@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from harness import builds, migration, nested
+from harness.catalog import DEFAULT_QEMU
 from harness.errors import ConfigError, HarnessError, UnsupportedError
 from harness.factory import MachineFactory
 from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
@@ -30,7 +31,7 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
         raise ConfigError(f"nested: --mode {mode!r}; expected one of {', '.join(MODES)}")
     report = ScenarioReport("nested")
     t0 = time.monotonic()
-    versions = opts.qemu or ["10.0.2"]
+    versions = opts.qemu or [DEFAULT_QEMU]
     qbuilds = [builds.get_build(v) for v in versions]
     # one build: the unversioned machine (the same L1 spec, and saved pair, as the tests);
     # several: the newest machine type they all offer

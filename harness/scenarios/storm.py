@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import builds, matrix, migration, storm
 from harness.builds import QemuBuild
+from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import ConfigError, HarnessError
 from harness.factory import MachineFactory
 from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
@@ -53,7 +54,7 @@ def hop_setup(opts: ScenarioOptions, what: str = "the hop kinds") -> HopSetup:
     """Builds, hop kinds, machine type and spec fields from ``--qemu``, ``--ovmf`` and
     ``--set arch= ops= cpu=`` (shared by the storm and secure-boot scenarios)."""
     arch = str(opts.extra.get("arch", "x86_64"))
-    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or ["10.0.2"])]
+    qbuilds = [builds.get_build(v, arch) for v in (opts.qemu or [DEFAULT_QEMU])]
     raw = opts.extra.get("ops", KINDS)
     wanted = (raw,) if isinstance(raw, str) else tuple(raw)
     bad = [k for k in wanted if k not in KINDS]
@@ -69,7 +70,7 @@ def hop_setup(opts: ScenarioOptions, what: str = "the hop kinds") -> HopSetup:
     fields: dict[str, Any] = dict(migration.spec_fields_for("cpr-transfer")) if shared else {}
     if arch == "aarch64":
         fields["cpu"] = str(opts.extra.get("cpu", "cortex-a57"))
-    return HopSetup(arch, qbuilds, wanted, machine, shared, fields, (opts.ovmf or ["2022.11"])[0])
+    return HopSetup(arch, qbuilds, wanted, machine, shared, fields, (opts.ovmf or [DEFAULT_FIRMWARE])[0])
 
 
 def parse_bandwidth(raw: object) -> int | None:

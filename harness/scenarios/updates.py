@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from harness import builds, migration
+from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import HarnessError
 from harness.factory import MachineFactory
 from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
@@ -23,10 +24,10 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     alternating destination builds over all ``--qemu`` values (10.0 -> 10.0 ... by default)."""
     report = ScenarioReport(op)
     t0 = time.monotonic()
-    versions = opts.qemu or ["10.0.2"]
+    versions = opts.qemu or [DEFAULT_QEMU]
     qbuilds = [builds.get_build(v) for v in versions]
     cycles = opts.cycles if not opts.until_fail or opts.cycles > 1 else UNTIL_FAIL_CAP
-    spec = VmSpec(qemu=qbuilds[0].label, firmware=(opts.ovmf or ["2022.11"])[0],
+    spec = VmSpec(qemu=qbuilds[0].label, firmware=(opts.ovmf or [DEFAULT_FIRMWARE])[0],
                   name=op.replace("-", ""), **migration.spec_fields_for(op))  # fmt: skip
     # a pinned versioned machine type, so every destination build creates the same machine
     caps = [b.capabilities for b in qbuilds]
@@ -82,7 +83,7 @@ def cpr_transfer(opts: ScenarioOptions) -> ScenarioReport:
 @scenario("cpr-exec", "back-to-back cpr-exec live updates (where a build's schema offers it)")
 def cpr_exec(opts: ScenarioOptions) -> ScenarioReport:
     report = ScenarioReport("cpr-exec")
-    for v in opts.qemu or ["10.0.2"]:
+    for v in opts.qemu or [DEFAULT_QEMU]:
         b = builds.get_build(v)
         if not b.capabilities.has_mode("cpr-exec"):
             report.add({"op": "cpr-exec", "status": "unsupported", "ok": False,
