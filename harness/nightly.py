@@ -671,7 +671,7 @@ def pytest_command(matrix: Matrix, results_dir: Path, opts: NightlyOptions) -> l
     for v in opts.ovmf if any(e.runner == "pytest" for e in chosen) else []:
         cmd += ["--ovmf", v]
     if checkout() is None:  # an installed package: its own ini, node ids as in a checkout
-        cmd += ["-c", str(NIGHTLY_SUITE_DIR / "pytest.ini"), "--rootdir", str(PACKAGE_DIR.parent)]
+        cmd += ["-c", str(NIGHTLY_SUITE_DIR / "nightly-pytest.ini"), "--rootdir", str(PACKAGE_DIR.parent)]
     cmd += opts.pytest_args
     # always: its conftest registers distro builds in every worker
     cmd.append(str(NIGHTLY_SUITE_DIR / "test_matrix.py") if checkout() is None else TEST_FILE)

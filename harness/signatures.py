@@ -265,6 +265,19 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: harness repro nested --mode live (a TCG L1 running an L2, "
         "QEMU 7.2 -> 10.0.2; recorded in tests/unit/test_nested.py)",
     ),
+    signature(
+        "guest-kernel-panic",
+        [r"the guest's kernel crashed: \S+: (?:Kernel panic|BUG: |general protection fault|Oops: |kernel BUG)"],
+        "The guest's kernel crashed after a hop (its console has the oops; with panic=-1 it "
+        "rebooted, so the checks also see a new boot id). State the destination gave the "
+        "guest is not what the source ran it with: memory or a device's state (a timer, an "
+        "interrupt controller) changed across the hop. The console named in the message is "
+        "the QEMU process the guest crashed in; the hop into that process is the suspect.",
+        "real run here: make test 2026-11-30, test_cross_version.py::test_pair[7.2-to-10.0.2]: "
+        "2 s after a live migration 7.2 -> 10.0.2 (pc-q35-7.2, OVMF 2022.11) the guest "
+        "oopsed in __run_timers (NULL pointer dereference, a LIST_POISON2 next pointer: a "
+        "timer list corrupted) and rebooted; seen once in over 300 such hops",
+    ),
     # --- the firmware's own text ---------------------------------------------------------
     signature(
         "secure-boot-image-refused",

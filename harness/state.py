@@ -107,6 +107,27 @@ def pause_uncertainty(before: GuestState | ClockSample, after: GuestState | Cloc
     return (a.rtt + b.rtt) / 2
 
 
+#: A guest kernel's crash on its serial console (the harness boots with panic=-1: a panicked
+#: guest reboots, and the next check sees only a new boot id; the console says why).
+KERNEL_CRASH_RE = re.compile(
+    r"(Kernel panic - not syncing: .*|BUG: kernel NULL pointer dereference.*|BUG: unable to handle .*|"
+    r"general protection fault.*|Oops: .*|kernel BUG at .*)"
+)
+
+
+def kernel_crashes(vm: Machine) -> list[str]:
+    """Every kernel crash line on the consoles of the guest's QEMU processes so far, each
+    named with its console (``qemu-<n>.serial.log``: the n-th process that ran the guest)."""
+    found = []
+    for log in sorted(vm.workdir.glob("qemu-*.serial.log")):
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        found += [f"{log.name}: {m.group(1).strip()[:200]}" for m in KERNEL_CRASH_RE.finditer(text)]
+    return found
+
+
 def survival_problems(before: GuestState, after: GuestState, max_pause: float | None = None) -> list[str]:
     """Everything that did not survive, in words, each saying by how much (empty when all did)."""
     problems: list[str] = []

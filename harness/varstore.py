@@ -347,8 +347,14 @@ def decode_boot_order(data: bytes, *, where: str = "BootOrder data") -> list[int
 # --- reading ---------------------------------------------------------------------------
 
 
-def read_varstore(path: Path | str) -> VarstoreModel:
-    """Read a raw edk2 varstore file (OVMF_VARS*.fd or a guest's copy) into a model."""
+def read_varstore(path: Path | str, *, strict: bool = True) -> VarstoreModel:
+    """Read a raw edk2 varstore file (OVMF_VARS*.fd or a guest's copy) into a model.
+
+    A store that cannot be parsed completely (a garbled header, a variable running past
+    the end, a state byte edk2 never writes, anything but erased flash after the last
+    header) is refused with :class:`VarstoreError` naming the file and the offset.
+    ``strict=False`` is for forensics only: it returns the variables up to the damage, for
+    a caller that reports the damage itself (:func:`integrity_problems`; the storm does)."""
     from virt.firmware.varstore import edk2
 
     path = Path(path)
@@ -376,7 +382,7 @@ def read_varstore(path: Path | str) -> VarstoreModel:
     # refuse what cannot be parsed completely: virt-firmware stops quietly at the first
     # header it does not recognise, which would read a garbled store as "no variables"
     _slots, problems = store_slots(path)
-    if problems:
+    if problems and strict:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise VarstoreError(path, "not a complete edk2 variable store: "
                             + "; ".join(p.removeprefix(f"{path}: ") for p in problems[:2]) + more)

@@ -67,6 +67,7 @@ class Before:
     value: bytes
     boot_order: list[int]
     varstore: Path
+    crashes: list[str] = field(default_factory=list)  # kernel crash lines seen before the hop
 
 
 def _guest_boot_order(vm: Machine) -> list[int]:
@@ -78,7 +79,8 @@ def before_hop(vm: Machine, tag: str) -> Before:
     """Write a fresh EFI variable from inside the guest and record what must survive."""
     value = f"{tag}-{time.time_ns()}".encode()
     state.write_efivar(vm, XV_VAR, value)
-    return Before(state.snapshot(vm), value, _guest_boot_order(vm), vm.varstore_path)
+    return Before(state.snapshot(vm), value, _guest_boot_order(vm), vm.varstore_path,
+                  state.kernel_crashes(vm))
 
 
 def varstore_problems(vm: Machine, value: bytes, source_file: Path | None,
@@ -135,6 +137,9 @@ def guest_problems(vm: Machine, before: Before) -> list[str]:
     if order != before.boot_order:
         problems.append(f"BootOrder in the guest changed: {_fmt(before.boot_order)} -> {_fmt(order)}")
     problems += varstore_problems(vm, before.value, before.varstore, before.boot_order)
+    # a guest that crashed and rebooted shows a new boot id above; its console says why
+    problems += [f"the guest's kernel crashed: {line}" for line in state.kernel_crashes(vm)
+                 if line not in before.crashes]
     return problems
 
 

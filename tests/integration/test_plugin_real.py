@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_four_guests_under_xdist(pytester: pytest.Pytester, harness_rundir: Path
         assert len({r[key] for r in recs}) == 4, (key, recs)
     for r in recs:  # each worker works under its own private base, named after it
         base = Path(r["workdir"]).relative_to(harness_rundir).parts[0]
-        assert base.startswith(f"hv-{r['worker']}-"), r
+        assert re.match(rf"hv-\d+-{r['worker']}-", base), r  # hv-<owner pid>-<worker>-
         assert Path(r["varstore"]).is_relative_to(harness_rundir / base)
     assert len({Path(r["workdir"]).relative_to(harness_rundir).parts[0] for r in recs}) == 2
     assert list(harness_rundir.iterdir()) == []
@@ -222,7 +223,8 @@ def test_control_without_parent_death_signal_qemu_is_orphaned(
     """The failing case of the test above: the same run with the parent-death signal
     disabled leaves an orphaned QEMU (which the ``harness_rundir`` fixture then kills)."""
     marker = str(harness_rundir)
-    no_pdeathsig = "\nimport harness.qemu_process\nharness.qemu_process._child_setup = lambda *args: None\n"
+    no_pdeathsig = ("\nimport harness.qemu_process\n"
+                    "harness.qemu_process.die_with_parent = lambda argv, env: (list(argv), dict(env))\n")
     with inner_pytest(tmp_path, BOOT_ONE, conftest_extra=no_pdeathsig) as (proc, log):
         _wait_for("QEMU to start", lambda: bool(find_qemu(marker)), 180, proc, log)
         [qemu] = find_qemu(marker)
