@@ -20,8 +20,10 @@ CLI = [sys.executable, "-m", "harness"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # a fresh user's environment: no run registry another test of this worker registered
+    base = {k: v for k, v in os.environ.items() if k != "HARNESS_REGISTRY"}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
+                          env={**base, **(env or {})}, cwd=cwd)  # fmt: skip
 
 
 def test_version() -> None:
