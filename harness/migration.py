@@ -661,7 +661,8 @@ def _save_to_file(vm: Machine, result: MigrationResult, path: Path, caps: list[s
         info = {"status": "failed", "error-desc": str(exc)}
     fill_stats(result, info)
     if info.get("status") != "completed":
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # ours, half written (whatever else is there is not ours)
+            tmp.unlink()
         result.fail(str(info.get("error-desc") or f"{result.op} save failed"))
         recover_source(src, result, was_running=was_running, reset_caps=caps)
         return False
