@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def refresh_identity(machine: Machine) -> None:
         raise MachineError(f"refreshing the restored guest's identity failed: {res.stderr.strip()}")
 
 
-def start_fast(machine: Machine, *, make_template: Any) -> Machine:
+def start_fast(machine: Machine, *, make_template: Callable[[], Machine]) -> Machine:
     """Start ``machine`` from its snapshot, making the snapshot first with ``make_template()``
     (a fresh, unstarted Machine of the same spec in its own work directory)."""
     key = snapshot_key(machine)
