@@ -8,15 +8,19 @@ registers its scenarios on import; :func:`get` imports them all.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
+
+if TYPE_CHECKING:
+    from harness.factory import MachineFactory
 
 
 @dataclass
@@ -76,6 +80,31 @@ def record_error(report: ScenarioReport, op: str, exc: Exception, opts: Scenario
                     "capability": exc.capability}, opts)  # fmt: skip
     else:
         report.add({"op": op, "status": "error", "ok": False, "error": str(exc)}, opts)
+
+
+@dataclass
+class Run:
+    """A scenario body's verdict for :func:`keeping_artifacts`."""
+
+    failed: bool = False
+
+
+@contextlib.contextmanager
+def keeping_artifacts(report: ScenarioReport, opts: ScenarioOptions, factory: MachineFactory,
+                      what: str) -> Iterator[Run]:
+    """The body of a scenario run on ``factory``'s guests.  A :class:`HarnessError` (an
+    UnsupportedError included) becomes one failed record named ``what``; when the run
+    failed (the body sets ``run.failed``, or that error) every guest's artifacts are kept
+    under ``opts.artifacts`` and the report names them."""
+    run = Run()
+    try:
+        yield run
+    except HarnessError as exc:
+        record_error(report, what, exc, opts)
+        run.failed = True
+    finally:
+        if run.failed and opts.artifacts is not None:
+            report.artifacts = str(factory.save_artifacts(opts.artifacts))
 
 
 ScenarioFn = Callable[[ScenarioOptions], ScenarioReport]

@@ -16,9 +16,9 @@ from typing import Any
 
 from harness import builds, migration, nested
 from harness.catalog import DEFAULT_QEMU
-from harness.errors import ConfigError, HarnessError, UnsupportedError
+from harness.errors import ConfigError, UnsupportedError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 
 MODES = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "nested-live")
 
@@ -49,45 +49,38 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
     # fast start restores L1 with L2 running from a saved pair (HARNESS_NESTED_COLD=1 or
     # extra["cold"] boots both instead)
     fast = not (opts.extra.get("cold") or os.environ.get("HARNESS_NESTED_COLD") == "1")
-    failed = False
-    with MachineFactory(plan.spec, base=opts.workdir) as factory:
-        try:
-            with nested.nested_pair(factory, plan, fast=fast) as (l1, l2, timings):
-                report.notes.append(
-                    f"L1 boot {timings.l1_boot_s or 0:.1f} s on QEMU {qbuilds[0].label} ({machine}); "
-                    f"L2 start {timings.l2_start_s or 0:.1f} s (L2 ready after {timings.l2_ready_s or 0:.1f} s "
-                    "by L1's clock)"
-                    + (f"; this run restored both from snapshot {timings.snapshot} in "
-                       f"{timings.restored_s:.1f} s (the boot timings are the snapshot's cold ones)"
-                       if timings.snapshot else "")
-                )  # fmt: skip
-                boot = timings.to_json()
+    with (MachineFactory(plan.spec, base=opts.workdir) as factory,
+          keeping_artifacts(report, opts, factory, mode) as run,
+          nested.nested_pair(factory, plan, fast=fast) as (l1, l2, timings)):
+        report.notes.append(
+            f"L1 boot {timings.l1_boot_s or 0:.1f} s on QEMU {qbuilds[0].label} ({machine}); "
+            f"L2 start {timings.l2_start_s or 0:.1f} s (L2 ready after {timings.l2_ready_s or 0:.1f} s "
+            "by L1's clock)"
+            + (f"; this run restored both from snapshot {timings.snapshot} in "
+               f"{timings.restored_s:.1f} s (the boot timings are the snapshot's cold ones)"
+               if timings.snapshot else "")
+        )  # fmt: skip
+        boot = timings.to_json()
 
-                def record(res: migration.MigrationResult) -> None:
-                    data: dict[str, Any] = res.to_json()
-                    data["l2_pause_s"] = res.extra.get("l2", {}).get("pause_s")
-                    data["nested_verdict"] = res.extra.get("nested_state", {}).get("verdict")
-                    data["boot_timings"] = boot
-                    if res.extra.get("expected_failure"):
-                        data["expected_failure"] = True
-                        data["explanation"] = res.extra.get("known_limitation")
-                    elif res.extra.get("l2_quiesced"):
-                        data["explanation"] = res.extra["l2_quiesced"]
-                    report.add(data, opts)
+        def record(res: migration.MigrationResult) -> None:
+            data: dict[str, Any] = res.to_json()
+            data["l2_pause_s"] = res.extra.get("l2", {}).get("pause_s")
+            data["nested_verdict"] = res.extra.get("nested_state", {}).get("verdict")
+            data["boot_timings"] = boot
+            if res.extra.get("expected_failure"):
+                data["expected_failure"] = True
+                data["explanation"] = res.extra.get("known_limitation")
+            elif res.extra.get("l2_quiesced"):
+                data["explanation"] = res.extra["l2_quiesced"]
+            report.add(data, opts)
 
-                results = nested.run_cycles(l1, l2, mode, opts.cycles, builds=dests, on_cycle=record)
-                failed = any(not r.ok and not r.extra.get("expected_failure") for r in results)
-                pauses = [r.extra.get("l2", {}).get("pause_s") for r in results]
-                report.notes.append("L2 observed pause per cycle (s): "
-                                    + ", ".join("?" if p is None else f"{p:.3f}" for p in pauses))  # fmt: skip
-                verdicts = sorted({str(r.extra.get("nested_state", {}).get("verdict")) for r in results})
-                report.notes += verdicts
-        except HarnessError as exc:  # UnsupportedError included: recorded as such
-            record_error(report, mode, exc, opts)
-            failed = True
-        finally:
-            if failed and opts.artifacts is not None:
-                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+        results = nested.run_cycles(l1, l2, mode, opts.cycles, builds=dests, on_cycle=record)
+        run.failed = any(not r.ok and not r.extra.get("expected_failure") for r in results)
+        pauses = [r.extra.get("l2", {}).get("pause_s") for r in results]
+        report.notes.append("L2 observed pause per cycle (s): "
+                            + ", ".join("?" if p is None else f"{p:.3f}" for p in pauses))  # fmt: skip
+        verdicts = sorted({str(r.extra.get("nested_state", {}).get("verdict")) for r in results})
+        report.notes += verdicts
     report.duration_s = time.monotonic() - t0
     return report
 

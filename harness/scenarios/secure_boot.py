@@ -28,7 +28,7 @@ from harness import matrix, migration, secureboot, state, tpm
 from harness.builds import QemuBuild
 from harness.errors import HarnessError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.scenarios.storm import hop_setup, offered
 from harness.spec import VmSpec
 
@@ -53,71 +53,63 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch, secure_boot=True,
                   tpm=with_tpm, name="secure-boot", **fields)  # fmt: skip
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
-    failed = False
-    with MachineFactory(spec, base=opts.workdir) as factory:
-        try:
-            vm = factory(fast=bool(opts.extra.get("fast")))
-            before = secureboot.observe(vm)
-            first = secureboot.auth_round(vm, "before the first hop")
-            if with_tpm and arch != "x86_64":
-                tpm_note = ("attached (tpm-tis-device) and migrated with the guest, not checked from inside: "
-                            "Debian's arm64 kernels have no TIS driver (CONFIG_TCG_TIS unset in bookworm's "
-                            "6.1 and trixie's 6.12), and QEMU's virt machine offers no other TPM interface")
-            elif with_tpm:
-                tpm_note = "checked: sha256 PCRs, event log, NV index"
-                tpm.nv_write(vm, b"harness!")
+    with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, "secure-boot") as run:
+        vm = factory(fast=bool(opts.extra.get("fast")))
+        before = secureboot.observe(vm)
+        first = secureboot.auth_round(vm, "before the first hop")
+        if with_tpm and arch != "x86_64":
+            tpm_note = ("attached (tpm-tis-device) and migrated with the guest, not checked from inside: "
+                        "Debian's arm64 kernels have no TIS driver (CONFIG_TCG_TIS unset in bookworm's "
+                        "6.1 and trixie's 6.12), and QEMU's virt machine offers no other TPM interface")
+        elif with_tpm:
+            tpm_note = "checked: sha256 PCRs, event log, NV index"
+            tpm.nv_write(vm, b"harness!")
+            before.tpm = tpm.observe(vm)
+            if not before.tpm.pcrs or before.tpm.nv != b"harness!".hex():
+                first.append(f"the vTPM is not as expected before any hop: {before.tpm.to_json()}")
+        if arch == "x86_64" and not any("smbase-blackhole" in ln for ln in before.mtree):
+            first.append("the firmware's SMBASE lock is not in QEMU's memory tree (with fast=1 the guest "
+                         "was restored, itself a migration: boot it cold on a build that loses the lock)")
+        if first or secureboot.problems(before, before, "at boot"):
+            raise HarnessError("the Secure Boot guest is not as expected before any hop: "
+                               + "; ".join(first + secureboot.problems(before, before, "at boot")))
+        initial = before
+        booted_on = qbuilds[0]  # the build whose devices the guest initialized (data: boot=)
+        plan = hops(qbuilds, wanted)
+        last_status = "completed"
+        for i, (op, dest) in enumerate(plan, 1):
+            rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch, booted_on)
+            if tpm_note:
+                rec["tpm"] = tpm_note
+            report.add(rec, opts)
+            if not rec["ok"] and not rec.get("expected_failure"):
+                run.failed = True
+            last_status = rec["status"]
+            if rec["status"] != "completed":
+                break
+            if rec["problems"]:
+                # the next hop must not inherit this one's damage (a lost SMRAM lock
+                # cannot be lost again): a warm reboot, where the firmware locks anew
+                state.reboot(vm)
+                booted_on = vm.build
+            before = secureboot.observe(vm)  # the next hop starts from here
+            if with_tpm and arch == "x86_64":
                 before.tpm = tpm.observe(vm)
-                if not before.tpm.pcrs or before.tpm.nv != b"harness!".hex():
-                    first.append(f"the vTPM is not as expected before any hop: {before.tpm.to_json()}")
-            if arch == "x86_64" and not any("smbase-blackhole" in ln for ln in before.mtree):
-                first.append("the firmware's SMBASE lock is not in QEMU's memory tree (with fast=1 the guest "
-                             "was restored, itself a migration: boot it cold on a build that loses the lock)")
-            if first or secureboot.problems(before, before, "at boot"):
-                raise HarnessError("the Secure Boot guest is not as expected before any hop: "
-                                   + "; ".join(first + secureboot.problems(before, before, "at boot")))
-            initial = before
-            booted_on = qbuilds[0]  # the build whose devices the guest initialized (data: boot=)
-            plan = hops(qbuilds, wanted)
-            last_status = "completed"
-            for i, (op, dest) in enumerate(plan, 1):
-                rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch, booted_on)
-                if tpm_note:
-                    rec["tpm"] = tpm_note
-                report.add(rec, opts)
-                if not rec["ok"] and not rec.get("expected_failure"):
-                    failed = True
-                last_status = rec["status"]
-                if rec["status"] != "completed":
-                    break
-                if rec["problems"]:
-                    # the next hop must not inherit this one's damage (a lost SMRAM lock
-                    # cannot be lost again): a warm reboot, where the firmware locks anew
-                    state.reboot(vm)
-                    booted_on = vm.build
-                before = secureboot.observe(vm)  # the next hop starts from here
-                if with_tpm and arch == "x86_64":
-                    before.tpm = tpm.observe(vm)
-            if last_status == "completed" and len(opts.ovmf or []) > 1:
-                rec = _firmware_upgrade(vm, len(plan) + 1, (opts.ovmf or [])[1], initial, machine, firmware, arch)
-                if tpm_note:
-                    rec["tpm"] = tpm_note
-                report.add(rec, opts)
-                last_status = rec["status"]
-                plan.append(("firmware-upgrade", vm.build))
-                if initial.tpm is not None and last_status == "completed":
-                    initial.tpm = tpm.observe(vm)  # the PCRs measure the new firmware from here
-            if last_status == "completed" and str(opts.extra.get("restart", "1")) not in ("0", "no", "false"):
-                rec = _restart(vm, len(plan) + 1, initial, machine, firmware, arch)
-                if tpm_note:
-                    rec["tpm"] = tpm_note
-                report.add(rec, opts)
-            failed = failed or not report.ok
-        except HarnessError as exc:
-            record_error(report, "secure-boot", exc, opts)
-            failed = True
-        finally:
-            if failed and opts.artifacts is not None:
-                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+        if last_status == "completed" and len(opts.ovmf or []) > 1:
+            rec = _firmware_upgrade(vm, len(plan) + 1, (opts.ovmf or [])[1], initial, machine, firmware, arch)
+            if tpm_note:
+                rec["tpm"] = tpm_note
+            report.add(rec, opts)
+            last_status = rec["status"]
+            plan.append(("firmware-upgrade", vm.build))
+            if initial.tpm is not None and last_status == "completed":
+                initial.tpm = tpm.observe(vm)  # the PCRs measure the new firmware from here
+        if last_status == "completed" and str(opts.extra.get("restart", "1")) not in ("0", "no", "false"):
+            rec = _restart(vm, len(plan) + 1, initial, machine, firmware, arch)
+            if tpm_note:
+                rec["tpm"] = tpm_note
+            report.add(rec, opts)
+        run.failed = run.failed or not report.ok
     report.duration_s = time.monotonic() - t0
     return report
 

@@ -18,9 +18,9 @@ from typing import Any
 from harness import builds, matrix, migration, storm
 from harness.builds import QemuBuild
 from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.spec import VmSpec
 
 #: The hop kinds, in the order a round makes them (each only where the build offers it).
@@ -132,26 +132,18 @@ def run_storm(opts: ScenarioOptions) -> ScenarioReport:
     bandwidth = parse_bandwidth(opts.extra.get("bandwidth"))
     hops = plan(qbuilds, max(1, opts.cycles), wanted, reboot, shared)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
-    failed = False
-    with MachineFactory(spec, base=opts.workdir) as factory:
-        try:
-            vm = factory(fast=bool(opts.extra.get("fast")))
+    with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, "storm") as run:
+        vm = factory(fast=bool(opts.extra.get("fast")))
 
-            def record(hop: storm.StormHop) -> None:
-                rec = hop.to_json()
-                rec.update(scenario="storm", arch=arch, machine=machine, firmware=firmware,
-                           downtime_ms=hop.result.get("downtime_ms"))  # fmt: skip
-                judge(rec, hop, incompat, arch, machine)
-                report.add(rec, opts)
+        def record(hop: storm.StormHop) -> None:
+            rec = hop.to_json()
+            rec.update(scenario="storm", arch=arch, machine=machine, firmware=firmware,
+                       downtime_ms=hop.result.get("downtime_ms"))  # fmt: skip
+            judge(rec, hop, incompat, arch, machine)
+            report.add(rec, opts)
 
-            storm.run(vm, hops, on_hop=record, dump_dir=opts.workdir or vm.workdir,
-                      bandwidth=bandwidth)
-            failed = not report.ok
-        except HarnessError as exc:
-            record_error(report, "storm", exc, opts)
-            failed = True
-        finally:
-            if failed and opts.artifacts is not None:
-                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+        storm.run(vm, hops, on_hop=record, dump_dir=opts.workdir or vm.workdir,
+                  bandwidth=bandwidth)
+        run.failed = not report.ok
     report.duration_s = time.monotonic() - t0
     return report

@@ -10,9 +10,8 @@ from typing import Any
 
 from harness import builds, migration
 from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
-from harness.errors import HarnessError
 from harness.factory import MachineFactory
-from harness.scenarios import ScenarioOptions, ScenarioReport, record_error, scenario
+from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.spec import VmSpec
 
 log = logging.getLogger(__name__)
@@ -37,25 +36,17 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
         machine = builds.newest_common_machine(common, other)
     spec = spec.replace(machine=machine)
     dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
-    failed = False
-    with MachineFactory(spec, base=opts.workdir) as factory:
-        try:
-            vm = factory()
-            report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}")
+    with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, op) as run:
+        vm = factory()
+        report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}")
 
-            def record(res: migration.MigrationResult) -> None:
-                data: dict[str, Any] = res.to_json()
-                report.add(data, opts)
+        def record(res: migration.MigrationResult) -> None:
+            data: dict[str, Any] = res.to_json()
+            report.add(data, opts)
 
-            results = migration.back_to_back(vm, op, cycles, builds=dests, on_cycle=record,
-                                              until_fail=opts.until_fail)  # fmt: skip
-            failed = any(not r.ok for r in results)
-        except HarnessError as exc:  # UnsupportedError included: recorded as such
-            record_error(report, op, exc, opts)
-            failed = True
-        finally:
-            if failed and opts.artifacts is not None:
-                report.artifacts = str(factory.save_artifacts(opts.artifacts))
+        results = migration.back_to_back(vm, op, cycles, builds=dests, on_cycle=record,
+                                          until_fail=opts.until_fail)  # fmt: skip
+        run.failed = any(not r.ok for r in results)
     report.duration_s = time.monotonic() - t0
     return report
 
