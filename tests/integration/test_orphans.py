@@ -1,7 +1,8 @@
-"""No orphan QEMU: SIGINT (and SIGKILL) to a running ``harness repro`` / ``harness nightly``
-and a SIGKILLed xdist worker leave no QEMU behind.  QEMU runs in its own session (a
-terminal's Ctrl-C does not reach it) with PR_SET_PDEATHSIG=SIGKILL (it dies with the
-process that started it); the CLI reaps its guests on KeyboardInterrupt.
+"""No orphan QEMU: SIGINT, SIGTERM and SIGKILL to a running ``harness repro`` / ``boot`` /
+``nightly`` / ``soak`` and a SIGKILLed xdist worker leave no QEMU (nor pytest) behind.  QEMU
+runs in its own session (a terminal's Ctrl-C does not reach it) with a parent-death signal
+(SIGKILL, set by setpriv: it dies with the process that started it); the CLI reaps its
+guests on KeyboardInterrupt, which SIGTERM and SIGHUP become.
 
 Every child runs with its own ``HARNESS_RUNDIR``, so its QEMUs are found by path."""
 
