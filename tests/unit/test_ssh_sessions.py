@@ -3,12 +3,13 @@ run in every integration test, and the nested ones lose L1's connection for real
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
 
-from harness import images
 from harness.errors import GuestTimeout
 from harness.ssh import SshClient
 
@@ -28,10 +29,28 @@ class FakeTransport:
         return "channel"
 
 
+_KEYS: list[tuple[str, Path]] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A host key line and a client key file of our own: no guest image needed."""
+    host, client = paramiko.RSAKey.generate(1024), paramiko.RSAKey.generate(1024)
+    path = tmp_path_factory.mktemp("sshkeys") / "client_key"
+    client.write_private_key_file(str(path))
+    _KEYS.append((f"{host.get_name()} {host.get_base64()}", path))
+    yield
+    _KEYS.clear()
+
+
+def _keys() -> tuple[str, Path]:
+    return _KEYS[-1]
+
+
 class Client(SshClient):
     def __init__(self, transports: list[FakeTransport]) -> None:
-        img = images.ensure_image("minimal")
-        super().__init__("127.0.0.1", 2222, img.host_key, img.client_key, name="fake")
+        host_key, client_key = _keys()
+        super().__init__("127.0.0.1", 2222, host_key, client_key, name="fake")
         self.transports = transports
         self.connects = 0
         self._client = self._wrap(transports.pop(0))
