@@ -33,7 +33,14 @@ from harness.errors import (
     ProvisionError,
     UnknownVersionError,
 )
-from harness.paths import cache_root, ensure_dir, file_stamp, read_registry, registry_path
+from harness.paths import (
+    cache_root,
+    ensure_dir,
+    file_stamp,
+    read_registry,
+    registered_records,
+    registry_path,
+)
 from harness.provision import find_loader, host_triplet
 
 log = logging.getLogger(__name__)
@@ -495,11 +502,7 @@ def load_registered(wanted: str | None = None) -> None:
 
 def forget_registered(path: Path) -> None:
     """Drop the builds loaded from the registry file ``path`` from this process."""
-    try:
-        records = read_registry(path)["qemu"]
-    except ConfigError:
-        records = []
-    for rec in records:
+    for rec in registered_records(path, "qemu"):
         _REGISTERED.pop(rec["label"], None)
     _LOADED.pop(str(path), None)
 

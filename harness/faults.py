@@ -398,9 +398,7 @@ def live_fault(
     if phase == "setup" and fault != "cancel":
         raise ConfigError("a migration in setup has no destination QEMU to kill (use cancel)")
     caps = list(capabilities) + (["pause-before-switchover"] if phase == "pre-switchover" else [])
-    for c in caps:
-        if not vm.build.capabilities.has_capability(c):
-            raise UnsupportedError(f"migration capability {c}", f"QEMU {vm.build.label}")
+    migration.check_caps(caps, vm.build)
     src = vm.current
     extra: dict[str, Any] = {"fault": fault, "phase": phase}
     dest: list[Incarnation] = []

@@ -37,12 +37,11 @@ from typing import Any
 from harness import catalog
 from harness.errors import (
     CatalogError,
-    ConfigError,
     FirmwareError,
     UnknownVersionError,
     VarstoreError,
 )
-from harness.paths import file_stamp, read_registry, registry_path
+from harness.paths import file_stamp, read_registry, registered_records, registry_path
 
 log = logging.getLogger(__name__)
 
@@ -637,11 +636,7 @@ def load_registered() -> None:
 
 def forget_registered(path: Path) -> None:
     """Drop the firmware loaded from the registry file ``path`` from this process."""
-    try:
-        records = read_registry(path)["firmware"]
-    except ConfigError:
-        records = []
-    for rec in records:
+    for rec in registered_records(path, "firmware"):
         unregister_firmware(rec["version"], rec["arch"])
     _LOADED.pop(str(path), None)
 

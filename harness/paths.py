@@ -7,6 +7,7 @@ worker on the machine, so a second run does no work.  ``HARNESS_CACHE`` moves it
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import os
@@ -32,6 +33,7 @@ FIRMWARE_DIR = _data_dir("firmware")
 GUESTS_DIR = _data_dir("guests")
 
 
+@functools.cache
 def checkout() -> Path | None:
     """The source checkout this package runs from (an editable install), or None for an
     installed package: what only a checkout has (its ``tests/``) is needed for the
@@ -87,6 +89,17 @@ def read_registry(path: Path) -> dict[str, Any]:
     data.setdefault("qemu", [])
     data.setdefault("firmware", [])
     return data
+
+
+def registered_records(path: Path, kind: str) -> list[dict[str, Any]]:
+    """The ``kind`` records (``qemu``, ``firmware``) of a registry file, none when it is
+    unreadable: what to forget of a file that may be gone or damaged."""
+    from harness.errors import ConfigError
+
+    try:
+        return list(read_registry(path)[kind])
+    except ConfigError:
+        return []
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:

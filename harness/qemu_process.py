@@ -90,6 +90,11 @@ def _qm() -> Any:
 _PARENT_CHECK = 'if [ "$PPID" != "$0" ]; then exit 125; fi; exec "$@"'
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
 def die_with_parent(argv: Sequence[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """``argv`` and ``env`` rewritten so that the child gets a parent-death signal (SIGKILL)
     before it execs the real program: util-linux's ``setpriv`` sets it, then ``/bin/sh``
@@ -100,7 +105,7 @@ def die_with_parent(argv: Sequence[str], env: dict[str, str]) -> tuple[list[str]
 
     A build's ``LD_LIBRARY_PATH`` is handed on through ``env`` (coreutils) after those, so
     the host's setpriv and sh never load a prefix's libraries."""
-    tool = shutil.which("setpriv")
+    tool = _setpriv()
     if tool is None:
         raise HostError("setpriv (util-linux) not found: the harness needs it to tie every "
                         "QEMU and swtpm to its own life (apt install util-linux)")  # fmt: skip

@@ -26,6 +26,7 @@ from harness.ssh import DETACHED
 
 if TYPE_CHECKING:
     from harness.machine import Machine
+    from harness.ssh import SshClient
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,21 @@ class GuestState:
 
 def clock_sample(vm: Machine, tries: int = 3) -> ClockSample:
     """The guest's uptime paired with the host time at the midpoint of the fastest try."""
+    return clock_sample_over(vm.ssh, tries, timeout=30.0, who="guest")
+
+
+def clock_sample_over(ssh: SshClient, tries: int = 3, *, timeout: float = 30.0,
+                      who: str = "guest") -> ClockSample:
+    """:func:`clock_sample` over any SSH session (an L2's goes through its L1)."""
     best: ClockSample | None = None
     for _ in range(tries):
         t0 = time.monotonic()
-        out = vm.ssh.run("cat /proc/uptime", timeout=30, check=True).stdout
+        out = ssh.run("cat /proc/uptime", timeout=timeout, check=True).stdout
         t1 = time.monotonic()
         try:
             guest = float(out.split()[0])
         except (IndexError, ValueError) as exc:
-            raise StateError(f"guest /proc/uptime unreadable: {out[:100]!r}") from exc
+            raise StateError(f"{who} /proc/uptime unreadable: {out[:100]!r}") from exc
         sample = ClockSample(host=(t0 + t1) / 2, guest=guest, rtt=t1 - t0)
         if best is None or sample.rtt < best.rtt:
             best = sample

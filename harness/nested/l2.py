@@ -137,20 +137,7 @@ class L2:
     # -- state --------------------------------------------------------------------------------
 
     def clock_sample(self, tries: int = 3) -> state.ClockSample:
-        best: state.ClockSample | None = None
-        for _ in range(tries):
-            t0 = time.monotonic()
-            out = self.ssh.run("cat /proc/uptime", timeout=60, check=True).stdout
-            t1 = time.monotonic()
-            try:
-                guest = float(out.split()[0])
-            except (IndexError, ValueError) as exc:
-                raise StateError(f"{self.name}: /proc/uptime unreadable: {out[:100]!r}") from exc
-            sample = state.ClockSample(host=(t0 + t1) / 2, guest=guest, rtt=t1 - t0)
-            if best is None or sample.rtt < best.rtt:
-                best = sample
-        assert best is not None
-        return best
+        return state.clock_sample_over(self.ssh, tries, timeout=60.0, who=f"{self.name}:")
 
     def snapshot(self, memory: bool = True) -> state.GuestState:
         """L2's state now (the same record as :func:`harness.state.snapshot` of L1)."""
