@@ -47,7 +47,7 @@ images: provision
 doctor: setup
 	$(HARNESS) doctor
 
-# The nightly matrix (harness/nightly_suite, run by `harness nightly`) and the avocado wrappers
+# The nightly matrix (harness/nightly/suite, run by `harness nightly`) and the avocado wrappers
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
 # `--durations` lists the slowest tests: what to move to fast start next.  `worksteal` lets
 # an idle worker take queued tests from a busy one (the long nested tests end the run).
@@ -87,7 +87,7 @@ soak: setup
 	$(HARNESS) soak --cycles $(SOAK_CYCLES) --suite-runs $(SOAK_RUNS) --jobs $(JOBS) --out results/soak
 
 # Build dependencies of `harness build-qemu` (apt packages and a Meson tools venv; the list
-# is harness/sources.py BUILD_DEPS).  `harness build-qemu` installs them itself when missing.
+# is harness/inventory/sources.py BUILD_DEPS).  `harness build-qemu` installs them itself when missing.
 .PHONY: build-deps
 build-deps: venv
 	$(HARNESS) build-qemu --deps-only

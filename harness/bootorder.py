@@ -168,7 +168,7 @@ def add_boot_entry(vm: Machine, number: int = USER_ENTRY, title: str = USER_TITL
 
 def console_since(vm: Machine, since: int = 0) -> str:
     """The guest's serial log from byte offset ``since`` (a ``console.mark()``), cleaned."""
-    from harness.console import clean
+    from harness.guest.console import clean
 
     try:
         with vm.console.log_path.open("rb") as fh:

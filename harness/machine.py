@@ -28,9 +28,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from harness import builds, host
-from harness.builds import QemuBuild
-from harness.console import Console
 from harness.errors import (
     FirmwareError,
     GuestTimeout,
@@ -39,13 +36,16 @@ from harness.errors import (
     MachineError,
     VarstoreError,
 )
-from harness.qemu_process import QemuProcess
+from harness.guest.console import Console
+from harness.guest.qemu_process import QemuProcess
+from harness.inventory import builds, host
+from harness.inventory.builds import QemuBuild
 from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
 
 if TYPE_CHECKING:
-    from harness import firmware as firmware_mod
-    from harness.swtpm import Swtpm
-from harness.ssh import DETACHED, CommandResult, SshClient
+    from harness.guest.swtpm import Swtpm
+    from harness.inventory import firmware as firmware_mod
+from harness.guest.ssh import DETACHED, CommandResult, SshClient
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Machine:
         spec = self.spec
         if spec.firmware is None:
             return None, None, None
-        from harness import firmware
+        from harness.inventory import firmware
 
         fw = firmware.get_firmware(spec.firmware, spec.arch)
         if spec.firmware_mode == "stateless":
@@ -235,7 +235,7 @@ class Machine:
         template of the spec's flash layout, or of ``flash``), as after a host's OVMF
         package upgrade; the running process keeps its image.  The flash size must stay
         the same unless ``allow_size_change`` (to provoke a size mismatch on purpose)."""
-        from harness import firmware
+        from harness.inventory import firmware
 
         old_code = self._code
         if old_code is None or self.spec.firmware_mode != "split":
@@ -255,7 +255,7 @@ class Machine:
     def _check_flash_pair(self, code: Path, vars: Path) -> None:
         """firmware.check_flash_pair, remembered per (code, sizes): it reads every
         firmware build's descriptors, and each migration spawns a QEMU."""
-        from harness import firmware
+        from harness.inventory import firmware
 
         try:
             key = (str(code), code.stat().st_size, vars.stat().st_size)
@@ -292,7 +292,7 @@ class Machine:
 
         if self._template is None:
             raise VarstoreError(name, "this guest has no persistent varstore")
-        from harness import firmware
+        from harness.inventory import firmware
 
         dest = self.workdir / name
         # AAVMF's template may be blank (formatted on first boot): nothing to validate
@@ -502,7 +502,7 @@ class Machine:
         destination (the state comes in the stream), the previous one for a restart."""
         if not self.spec.tpm:
             return None
-        from harness.swtpm import Swtpm
+        from harness.guest.swtpm import Swtpm
 
         if incoming or self._tpm_state is None:
             self._tpm_state = self.workdir / f"tpm-{gen}"
@@ -536,8 +536,8 @@ class Machine:
                 assert self._template is not None
                 vs.instantiate(self._template, varstore)
             else:
-                from harness import firmware
                 from harness import varstore as vs
+                from harness.inventory import firmware
 
                 # a caller's varstore is input: refuse a corrupt one, naming it, before
                 # QEMU and OVMF see it (OVMF would silently reformat or misbehave); a

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.catalog import Version
 from harness.errors import CatalogError, ConfigError, UnknownVersionError
+from harness.inventory.catalog import Version
 from harness.paths import FIRMWARE_DIR
 
 if TYPE_CHECKING:
-    from harness.builds import Capabilities, QemuBuild
-    from harness.firmware import FirmwareBuild
+    from harness.inventory.builds import Capabilities, QemuBuild
+    from harness.inventory.firmware import FirmwareBuild
 
 INCOMPATIBILITIES = FIRMWARE_DIR / "expected-incompatibilities.toml"
 DEFAULT_OPS = ("live", "save-restore")
@@ -79,7 +79,7 @@ def sort_numeric(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 def endpoints(versions: Sequence[str] = (), arch: str = "x86_64") -> list[Endpoint]:
     """The builds to cross: the ``--qemu`` values when given (catalogue versions, registered
     labels or paths), otherwise every catalogue and registered build; numeric order."""
-    from harness import builds
+    from harness.inventory import builds
 
     chosen = [builds.get_build(v, arch) for v in versions] if versions else builds.all_builds(arch)
     return sort_numeric(Endpoint.of(b) for b in chosen)

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.builds import QemuBuild
 from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
+from harness.guest.qemu_process import unix_listening
+from harness.inventory.builds import QemuBuild
 from harness.machine import Incarnation, Machine
-from harness.qemu_process import unix_listening
 from harness.terms import Mode, Op, Status
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 
 class Endpoint(Protocol):
-    """A QEMU the driver talks to: :class:`harness.qemu_process.QemuProcess`, or an L2's
+    """A QEMU the driver talks to: :class:`harness.guest.qemu_process.QemuProcess`, or an L2's
     QEMU reached through L1 (:mod:`harness.nested`)."""
 
     @property

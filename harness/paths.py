@@ -21,7 +21,7 @@ DATA_DIR = PACKAGE_DIR / "data"
 # directories under harness/_shipped/ (setup.py's build step puts them there); an editable
 # install and a checkout read the top-level directories themselves.
 SHIPPED_DIR = PACKAGE_DIR / "_shipped"
-NIGHTLY_SUITE_DIR = PACKAGE_DIR / "nightly_suite"
+NIGHTLY_SUITE_DIR = PACKAGE_DIR / "nightly" / "suite"
 
 
 def _data_dir(name: str) -> Path:
@@ -62,7 +62,7 @@ def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     return path
 
 
-# --- the run's registry file (builds registered for a run: see harness.registry) ---------
+# --- the run's registry file (builds registered for a run: see harness.inventory.registry) ---------
 
 REGISTRY_ENV = "HARNESS_REGISTRY"
 REGISTRY_FORMAT = 1

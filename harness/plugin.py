@@ -23,7 +23,7 @@ Tests using ``qemu_build``/``vm``/``vm_factory`` are parametrized over ``--qemu`
 
 Marker: ``@pytest.mark.requires(qemu=">=8.2", mode="cpr-transfer", accel="kvm",
 nested=True, capability="multifd", file_uri=True, kvm_host=True)`` skips with the missing
-capability named (see :mod:`harness.requirements`).
+capability named (see :mod:`harness.inventory.requirements`).
 
 Artifacts: when a test that used ``vm``/``vm_factory`` fails, every guest's QEMU command
 line, QEMU log, serial log, QMP transcript and varstore before/after are copied to
@@ -50,12 +50,12 @@ from typing import Any
 
 import pytest
 
-from harness import builds, catalog, host, requirements
-from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import HarnessError, HostError
 from harness.factory import MachineFactory, private_base, safe_name
+from harness.guest.qemu_process import live_processes, qemu_machine_missing
+from harness.inventory import builds, catalog, host, requirements
+from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.machine import Machine
-from harness.qemu_process import live_processes, qemu_machine_missing
 from harness.spec import VmSpec
 
 DEFAULT_OVMF = DEFAULT_FIRMWARE
@@ -343,8 +343,8 @@ def qemu_build(qemu_version: str, guest_arch: str) -> builds.QemuBuild:
 @pytest.fixture
 def firmware(ovmf_version: str, guest_arch: str) -> Any:
     """The UEFI build under test (OVMF, or AAVMF for aarch64; a
-    :class:`harness.firmware.FirmwareBuild`)."""
-    from harness import firmware as fw
+    :class:`harness.inventory.firmware.FirmwareBuild`)."""
+    from harness.inventory import firmware as fw
 
     return fw.get_firmware(ovmf_version, guest_arch)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.errors import SpecError
+from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 
 # The closed sets of the spec's fields: types for mypy, tuples for validating text that
 # comes from TOML, JSON or a command line.
@@ -30,7 +30,7 @@ MEMORY_BACKENDS: tuple[str, ...] = get_args(MemoryBackend)
 BOOT_MODES: tuple[str, ...] = get_args(BootMode)
 FIRMWARE_MODES: tuple[str, ...] = get_args(FirmwareMode)
 FLASH_LAYOUTS: tuple[str, ...] = get_args(FlashLayout)
-SB_KEYS: tuple[str, ...] = get_args(SbKeys)  # harness.firmware.SB_KEYS
+SB_KEYS: tuple[str, ...] = get_args(SbKeys)  # harness.inventory.firmware.SB_KEYS
 ACCELS: tuple[str, ...] = get_args(Accel)
 TPM_DEVICES = {"x86_64": "tpm-crb", "aarch64": "tpm-tis-device"}  # the vTPM's device model
 # aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import StateError
-from harness.ssh import DETACHED
+from harness.guest.ssh import DETACHED
 
 if TYPE_CHECKING:
+    from harness.guest.ssh import SshClient
     from harness.machine import Machine
-    from harness.ssh import SshClient
 
 
 @dataclass(frozen=True)

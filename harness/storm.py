@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import migration, state, varstore
-from harness.builds import QemuBuild
 from harness.errors import HarnessError, MachineError
+from harness.inventory.builds import QemuBuild
 from harness.machine import Machine
 
 STORM_GUID = state.HARNESS_GUID  # the agent's STORM_GUID

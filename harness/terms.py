@@ -37,7 +37,7 @@ class Status(StrEnum):
 
 
 class Outcome(StrEnum):
-    """A test item's outcome in the nightly's records (:mod:`harness.results`)."""
+    """A test item's outcome in the nightly's records (:mod:`harness.nightly.results`)."""
 
     PASSED = "passed"
     FAILED = "failed"

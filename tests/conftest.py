@@ -3,6 +3,7 @@ way to find the QEMU processes one test started (by a marker in their command li
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.inventory import builds, firmware, registry, sources
 from harness.paths import cache_root
 
 pytest_plugins = ["pytester"]
@@ -72,3 +74,42 @@ def harness_rundir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def find_qemu() -> Callable[[str], list[int]]:
     return qemu_pids
+
+
+# --- the build registry ---------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A private registry path; everything registered during the test is forgotten after."""
+    path = tmp_path / "registry.json"
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    before_q = dict(builds._REGISTERED)
+    before_f = dict(firmware._REGISTERED)
+    yield path
+    registry.forget(path)
+    builds._REGISTERED.clear()
+    builds._REGISTERED.update(before_q)
+    firmware._REGISTERED.clear()
+    firmware._REGISTERED.update(before_f)
+
+
+def _fake_source_build(root: Path, version: str = "10.0.2") -> sources.SourceBuild:
+    """A finished source build's record and a stub binary under ``root`` (nothing compiled)."""
+    key = "ab" * 32
+    build_dir = root / key / "build"
+    (build_dir / "pc-bios").mkdir(parents=True)
+    binary = build_dir / "qemu-system-x86_64"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    sb = sources.SourceBuild(key=key, root=root / key, label=sources.label_for(version, key),
+                             version=version, source="/src/qemu.tar.xz", patches=(),
+                             configure_args=sources.DEFAULT_CONFIGURE_ARGS, configure_s=1.0,
+                             build_s=2.0)  # fmt: skip
+    (root / key / "build.json").write_text(json.dumps(sb.to_json()))
+    return sb
+
+
+@pytest.fixture
+def fake_source_build() -> Callable[..., sources.SourceBuild]:
+    return _fake_source_build

@@ -17,7 +17,7 @@ from harness.errors import (
 from harness.terms import Mode, Status
 
 if TYPE_CHECKING:
-    from harness.builds import QemuBuild
+    from harness.inventory.builds import QemuBuild
     from harness.machine import Machine
     from harness.migration import MigrationResult
 from harness.nested.common import L1_CYCLE_VAR, L2_CYCLE_VAR

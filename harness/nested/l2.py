@@ -23,9 +23,9 @@ from harness.errors import (
 from harness.terms import Mode, Status
 
 if TYPE_CHECKING:
+    from harness.guest.ssh import CommandResult, SshClient
     from harness.machine import Machine
     from harness.migration import MigrationResult
-    from harness.ssh import CommandResult, SshClient
     from harness.varstore import VarstoreModel
 from harness.nested.common import L2_MODULE_DIR, L2_PORT, L2_RUN, L2_VARS_TEMPLATE
 from harness.nested.l1 import L1Qmp
@@ -111,7 +111,7 @@ class L2:
     @property
     def ssh(self) -> SshClient:
         """SSH to L2 through L1's SSH session (host key pinned)."""
-        from harness.ssh import SshClient
+        from harness.guest.ssh import SshClient
 
         via = self.l1.ssh
         if self._ssh is None or self._via is not via or self._ssh.port != self.port:

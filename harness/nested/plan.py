@@ -7,16 +7,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from harness.catalog import DEFAULT_QEMU
 from harness.errors import (
     HostError,
     UnsupportedError,
 )
-from harness.host import KvmInfo, probe_kvm
+from harness.inventory.catalog import DEFAULT_QEMU
+from harness.inventory.host import KvmInfo, probe_kvm
 from harness.spec import VmSpec
 
 if TYPE_CHECKING:
-    from harness.builds import QemuBuild
+    from harness.inventory.builds import QemuBuild
 from harness.nested.common import L1_IMAGE, L1_MEMORY_MB
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def l1_plan(
     name: str = "l1",
     **fields: Any,
 ) -> L1Plan:
-    """The L1 spec for this host (``kvm`` defaults to :func:`harness.host.probe_kvm`).
+    """The L1 spec for this host (``kvm`` defaults to :func:`harness.inventory.host.probe_kvm`).
 
     ``accel='auto'`` uses KVM when it is usable and raises :class:`UnsupportedError` when
     its nested parameter is off (on a real host KVM must be used: load the module with

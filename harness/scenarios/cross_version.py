@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import builds, matrix, migration, state, varstore
-from harness.catalog import DEFAULT_FIRMWARE, Version
+from harness import matrix, migration, state, varstore
 from harness.errors import HarnessError
 from harness.factory import MachineFactory
+from harness.inventory import builds
+from harness.inventory.catalog import DEFAULT_FIRMWARE, Version
 from harness.machine import Machine
 from harness.matrix import Hop, Incompatibilities, Plan
 from harness.scenarios import ScenarioOptions, ScenarioReport, scenario
@@ -427,7 +428,7 @@ def _bios_info(vm: Machine) -> dict[str, str]:
 
 
 def _firmware_images(vm: Machine, versions: Sequence[str]) -> dict[str, Path]:
-    from harness import firmware
+    from harness.inventory import firmware
 
     out = {}
     for v in versions:
@@ -447,7 +448,7 @@ def _direction(a: Version, b: Version) -> str:
 def build_plans(opts: ScenarioOptions) -> tuple[list[Plan], dict[str, Version]]:
     """The plans a run covers: pairs, chains and firmware pairs from the ``--qemu`` builds
     (default: every catalogue and registered build) and ``--ovmf`` builds."""
-    from harness import firmware
+    from harness.inventory import firmware
 
     raw = opts.extra.get("parts", PARTS)
     parts = (raw,) if isinstance(raw, str) else tuple(raw)  # `--set parts=firmware`: one part

@@ -14,10 +14,11 @@ import os
 import time
 from typing import Any
 
-from harness import builds, migration, nested
-from harness.catalog import DEFAULT_QEMU
+from harness import migration, nested
 from harness.errors import ConfigError, UnsupportedError
 from harness.factory import MachineFactory
+from harness.inventory import builds
+from harness.inventory.catalog import DEFAULT_QEMU
 from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 
 MODES = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "nested-live")

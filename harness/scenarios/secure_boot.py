@@ -25,9 +25,9 @@ import time
 from typing import Any
 
 from harness import matrix, migration, secureboot, state, tpm
-from harness.builds import QemuBuild
 from harness.errors import HarnessError
 from harness.factory import MachineFactory
+from harness.inventory.builds import QemuBuild
 from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.scenarios.storm import hop_setup, offered
 from harness.spec import VmSpec

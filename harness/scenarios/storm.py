@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from harness import builds, matrix, migration, storm
-from harness.builds import QemuBuild
-from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
+from harness import matrix, migration, storm
 from harness.errors import ConfigError
 from harness.factory import MachineFactory
+from harness.inventory import builds
+from harness.inventory.builds import QemuBuild
+from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.spec import VmSpec
 

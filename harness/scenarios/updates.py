@@ -8,9 +8,10 @@ import logging
 import time
 from typing import Any
 
-from harness import builds, migration
-from harness.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
+from harness import migration
 from harness.factory import MachineFactory
+from harness.inventory import builds
+from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
 from harness.scenarios import ScenarioOptions, ScenarioReport, keeping_artifacts, scenario
 from harness.spec import VmSpec
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import pytest
 
-from harness import bootorder, builds, firmware, matrix, migration, state, varstore
+from harness import bootorder, matrix, migration, state, varstore
 from harness.factory import MachineFactory
 from harness.images import ensure_image
+from harness.inventory import builds, firmware
 from harness.survival import assert_no_problems
 
 pytestmark = pytest.mark.integration

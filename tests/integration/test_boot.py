@@ -69,7 +69,7 @@ def test_direct_kernel_boot_with_seabios() -> None:
 
 def test_unknown_host_key_is_rejected(tmp_path: Path) -> None:
     from harness.errors import MachineError
-    from harness.ssh import SshClient
+    from harness.guest.ssh import SshClient
 
     with MachineFactory(VmSpec(name="hostkey")) as factory:
         vm = factory()

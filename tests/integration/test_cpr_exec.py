@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import builds, migration, state
+from harness import migration, state
 from harness.factory import MachineFactory
+from harness.inventory import builds
 from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration

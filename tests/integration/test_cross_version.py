@@ -94,7 +94,7 @@ def test_upgrade_and_rollback_chains(tmp_path: Path, harness_artifacts: Path, re
 def test_firmware_pair_runs_source_image_until_cold_restart(
     tmp_path: Path, harness_artifacts: Path, request: pytest.FixtureRequest
 ) -> None:
-    from harness import firmware
+    from harness.inventory import firmware
 
     eps = matrix.endpoints(_versions(request.config))
     fws = [matrix.FirmwareEndpoint.of(firmware.get_firmware(v)) for v in ("2022.11", "2025.02")]
@@ -120,7 +120,8 @@ def guest(tmp_path: Path) -> Iterator[Any]:
 
 def test_checks_fail_when_varstore_or_boot_order_change(guest: Any, tmp_path: Path) -> None:
     """The failing cases of the per-hop checks, on one guest without a migration."""
-    from harness import firmware, state
+    from harness import state
+    from harness.inventory import firmware
 
     before = xv.before_hop(guest, "check")
     time.sleep(1.5)  # the heartbeat ticks once a second

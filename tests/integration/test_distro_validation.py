@@ -2,7 +2,7 @@
 
 The QEMU 7.2 packages (qemu-system-x86, -common, -data, seabios, ipxe-qemu .debs from the
 provisioning cache) and the OVMF 2025.02 .deb are registered the way ``harness nightly
---qemu-deb ... --ovmf-deb ...`` registers them (:func:`harness.registry.register_from_options`),
+--qemu-deb ... --ovmf-deb ...`` registers them (:func:`harness.inventory.registry.register_from_options`),
 then:
 
 - the registered QEMU boots a UEFI guest and live-migrates to the reference 10.0.2 build
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import bootorder, builds, firmware, matrix, registry, state, survival, varstore
+from harness import bootorder, matrix, state, survival, varstore
 from harness.factory import MachineFactory
+from harness.inventory import builds, firmware, registry
 from harness.paths import cache_root
 from harness.scenarios import ScenarioOptions
 from harness.scenarios.cross_version import run_cross_version
@@ -81,7 +82,7 @@ def test_registered_builds_are_what_the_packages_say(registered: registry.Regist
     assert fw.debian_version.startswith("2025.02-") and fw.source.startswith("registered:")
     assert fw.select().vars_template.is_file()
     # an xdist worker has only the environment variable
-    code = (f"from harness import builds, firmware\n"
+    code = (f"from harness.inventory import builds, firmware\n"
             f"print(builds.get_build({qlabel!r}).capabilities.version)\n"
             f"print(firmware.get_firmware({fver!r}).version)\n")  # fmt: skip
     env = dict(os.environ, **{registry.ENV_VAR: str(registered.path)})
@@ -191,7 +192,7 @@ def test_nightly_runs_trixies_own_packages_against_the_reference(tmp_path: Path)
 
 
 def registry_version(debs: list[Path]) -> str:
-    from harness.provision import deb_field
+    from harness.inventory.provision import deb_field
 
     [qemu] = [d for d in debs if d.name.startswith("qemu-system-x86_")]
     return deb_field(qemu, "Version").split(":", 1)[-1]

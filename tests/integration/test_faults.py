@@ -316,7 +316,8 @@ INNER = """
 import os, tempfile, threading
 from pathlib import Path
 import pytest
-from harness import faults, snapshots
+from harness import faults
+from harness import snapshots
 from harness.machine import Machine
 
 def fast(vm_factory, tmp_path):

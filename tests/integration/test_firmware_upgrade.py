@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import bootorder, cli, firmware, migration, signatures, state, survival, varstore
+from harness import bootorder, cli, migration, signatures, state, survival, varstore
 from harness.errors import VarstoreError
 from harness.factory import MachineFactory
+from harness.inventory import firmware
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from qemu.machine import QEMUMachine
 
-from harness import builds, catalog
-from harness.catalog import PackageRef, Version
 from harness.errors import ProvisionError
-from harness.provision import Provisioner, verify_prefix
+from harness.inventory import builds, catalog
+from harness.inventory.catalog import PackageRef, Version
+from harness.inventory.provision import Provisioner, verify_prefix
 
 pytestmark = pytest.mark.integration
 HARNESS = [sys.executable, "-m", "harness"]

@@ -27,9 +27,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness import catalog
 from harness.images import Image, ensure_image, mem_region_checksum
-from harness.provision import Provisioner
+from harness.inventory import catalog
+from harness.inventory.provision import Provisioner
 
 pytestmark = pytest.mark.integration
 

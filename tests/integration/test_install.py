@@ -74,7 +74,7 @@ def test_installed_package_before_and_after_qemu_machine(venv: Path, tmp_path: P
     site = next((venv / "v/lib").glob("python3*/site-packages"))
     assert (site / "harness/_shipped/firmware/catalog.toml").is_file()
     assert (site / "harness/_shipped/guests/recipes/minimal.toml").is_file()
-    assert (site / "harness/nightly_suite/test_matrix.py").is_file()
+    assert (site / "harness/nightly/suite/test_matrix.py").is_file()
 
     # before: an unrelated test file passes; doctor names what is missing in one line
     plain = _run(venv, "pytest", "-q", "-p", "no:cacheprovider", "test_plain.py", cwd=user)
@@ -103,13 +103,13 @@ def test_installed_package_before_and_after_qemu_machine(venv: Path, tmp_path: P
     assert nightly.returncode == 0, nightly.stdout[-3000:] + nightly.stderr[-3000:]
     data = json.loads((results / "results.json").read_text())
     assert data["summary"]["passed"] >= 1 and data["summary"]["total"] == data["summary"]["passed"]
-    assert all(r["id"].startswith("harness/nightly_suite/test_matrix.py::") for r in data["records"])
+    assert all(r["id"].startswith("harness/nightly/suite/test_matrix.py::") for r in data["records"])
 
 
 REAL_APT_CALLER = """
 import sys
 from pathlib import Path
-from harness.provision import AptArchive, PackageRef
+from harness.inventory.provision import AptArchive, PackageRef
 a = AptArchive(Path(sys.argv[1]), ("bookworm-backports",))
 a.update()
 print(a.candidate(PackageRef("qemu-system-x86", "bookworm-backports")))

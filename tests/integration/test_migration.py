@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds, migration, state
+from harness import migration, state
 from harness.factory import MachineFactory
+from harness.inventory import builds
 from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration

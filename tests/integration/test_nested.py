@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness import builds, migration, nested, state
+from harness import migration, nested, state
 from harness.factory import MachineFactory
+from harness.inventory import builds
 from harness.machine import Machine
 
 pytestmark = pytest.mark.integration

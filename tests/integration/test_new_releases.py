@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds, catalog
 from harness.errors import ProvisionError
-from harness.provision import Provisioner
+from harness.inventory import builds, catalog
+from harness.inventory.provision import Provisioner
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def test_deprecated_machine_data_matches_every_builds_own_flags(arch: str) -> No
 
 
 def test_qemu_dir_with_its_own_libc_runs_through_its_loader_and_without_it_is_refused(tmp_path: Path) -> None:
-    from harness import registry
+    from harness.inventory import registry
 
     prefix = builds.get_build("11.1.3").prefix
     assert prefix is not None

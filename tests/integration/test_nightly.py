@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import report
+from harness.nightly import report
+from harness.nightly.results import junit_key
 from harness.paths import REPO_ROOT
-from harness.results import junit_key
 
 pytestmark = pytest.mark.integration
 
 HARNESS = REPO_ROOT / ".venv" / "bin" / "harness"
-INJECTED = "harness/nightly_suite/test_matrix.py::test_scenario[injected-failure]"
-CPR = "harness/nightly_suite/test_matrix.py::test_scenario[cpr-reboot-qemu10.0.2-ovmf2022.11]"
+INJECTED = "harness/nightly/suite/test_matrix.py::test_scenario[injected-failure]"
+CPR = "harness/nightly/suite/test_matrix.py::test_scenario[cpr-reboot-qemu10.0.2-ovmf2022.11]"
 MIN_CHIP_PIXELS = 1500  # one matrix chip is ~110 x 28 px; the legend's glyphs are far fewer
 
 

@@ -147,8 +147,8 @@ def test_raise_mid_boot_leaves_no_qemu(pytester: pytest.Pytester, harness_rundir
     pytester.makepyfile(test_mid=f"""
         import json, time
         import pytest
-        from harness.console import Console
-        from harness.qemu_process import live_processes
+        from harness.guest.console import Console
+        from harness.guest.qemu_process import live_processes
 
         def _note(where):
             pids = [p.pid for p in live_processes() if p.running]
@@ -223,8 +223,8 @@ def test_control_without_parent_death_signal_qemu_is_orphaned(
     """The failing case of the test above: the same run with the parent-death signal
     disabled leaves an orphaned QEMU (which the ``harness_rundir`` fixture then kills)."""
     marker = str(harness_rundir)
-    no_pdeathsig = ("\nimport harness.qemu_process\n"
-                    "harness.qemu_process.die_with_parent = lambda argv, env: (list(argv), dict(env))\n")
+    no_pdeathsig = ("\nimport harness.guest.qemu_process\n"
+                    "harness.guest.qemu_process.die_with_parent = lambda argv, env: (list(argv), dict(env))\n")
     with inner_pytest(tmp_path, BOOT_ONE, conftest_extra=no_pdeathsig) as (proc, log):
         _wait_for("QEMU to start", lambda: bool(find_qemu(marker)), 180, proc, log)
         [qemu] = find_qemu(marker)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds, faults
+from harness import faults
+from harness.inventory import builds
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds, cli, sources
+from harness import cli
+from harness.inventory import builds, sources
 from harness.paths import cache_root
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds, migration, storm
+from harness import migration, storm
 from harness.factory import MachineFactory
+from harness.inventory import builds
 from harness.scenarios import ScenarioOptions
 from harness.scenarios.storm import run_storm
 

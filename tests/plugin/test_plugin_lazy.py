@@ -11,8 +11,8 @@ import pytest
 SABOTAGE = """
 import sys
 
-import harness.catalog
-import harness.host
+import harness.inventory.catalog
+import harness.inventory.host
 
 sys.modules["qemu"] = None  # `import qemu...` now raises ImportError, as when not installed
 
@@ -21,8 +21,8 @@ def _forbidden(*args, **kwargs):
     raise RuntimeError("the plugin touched what a session without guests must not touch")
 
 
-harness.catalog.default = _forbidden
-harness.host.probe_kvm = _forbidden
+harness.inventory.catalog.default = _forbidden
+harness.inventory.host.probe_kvm = _forbidden
 """
 
 

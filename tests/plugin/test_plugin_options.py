@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import host
+from harness.inventory import host
 
 KVM_USABLE = host.probe_kvm().usable
 BUILD_TEST = """
@@ -246,7 +246,7 @@ def test_library_imports_without_pytest() -> None:
     code = (
         "import sys\n"
         "import harness.factory, harness.machine, harness.migration, harness.state\n"
-        "import harness.requirements, harness.varstore, harness.firmware, harness.builds\n"
+        "import harness.inventory.requirements, harness.varstore, harness.inventory.firmware, harness.inventory.builds\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest', 'xdist'))\n"
         "assert not loaded, loaded\n"
         "f = harness.factory.MachineFactory()\n"

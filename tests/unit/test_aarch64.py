@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import catalog, images
+from harness import images
 from harness.errors import CatalogError, ConfigError, SpecError, VarstoreError
-from harness.firmware import MiB, check_flash_pair, is_blank, load_build
+from harness.inventory import catalog
+from harness.inventory.firmware import MiB, is_blank, load_build
 from harness.spec import Resolved, VmSpec, from_dict, qemu_args
 
 # --- catalogue ---------------------------------------------------------------------------
@@ -128,35 +129,6 @@ def test_is_blank(tmp_path: Path) -> None:
     assert not is_blank(one)
     with pytest.raises(VarstoreError, match="cannot read"):
         is_blank(tmp_path / "absent.fd")
-
-
-@pytest.fixture(scope="module")
-def aavmf_2022() -> object:
-    from harness.firmware import get_firmware
-
-    return get_firmware("2022.11", "aarch64")
-
-
-def test_provisioned_aavmf_is_64mib_split(aavmf_2022: object) -> None:
-    from harness.firmware import FirmwareBuild
-
-    assert isinstance(aavmf_2022, FirmwareBuild)
-    d = aavmf_2022.select()
-    assert d.name == "60-edk2-aarch64.json"
-    assert (d.code.name, d.vars_template.name) == ("AAVMF_CODE.fd", "AAVMF_VARS.fd")
-    assert aavmf_2022.flash_layouts() == frozenset({(64 * MiB, 64 * MiB)})
-    assert is_blank(d.vars_template)  # Debian's 2022.11 template: formatted on first boot
-    assert check_flash_pair(d.code, d.vars_template, aavmf_2022) == 128 * MiB
-
-
-def test_ovmf_vars_do_not_fit_aavmf_code(aavmf_2022: object, tmp_path: Path) -> None:
-    from harness.firmware import FirmwareBuild
-
-    assert isinstance(aavmf_2022, FirmwareBuild)
-    small = tmp_path / "vars.fd"
-    small.write_bytes(bytes(540672))  # OVMF_VARS_4M.fd's size
-    with pytest.raises(VarstoreError, match="does not fit code .*expected vars of 67108864"):
-        check_flash_pair(aavmf_2022.select().code, small, aavmf_2022)
 
 
 # --- images ------------------------------------------------------------------------------

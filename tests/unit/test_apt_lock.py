@@ -21,7 +21,7 @@ echo "end $(date +%s.%N) $$" >> "$APT_TRACE"
 CALLER = """
 import sys
 from pathlib import Path
-from harness.provision import AptArchive
+from harness.inventory.provision import AptArchive
 a = AptArchive(Path(sys.argv[1]), ("bookworm",), mirror="http://deb.debian.org/debian")
 a.update()
 a._run("apt-get", ["download", "hello"])

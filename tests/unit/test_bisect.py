@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import bisect as bisect_mod
 from harness import scenarios
-from harness.bisect import Outcome, bisect
 from harness.errors import ConfigError, UnsupportedError
+from harness.nightly import bisect as bisect_mod
+from harness.nightly.bisect import Outcome, bisect
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """Capability probing against QMP answers recorded from the real provisioned builds.
 
-The recordings (tests/unit/data/probe/qemu-*.json.gz) are `harness.builds.probe_raw`
+The recordings (tests/unit/data/probe/qemu-*.json.gz) are `harness.inventory.builds.probe_raw`
 output of QEMU 5.2, 7.2 and 10.0.2 as provisioned from Debian's archive."""
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ from typing import Any
 
 import pytest
 
-from harness.builds import Capabilities, MachineType, capabilities_from_qmp, newest_common_machine
 from harness.errors import UnknownVersionError
+from harness.inventory.builds import (
+    Capabilities,
+    MachineType,
+    capabilities_from_qmp,
+    newest_common_machine,
+)
 
 DATA = Path(__file__).parent / "data" / "probe"
 
@@ -87,7 +92,7 @@ def test_missing_mode_parameter_means_normal_only() -> None:
 
 
 def test_an_own_libc_build_runs_through_its_loader_from_any_environment(tmp_path: Path) -> None:
-    from harness.builds import QemuBuild
+    from harness.inventory.builds import QemuBuild
 
     lib = tmp_path / "usr/lib/x86_64-linux-gnu"
     (lib / "qemu").mkdir(parents=True)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import catalog
-from harness.catalog import Version
 from harness.errors import AmbiguousVersionError, CatalogError, UnknownVersionError
+from harness.inventory import catalog
+from harness.inventory.catalog import Version
 
 
 def test_shipped_catalogue_has_the_mission_builds() -> None:

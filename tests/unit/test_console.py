@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.console import MAX_LINE, Console, clean
 from harness.errors import ConsoleSilent, GuestTimeout, MachineError
+from harness.guest.console import MAX_LINE, Console, clean
 
 
 def test_wait_finds_text_written_later(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness import matrix
-from harness.catalog import Version
 from harness.errors import CatalogError
+from harness.inventory.catalog import Version
 
 WARN = ("qemu-system-x86_64: warning: Machine type 'pc-q35-5.2' is deprecated: machines more "
         "than 3 years old are subject to deletion after 6 years\n")

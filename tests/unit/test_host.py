@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import host
 from harness.errors import HostError
+from harness.inventory import host
 
 
 def _tree(tmp_path: Path, flags: str, modules: dict[str, str | None], kvm: bool) -> tuple[Path, Path, Path]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import hunt
 from harness.errors import ConfigError
+from harness.nightly import hunt
 from harness.scenarios import ScenarioOptions, ScenarioReport
 
 pytestmark = pytest.mark.unit

@@ -9,6 +9,7 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from harness.images import (
     module_depends,
     pe_image_end,
 )
+from harness.images import builder as image_builder
+from harness.inventory import provision
 
 DATA = Path(__file__).parent / "data" / "images"
 
@@ -106,7 +109,7 @@ def test_inputs_hash_covers_recipe_debs_and_extra(tmp_path: Path) -> None:
 def test_inputs_hash_covers_agent_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     agent = tmp_path / "agent"
     shutil.copytree(images.AGENT_DIR, agent)
-    monkeypatch.setattr(images, "AGENT_DIR", agent)
+    monkeypatch.setattr(image_builder, "AGENT_DIR", agent)
     builder = Builder(load_recipe("minimal"))
     before = builder.inputs_hash(_debset(tmp_path))
     (agent / "agent").write_text((agent / "agent").read_text() + "\n# changed\n")
@@ -132,7 +135,7 @@ class FakeBuilder(Builder):
         meta = {"name": self.name, "arch": "x86_64", "cmdline": "console=ttyS0",
                 "inputs_hash": digest, "host_key": "ssh-ed25519 AAAA", "data_disk": False}  # fmt: skip
         (out / images.IMAGE_JSON).write_text(json.dumps(meta))
-        images.write_manifest(out, {"kind": "image"})
+        provision.write_manifest(out, {"kind": "image"})
 
 
 def images_root() -> Path:
@@ -140,10 +143,12 @@ def images_root() -> Path:
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private cache where the fake builder may build (unit tests may not fetch)."""
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     FakeBuilder.builds = 0
-    return tmp_path / "cache"
+    with provision.provisioning(allowed=True):
+        yield tmp_path / "cache"
 
 
 def test_cached_image_is_reused(cache: Path) -> None:
@@ -172,7 +177,7 @@ def test_corrupt_cache_entry_is_rebuilt(cache: Path, damage: Any) -> None:
     again = builder.ensure()
     assert FakeBuilder.builds == 2
     assert again.root == image.root
-    assert images.verify_prefix(again.root) is None
+    assert provision.verify_prefix(again.root) is None
 
 
 def test_failed_build_leaves_no_entry(cache: Path) -> None:
@@ -191,10 +196,10 @@ def test_read_debset_rejects_size_mismatch(tmp_path: Path) -> None:
     record = {"kernel_package": "linux-image-6.1.0-1-amd64",
               "debs": {"x.deb": {"package": "x", "version": "1", "sha256": "0", "size": 5}}}  # fmt: skip
     (tmp_path / images.DEBS_JSON).write_text(json.dumps(record))
-    found = images._read_debset(tmp_path)
+    found = images.read_debset(tmp_path)
     assert found is not None and found.paths() == [tmp_path / "x.deb"]
     (tmp_path / "x.deb").write_bytes(b"1234")
-    assert images._read_debset(tmp_path) is None
+    assert images.read_debset(tmp_path) is None
 
 
 # --- kernel and modules ----------------------------------------------------------------

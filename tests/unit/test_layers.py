@@ -1,6 +1,10 @@
-"""No import cycle in harness/: every import counts, at module level, inside functions and
-under TYPE_CHECKING alike (an import inside a function hides a cycle from Python, not from
-the reader).  A new cycle fails here with the modules that form it."""
+"""The package's layers, and no import cycle in harness/.
+
+Every import counts, at module level, inside functions and under TYPE_CHECKING alike (an
+import inside a function hides a dependency from Python, not from the reader).  A new cycle
+fails here with the modules that form it; so does an import that reaches up to a higher
+layer (:data:`LAYERS`, lowest first: the order of the README's layout) and a module that
+belongs to no layer."""
 
 from __future__ import annotations
 
@@ -68,6 +72,60 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+# Lowest first; a module may import its own layer and the ones before it.  A name stands
+# for the module and everything under it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("basics", ("harness", "harness.errors", "harness.paths", "harness.terms")),
+    ("codecs", ("harness.varstore", "harness.signatures")),
+    ("processes and channels", ("harness.guest",)),
+    ("what exists", ("harness.inventory",)),
+    ("images", ("harness.images",)),
+    ("the spec", ("harness.spec",)),
+    ("a running guest", ("harness.machine", "harness.state", "harness.tpm")),
+    ("moving guests", ("harness.migration", "harness.snapshots", "harness.faults", "harness.matrix",
+                       "harness.factory")),
+    ("what must survive", ("harness.bootorder", "harness.survival", "harness.storm", "harness.secureboot")),
+    ("nested guests", ("harness.nested",)),
+    ("scenarios", ("harness.scenarios",)),
+    ("the nightly", ("harness.nightly",)),
+    ("interfaces", ("harness.plugin", "harness.cli", "harness.__main__")),
+]
+
+
+def layer_of(module: str) -> int | None:
+    best: tuple[int, int] | None = None  # (length of the matching name, layer)
+    for i, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[0]):
+                best = (len(name), i)
+    return None if best is None else best[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if here is not None and there is not None and there > here:
+                found.append(f"{module} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in import_graph() if layer_of(m) is None] == []
+
+
+def test_no_import_reaches_up_a_layer() -> None:
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    assert upward_imports({"harness.inventory.builds": {"harness.machine"}, "harness.machine": set()}) == [
+        "harness.inventory.builds (what exists) imports harness.machine (a running guest)"
+    ]
 
 
 def test_the_finder_finds_a_cycle() -> None:

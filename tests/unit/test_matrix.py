@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness import matrix
-from harness.builds import capabilities_from_qmp
-from harness.catalog import Version
 from harness.errors import CatalogError, ConfigError, UnknownVersionError
+from harness.inventory.builds import capabilities_from_qmp
+from harness.inventory.catalog import Version
 from harness.matrix import Endpoint, FirmwareEndpoint, Incompatibility
 
 PROBES = Path(__file__).parent / "data" / "probe"

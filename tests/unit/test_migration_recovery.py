@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import migration
-from harness.qemu_process import QmpError
+from harness.guest.qemu_process import QmpError
 
 
 class FakeQemu:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import host, nested
+from harness import nested
 from harness.errors import HostError, MachineError, StateError, UnsupportedError
+from harness.inventory import host
 from harness.spec import Resolved, VmSpec, qemu_args
 
 DATA = Path(__file__).parent / "data" / "nested"

@@ -15,11 +15,12 @@ from typing import Any
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from harness import catalog, firmware, varstore
-from harness.console import Console, clean
+from harness import varstore
 from harness.errors import CatalogError, GuestCommandError, HarnessError, SpecError, VarstoreError
+from harness.guest.console import Console, clean
+from harness.guest.ssh import CommandResult
+from harness.inventory import catalog, firmware
 from harness.spec import VmSpec, from_dict
-from harness.ssh import CommandResult
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip

@@ -12,11 +12,19 @@ from typing import Any
 
 import pytest
 
-from harness import cli, nightly, report
-from harness.catalog import Version
+from harness import cli
 from harness.errors import CatalogError, ConfigError, HarnessError
+from harness.inventory.catalog import Version
 from harness.matrix import load_incompatibilities, parse_incompatibilities
-from harness.results import RunRecord, builds_from_id, junit_key, nodeid_from_junit, summarize_steps
+from harness.nightly import report
+from harness.nightly import runner as nightly
+from harness.nightly.results import (
+    RunRecord,
+    builds_from_id,
+    junit_key,
+    nodeid_from_junit,
+    summarize_steps,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -150,9 +158,9 @@ def test_registration_options_reach_the_registry(tmp_path: Path) -> None:
 
 
 def test_junit_keys_and_ids() -> None:
-    nid = "harness/nightly_suite/test_matrix.py::test_scenario[live-qemu10.0.2-ovmf2022.11]"
+    nid = "harness/nightly/suite/test_matrix.py::test_scenario[live-qemu10.0.2-ovmf2022.11]"
     key = junit_key(nid)
-    assert key == "harness.nightly_suite.test_matrix::test_scenario[live-qemu10.0.2-ovmf2022.11]"
+    assert key == "harness.nightly.suite.test_matrix::test_scenario[live-qemu10.0.2-ovmf2022.11]"
     cls, name = key.split("::")
     assert nodeid_from_junit(cls, name) == nid
     assert junit_key("tests/a.py::C::t[x]") == "tests.a.C::t[x]"
@@ -188,7 +196,7 @@ def test_summarize_steps_takes_worst_and_first_unexpected_failure() -> None:
 
 def rec(entry: str, outcome: str, scenario: str = "live", steps: list[dict[str, Any]] | None = None,
         **kw: Any) -> dict[str, Any]:
-    r = RunRecord(id=f"harness/nightly_suite/test_matrix.py::test_scenario[{entry}]", scenario=scenario,
+    r = RunRecord(id=f"harness/nightly/suite/test_matrix.py::test_scenario[{entry}]", scenario=scenario,
                   outcome=outcome, entry=entry, **kw)
     summarize_steps(r, steps or [])
     return r.to_json()
@@ -278,7 +286,7 @@ def test_compare_finds_new_failures_fixed_and_regressions() -> None:
         rec("d", "passed", steps=cycles("7.2", "10.0.2", [0.5])), rec("new", "error"),
         rec("e", "passed", duration_s=39.0)]}  # fmt: skip
     c = report.compare(cur, prev)
-    idf = "harness/nightly_suite/test_matrix.py::test_scenario[{}]".format
+    idf = "harness/nightly/suite/test_matrix.py::test_scenario[{}]".format
     assert c["new_failures"] == [idf("a"), idf("new")]
     assert c["fixed"] == [idf("b")]
     regs = {(r["id"], r["metric"]) for r in c["regressions"]}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import requirements
-from harness.builds import QemuBuild, capabilities_from_qmp
-from harness.catalog import Version
 from harness.errors import ConfigError
-from harness.host import AccelChoice, HostInfo, KvmInfo
+from harness.inventory import requirements
+from harness.inventory.builds import QemuBuild, capabilities_from_qmp
+from harness.inventory.catalog import Version
+from harness.inventory.host import AccelChoice, HostInfo, KvmInfo
 
 DATA = Path(__file__).parent / "data" / "probe"
 

@@ -16,19 +16,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
 
-from harness import firmware, images, varstore
-from harness.console import MAX_LINE, Console, clean
+from harness import varstore
 from harness.errors import GuestCommandError, GuestTimeout, MachineError
 from harness.factory import private_base
+from harness.guest.console import MAX_LINE, Console, clean
+from harness.guest.qemu_process import QemuProcess
+from harness.guest.ssh import CommandResult, SshClient, parse_host_key
 from harness.machine import Incarnation, Machine
-from harness.qemu_process import QemuProcess
-from harness.spec import VmSpec
-from harness.ssh import CommandResult, SshClient, parse_host_key
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "harness"
@@ -36,15 +37,6 @@ HARNESS = ROOT / "harness"
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def loose_umask() -> Iterator[None]:
-    old = os.umask(0)  # the harness must not rely on the caller's umask
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 # --- no shell ------------------------------------------------------------------------------
@@ -97,11 +89,35 @@ def test_ruff_shell_rules_pass_on_harness_and_fail_on_a_shell(tmp_path: Path) ->
 # --- file and directory modes ----------------------------------------------------------------
 
 
-def test_private_varstore_copy_is_0600(tmp_path: Path, loose_umask: None) -> None:
-    template = firmware.get_firmware("2022.11").select().vars_template
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    old = os.umask(0)  # the harness must not rely on the caller's umask
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_private_varstore_copy_is_0600(tmp_path: Path, loose_umask: None, kept_templates: dict[str, Path]) -> None:
+    template = kept_templates["template-2022.11-4m-ms.fd"]
     assert template is not None and _mode(template) & 0o077  # the template itself is world-readable
     copy = varstore.instantiate(template, tmp_path / "vars.fd")
     assert _mode(copy) == 0o600
+
+
+@dataclass(frozen=True)
+class _NoBuild:
+    """A build as QemuProcess sees it, for constructing one that is never launched."""
+
+    label: str = "none"
+    binary: Path = Path("/nonexistent/qemu-system-x86_64")
+    env: dict[str, str] = field(default_factory=dict)
+
+    def data_args(self) -> list[str]:
+        return []
+
+    def wrapper(self) -> list[str]:
+        return []
 
 
 def test_work_dirs_are_0700(tmp_path: Path, loose_umask: None) -> None:
@@ -110,25 +126,10 @@ def test_work_dirs_are_0700(tmp_path: Path, loose_umask: None) -> None:
         assert _mode(base) == 0o700
     finally:
         base.rmdir()
-    from harness import builds
-
     loose = tmp_path / "qemu-work"
     loose.mkdir(mode=0o755)
-    QemuProcess(builds.get_build("10.0.2"), [], workdir=loose)  # constructed, not launched
+    QemuProcess(_NoBuild(), [], workdir=loose)  # constructed, not launched
     assert _mode(loose) == 0o700
-    mdir = tmp_path / "machine"
-    mdir.mkdir(mode=0o777)
-    Machine(VmSpec(name="modes"), mdir)
-    assert _mode(mdir) == 0o700
-
-
-def test_image_keys_are_private() -> None:
-    img = images.ensure_image("minimal")
-    assert _mode(img.client_key) == 0o600
-    assert _mode(img.client_key.parent) == 0o700
-    dropbear = img.client_key.parent / images.HOST_KEY_DROPBEAR
-    if dropbear.exists():
-        assert _mode(dropbear) == 0o600
 
 
 # --- SSH host keys pinned ------------------------------------------------------------------
@@ -140,9 +141,9 @@ class _Server(paramiko.ServerInterface):
 
 
 @pytest.fixture
-def fake_sshd() -> Iterator[tuple[int, paramiko.PKey]]:
+def fake_sshd(ssh_keys: Any) -> Iterator[tuple[int, paramiko.PKey]]:
     """A local SSH server with a fresh host key that refuses every login."""
-    key = paramiko.Ed25519Key.from_private_key_file(str(images.ensure_image("minimal").client_key))
+    key = ssh_keys.host
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
@@ -178,19 +179,17 @@ def _line(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def test_unknown_host_key_is_rejected(fake_sshd: tuple[int, paramiko.PKey]) -> None:
+def test_unknown_host_key_is_rejected(fake_sshd: tuple[int, paramiko.PKey], ssh_keys: Any) -> None:
     port, _served = fake_sshd
-    img = images.ensure_image("minimal")  # its pinned key is not the server's
-    client = SshClient("127.0.0.1", port, img.host_key, img.client_key, name="fake")
+    client = SshClient("127.0.0.1", port, ssh_keys.other_host_line, ssh_keys.client_file, name="fake")
     with pytest.raises(MachineError, match="host key mismatch"):
         client.connect(timeout=20)
 
 
-def test_pinned_host_key_is_accepted(fake_sshd: tuple[int, paramiko.PKey]) -> None:
+def test_pinned_host_key_is_accepted(fake_sshd: tuple[int, paramiko.PKey], ssh_keys: Any) -> None:
     # the same server with its key pinned gets past the host key (and fails at login)
     port, served = fake_sshd
-    img = images.ensure_image("minimal")
-    client = SshClient("127.0.0.1", port, _line(served), img.client_key, name="fake")
+    client = SshClient("127.0.0.1", port, _line(served), ssh_keys.client_file, name="fake")
     with pytest.raises(GuestTimeout) as exc:
         client.connect(timeout=3)
     assert "Authentication" in exc.value.last_seen
@@ -272,86 +271,6 @@ def test_agent_output_last_json_line_wins() -> None:
 # --- a paused QEMU from a real spec: QMP, sockets, forwarded port -----------------------------
 
 
-def _tcp_listeners(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of the TCP sockets in LISTEN state that process ``pid`` holds."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = f[1].split(":")
-            if width == 8:
-                addr = socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr_hex)[::-1])
-            else:
-                raw = bytes.fromhex(addr_hex)
-                addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-            out.append((addr, int(port_hex, 16)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def paused_qemu() -> Iterator[Machine]:
-    base = private_base("-sec")
-    vm = Machine(VmSpec(name="secpaused"), base / "vm")
-    try:
-        inc = vm.spawn(extra_args=["-S"])  # the CPU never runs: nothing boots
-        vm.adopt(inc)
-        yield vm
-    finally:
-        vm.stop(hard=True)
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.mark.integration
-def test_qmp_is_a_socketpair_not_a_path(paused_qemu: Machine) -> None:
-    args = Path(f"/proc/{paused_qemu.process.pid}/cmdline").read_bytes().split(b"\0")
-    text = [a.decode() for a in args]
-    mon = [a for a in text if a.startswith("socket,id=mon")]
-    assert mon and all("fd=" in a and "path=" not in a for a in mon), mon
-    assert not any(a.startswith("unix:") or ",server" in a for a in text if "mon" in a)
-    assert paused_qemu.qmp("query-status")["status"] == "prelaunch"
-
-
-@pytest.mark.integration
-def test_sockets_live_in_0700_directories(paused_qemu: Machine) -> None:
-    serial = paused_qemu.current.resolved.serial_sock
-    assert serial is not None and serial.exists()
-    assert _mode(serial.parent) == 0o700
-    assert _mode(paused_qemu.workdir) == 0o700 and serial.parent == paused_qemu.sock_dir
-    # migration and cpr sockets are made in the guest's private socket directory
-    from harness import migration
-
-    assert "vm.sock_dir" in Path(migration.__file__).read_text().split("def live(")[1].split("def save(")[0]
-    assert "vm.sock_dir" in Path(migration.__file__).read_text().split("def cpr_transfer(")[1]
-
-
-@pytest.mark.integration
-def test_forwarded_ssh_port_listens_on_loopback_only(paused_qemu: Machine) -> None:
-    listeners = _tcp_listeners(paused_qemu.process.pid)
-    assert (("127.0.0.1", paused_qemu.ssh_port)) in listeners, listeners
-    assert all(addr == "127.0.0.1" for addr, _ in listeners), listeners
-
-
-def test_listener_parser_sees_a_wildcard_bind() -> None:
-    # the check above must be able to fail: a 0.0.0.0 listener of our own is reported
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        s.listen(1)
-        port = s.getsockname()[1]
-        assert ("0.0.0.0", port) in _tcp_listeners(os.getpid())
-
-
 def test_no_python_runs_between_fork_and_exec() -> None:
     # preexec_fn runs Python in the forked child while other threads (paramiko, console
     # readers) may hold locks: unsafe.  The parent-death signal is set by setpriv instead.
@@ -364,7 +283,7 @@ def test_no_python_runs_between_fork_and_exec() -> None:
 
 
 def test_children_get_their_parent_death_signal_from_setpriv() -> None:
-    from harness.qemu_process import die_with_parent
+    from harness.guest.qemu_process import die_with_parent
 
     argv, env = die_with_parent(["qemu-system-x86_64", "-S"], {"LD_LIBRARY_PATH": "/p/lib", "A": "1"})
     assert argv[1:4] == ["--pdeathsig", "KILL", "--"] and argv[0].endswith("setpriv")
@@ -375,7 +294,7 @@ def test_children_get_their_parent_death_signal_from_setpriv() -> None:
     script = "import time; time.sleep(30)"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from harness.qemu_process import die_with_parent\n"
+        "from harness.guest.qemu_process import die_with_parent\n"
         f"argv, env = die_with_parent([sys.executable, '-c', {script!r}], {{}})\n"
         "child = subprocess.Popen(argv, env=env)\n"
         "print(child.pid, flush=True)\n"
@@ -397,7 +316,7 @@ def test_children_get_their_parent_death_signal_from_setpriv() -> None:
 
 
 def test_a_child_whose_parent_is_already_gone_does_not_run() -> None:
-    from harness.qemu_process import die_with_parent
+    from harness.guest.qemu_process import die_with_parent
 
     argv, env = die_with_parent(["sh", "-c", "echo RAN"], dict(os.environ))
     argv[7] = "1"  # as if the parent had died before the signal was armed (reparented)

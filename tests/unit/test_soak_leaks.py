@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from harness.commands import soak
+from harness.cli.commands import soak
 
 SHM = Path("/dev/shm")
 

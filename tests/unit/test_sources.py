@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import sources
 from harness.errors import ConfigError, ProvisionError
+from harness.inventory import sources
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import paramiko
 import pytest
 
 from harness.errors import GuestTimeout
-from harness.ssh import SshClient
+from harness.guest.ssh import SshClient
 
 
 class FakeTransport:

@@ -16,7 +16,7 @@ import pytest
 
 from harness import state, survival, varstore
 from harness.errors import StateError
-from harness.ssh import CommandResult
+from harness.guest.ssh import CommandResult
 from harness.state import ClockSample, GuestState
 
 pytestmark = pytest.mark.unit

@@ -4,15 +4,14 @@ hop plan; and the varstore structure walk on crafted files (each corruption kind
 from __future__ import annotations
 
 import hashlib
-import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness import storm, varstore
 from harness.errors import VarstoreError
-from harness.paths import cache_root
 
 pytestmark = pytest.mark.unit
 
@@ -89,16 +88,9 @@ def test_reboot_and_cross_version_hops_are_planned() -> None:
 
 # --- the varstore's structure -----------------------------------------------------------------
 
-def _template() -> Path:
-    found = sorted((cache_root() / "builds").glob("ovmf-2022.11-x86_64/usr/share/OVMF/OVMF_VARS_4M.ms.fd"))
-    if not found:
-        pytest.skip("OVMF 2022.11 is not provisioned (make provision)")
-    return found[0]
-
-
-def _copy(tmp_path: Path) -> tuple[Path, list[varstore.StoreSlot]]:
-    path = tmp_path / "vars.fd"
-    shutil.copy(_template(), path)
+def _copy(kept_template: Callable[..., Path]) -> tuple[Path, list[varstore.StoreSlot]]:
+    """OVMF 2022.11's enrolled 4M template (kept with the tests), as ``vars.fd``."""
+    path = kept_template("template-2022.11-4m-ms.fd", "vars.fd")
     slots, problems = varstore.store_slots(path)
     assert slots and problems == []
     return path, slots
@@ -110,21 +102,21 @@ def _poke(path: Path, offset: int, data: bytes) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_a_real_store_is_clean(tmp_path: Path) -> None:
-    path, slots = _copy(tmp_path)
+def test_a_real_store_is_clean(kept_template: Callable[..., Path]) -> None:
+    path, slots = _copy(kept_template)
     assert varstore.integrity_problems(path) == []
     assert {s.state for s in slots} <= {0x3F, 0x3D, 0x3C}
 
 
-def test_a_bad_state_byte_is_named_with_its_offset(tmp_path: Path) -> None:
-    path, slots = _copy(tmp_path)
+def test_a_bad_state_byte_is_named_with_its_offset(kept_template: Callable[..., Path]) -> None:
+    path, slots = _copy(kept_template)
     _poke(path, slots[2].offset + 2, b"\x12")
     [problem] = varstore.integrity_problems(path)
     assert f"offset {slots[2].offset:#x}" in problem and "0x12" in problem and str(path) in problem
 
 
-def test_a_half_written_variable_is_a_problem_once_settled(tmp_path: Path) -> None:
-    path, slots = _copy(tmp_path)
+def test_a_half_written_variable_is_a_problem_once_settled(kept_template: Callable[..., Path]) -> None:
+    path, slots = _copy(kept_template)
     _poke(path, slots[-1].offset + 2, bytes([varstore.VAR_HEADER_VALID_ONLY]))
     assert varstore.integrity_problems(path, settled=False) == []
     [problem] = varstore.integrity_problems(path)
@@ -133,12 +125,12 @@ def test_a_half_written_variable_is_a_problem_once_settled(tmp_path: Path) -> No
     assert "in deleted transition" in varstore.integrity_problems(path)[0]
 
 
-def test_a_variable_running_past_the_end_and_garbage_after_the_last(tmp_path: Path) -> None:
-    path, slots = _copy(tmp_path)
+def test_a_variable_running_past_the_end_and_garbage_after_the_last(kept_template: Callable[..., Path]) -> None:
+    path, slots = _copy(kept_template)
     _poke(path, slots[-1].offset + 40, struct.pack("<L", 0x7FFFFFF0))  # its data size
     [problem] = varstore.integrity_problems(path)
     assert "runs past the store's end" in problem and f"{slots[-1].offset:#x}" in problem
-    path, slots = _copy(tmp_path)
+    path, slots = _copy(kept_template)
     _poke(path, slots[-1].end + 64, b"\x00\x01")
     [problem] = varstore.integrity_problems(path)
     assert "neither a variable header nor erased flash" in problem and f"{slots[-1].end + 64:#x}" in problem

@@ -7,15 +7,15 @@ import lzma
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import catalog, cli
+from harness import cli
 from harness.errors import VarstoreError
-from harness.firmware import FirmwareBuild, get_firmware
 from harness.varstore import (
     EFI_GLOBAL_VARIABLE,
     VarstoreModel,
@@ -34,13 +34,6 @@ pytestmark = pytest.mark.unit
 DATA = Path(__file__).parent / "data" / "varstore"
 BOOTED = DATA / "booted-2025.02-4m.fd.xz"
 SERIAL = DATA / "booted-2025.02-4m.serial.log"
-VERSIONS = [e.version for e in catalog.default().firmware if e.arch == "x86_64"]
-IMAGE_SECURITY_DB = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
-
-
-@pytest.fixture(scope="module", params=VERSIONS)
-def build(request: pytest.FixtureRequest) -> FirmwareBuild:
-    return get_firmware(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -75,42 +68,6 @@ def _with_virt_firmware(src: Path, dest: Path, order: list[int]) -> None:
 # --- the real templates ----------------------------------------------------------------
 
 
-def test_empty_templates_have_no_boot_entries(build: FirmwareBuild) -> None:
-    model = read_varstore(build.vars_template)
-    assert model.size == build.vars_template.stat().st_size
-    assert model.variables == {}
-    assert model.boot_entries == {} and model.boot_order == [] and model.boot_next is None
-    assert model.problems == ()
-
-
-def test_enrolled_template_holds_secure_boot_keys(build: FirmwareBuild) -> None:
-    model = read_varstore(build.select(secure_boot=True).vars_template)
-    for name in ("PK", "KEK"):
-        var = model.get(name)
-        assert var is not None and var.non_volatile and len(var.data) > 100
-    assert model.get("db", IMAGE_SECURITY_DB) is not None
-    assert model.get("db") is None  # keyed by (name, GUID), not by name alone
-    for number, entry in model.boot_entries.items():
-        assert entry.number == number and entry.title
-
-
-@pytest.mark.parametrize("version", ["2020.11", "2022.11"])
-def test_2m_template_reads(version: str) -> None:
-    tmpl = get_firmware(version).variant("2m").vars_template
-    assert read_varstore(tmpl).size == tmpl.stat().st_size == 128 * 1024
-
-
-def test_cli_show_prints_boot_order_for_each_template(
-    build: FirmwareBuild, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(["varstore", "show", str(build.vars_template)]) == 0
-    out = capsys.readouterr().out
-    assert "BootOrder: (none)" in out and "Boot entries: (none)" in out
-    assert cli.main(["varstore", "show", "--json", str(build.vars_template)]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["boot_order"] == [] and data["variables"] == []
-
-
 # --- the booted copy (golden) ----------------------------------------------------------
 
 
@@ -126,25 +83,6 @@ def test_booted_copy_boot_entries_match_the_serial_log(booted: Path) -> None:
     assert all(e.active for e in model.boot_entries.values())
 
 
-def test_golden_diff_lists_what_ovmf_added(booted: Path) -> None:
-    template = read_varstore(get_firmware("2025.02").vars_template)
-    after = read_varstore(booted)
-    d = diff(template, after)
-    assert d and not d.removed and not d.changed
-    assert {v.key for v in d.added} == set(after.variables)
-    assert d.added_boot_entries() == sorted(after.boot_entries) == [0, 1, 2]
-    text = str(d)
-    for entry in after.boot_entries.values():
-        assert f"+ {entry.name} " in text and entry.title in text
-    assert "+ BootOrder" in text and "[Boot0000, Boot0001, Boot0002]" in text
-    js = d.to_json()
-    assert {v["name"] for v in js["added"]} >= {"Boot0000", "BootOrder", "ConOut", "Lang"}
-    # Reverse direction: the same variables are removed.
-    back = diff(after, template)
-    assert [v.key for v in back.removed] == [v.key for v in d.added] and not back.added
-    assert not diff(after, read_varstore(booted))
-
-
 def test_diff_shows_a_changed_boot_order(booted: Path, tmp_path: Path) -> None:
     changed = tmp_path / "reordered.fd"
     _with_virt_firmware(booted, changed, [2, 0, 1])
@@ -153,14 +91,6 @@ def test_diff_shows_a_changed_boot_order(booted: Path, tmp_path: Path) -> None:
     assert "reordered" in d.boot_order
     assert "was [Boot0000, Boot0001, Boot0002]" in str(d)
     assert "now [Boot0002, Boot0000, Boot0001]" in str(d)
-
-
-def test_cli_diff(booted: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tmpl = str(get_firmware("2025.02").vars_template)
-    assert cli.main(["varstore", "diff", tmpl, str(booted)]) == 1
-    assert "+ Boot0002 " in capsys.readouterr().out
-    assert cli.main(["varstore", "diff", "--json", str(booted), str(booted)]) == 0
-    assert json.loads(capsys.readouterr().out)["added"] == []
 
 
 def test_boot_order_diff_words() -> None:
@@ -222,31 +152,6 @@ def test_compare_guest_view(booted: Path) -> None:
 # --- private copies --------------------------------------------------------------------
 
 
-def test_instantiate_private_copy(tmp_path: Path) -> None:
-    tmpl = get_firmware("2022.11").vars_template
-    dest = instantiate(tmpl, tmp_path / "guest_VARS.fd")
-    assert dest.read_bytes() == tmpl.read_bytes()
-    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["guest_VARS.fd"]  # no temp left over
-    with pytest.raises(VarstoreError, match="already exists"):
-        instantiate(tmpl, dest)
-    dest.write_bytes(b"guest wrote this")
-    instantiate(tmpl, dest, overwrite=True)
-    assert dest.read_bytes() == tmpl.read_bytes()
-
-
-def test_instantiate_refuses_template_itself(tmp_path: Path) -> None:
-    tmpl = tmp_path / "VARS.fd"
-    tmpl.write_bytes(get_firmware("2025.02").vars_template.read_bytes())
-    before = tmpl.read_bytes()
-    with pytest.raises(VarstoreError, match="template"):
-        instantiate(tmpl, tmpl, overwrite=True)
-    os.symlink(tmpl, tmp_path / "alias.fd")
-    with pytest.raises(VarstoreError, match="template"):
-        instantiate(tmpl, tmp_path / "alias.fd", overwrite=True)
-    assert tmpl.read_bytes() == before
-
-
 def test_instantiate_refuses_bad_template(tmp_path: Path) -> None:
     with pytest.raises(VarstoreError, match="does not exist"):
         instantiate(tmp_path / "missing.fd", tmp_path / "x.fd")
@@ -255,13 +160,6 @@ def test_instantiate_refuses_bad_template(tmp_path: Path) -> None:
     with pytest.raises(VarstoreError, match="junk.fd"):
         instantiate(junk, tmp_path / "x.fd")
     assert not (tmp_path / "x.fd").exists()
-
-
-def test_private_copy_is_removed_on_exit(tmp_path: Path) -> None:
-    tmpl = get_firmware("2025.02").vars_template
-    with private_copy(tmpl, tmp_path / "v.fd") as path:
-        assert path.exists()
-    assert not path.exists()
 
 
 # --- bad files -------------------------------------------------------------------------
@@ -350,3 +248,64 @@ def test_fuzzed_load_option_only_raises_varstore_error(data: bytes) -> None:
         assert "Boot0007" in str(exc)
     else:
         assert entry.number == 7 and isinstance(entry.device_path, str)
+
+
+# --- real templates kept with the tests -------------------------------------------------
+
+
+def test_golden_diff_lists_what_ovmf_added(booted: Path, kept_templates: dict[str, Path]) -> None:
+    template = read_varstore(kept_templates["template-2025.02-4m.fd"])
+    after = read_varstore(booted)
+    d = diff(template, after)
+    assert d and not d.removed and not d.changed
+    assert {v.key for v in d.added} == set(after.variables)
+    assert d.added_boot_entries() == sorted(after.boot_entries) == [0, 1, 2]
+    text = str(d)
+    for entry in after.boot_entries.values():
+        assert f"+ {entry.name} " in text and entry.title in text
+    assert "+ BootOrder" in text and "[Boot0000, Boot0001, Boot0002]" in text
+    js = d.to_json()
+    assert {v["name"] for v in js["added"]} >= {"Boot0000", "BootOrder", "ConOut", "Lang"}
+    # Reverse direction: the same variables are removed.
+    back = diff(after, template)
+    assert [v.key for v in back.removed] == [v.key for v in d.added] and not back.added
+    assert not diff(after, read_varstore(booted))
+
+
+def test_cli_diff(booted: Path, capsys: pytest.CaptureFixture[str], kept_templates: dict[str, Path]) -> None:
+    tmpl = str(kept_templates["template-2025.02-4m.fd"])
+    assert cli.main(["varstore", "diff", tmpl, str(booted)]) == 1
+    assert "+ Boot0002 " in capsys.readouterr().out
+    assert cli.main(["varstore", "diff", "--json", str(booted), str(booted)]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == []
+
+
+def test_instantiate_private_copy(tmp_path: Path, kept_templates: dict[str, Path]) -> None:
+    tmpl = kept_templates["template-2022.11-4m-ms.fd"]
+    dest = instantiate(tmpl, tmp_path / "guest_VARS.fd")
+    assert dest.read_bytes() == tmpl.read_bytes()
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["guest_VARS.fd"]  # no temp left over
+    with pytest.raises(VarstoreError, match="already exists"):
+        instantiate(tmpl, dest)
+    dest.write_bytes(b"guest wrote this")
+    instantiate(tmpl, dest, overwrite=True)
+    assert dest.read_bytes() == tmpl.read_bytes()
+
+
+def test_instantiate_refuses_template_itself(tmp_path: Path, kept_template: Callable[..., Path]) -> None:
+    tmpl = kept_template()
+    before = tmpl.read_bytes()
+    with pytest.raises(VarstoreError, match="template"):
+        instantiate(tmpl, tmpl, overwrite=True)
+    os.symlink(tmpl, tmp_path / "alias.fd")
+    with pytest.raises(VarstoreError, match="template"):
+        instantiate(tmpl, tmp_path / "alias.fd", overwrite=True)
+    assert tmpl.read_bytes() == before
+
+
+def test_private_copy_is_removed_on_exit(tmp_path: Path, kept_templates: dict[str, Path]) -> None:
+    tmpl = kept_templates["template-2025.02-4m.fd"]
+    with private_copy(tmpl, tmp_path / "v.fd") as path:
+        assert path.exists()
+    assert not path.exists()

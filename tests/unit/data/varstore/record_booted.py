@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import catalog
-from harness.firmware import get_firmware
-from harness.provision import Provisioner
+from harness.inventory import catalog
+from harness.inventory.firmware import get_firmware
+from harness.inventory.provision import Provisioner
 from harness.varstore import instantiate
 
 HERE = Path(__file__).resolve().parent
