@@ -13,7 +13,8 @@ HOST_PACKAGES := apt dpkg xz-utils zstd cpio binutils dosfstools mtools e2fsprog
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 JOBS ?= 2
 
-.PHONY: setup host-packages venv provision images test nested unit integration nightly lint bench soak clean doctor
+.PHONY: setup host-packages venv provision images test nested unit integration nightly lint bench soak clean doctor \
+  test-halved bench-halved nightly-halved
 
 setup: host-packages venv provision images
 
@@ -51,8 +52,19 @@ doctor: setup
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
 # `--durations` lists the slowest tests: what to move to fast start next.  `worksteal` lets
 # an idle worker take queued tests from a busy one (the long nested tests end the run).
+TEST_CMD = $(PYTEST) -n $(JOBS) --dist worksteal --durations=25 tests
 test: setup
-	$(PYTEST) -n $(JOBS) --dist worksteal --durations=25 tests
+	$(TEST_CMD)
+
+# The same runs on half the machine's CPU time (a cgroup quota, `harness throttle`): how a
+# machine half as fast would see them (docs/performance.md, "Measuring as a slower machine").
+HALF := $(HARNESS) throttle --cpu-share 0.5 --
+test-halved: setup
+	$(HALF) $(TEST_CMD)
+bench-halved: setup
+	$(HALF) $(PY) -m bench
+nightly-halved: setup
+	$(HALF) $(HARNESS) nightly
 
 # The nested L1/L2 tests alone (they are part of `make test` too).
 nested: setup

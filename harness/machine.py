@@ -36,6 +36,7 @@ from harness.errors import (
     MachineError,
     VarstoreError,
 )
+from harness.guest import speed
 from harness.guest.console import Console
 from harness.guest.qemu_process import QemuProcess
 from harness.inventory import builds, host
@@ -552,10 +553,17 @@ class Machine:
             self.wait_ready(timeout, t0=t0)
             if wait_ssh and self.spec.ssh:
                 self.ssh.connect(timeout=max(30.0, timeout - (time.monotonic() - t0)))
+                speed.note_boot(self.boot_kind(), time.monotonic() - t0)
         except BaseException:
             self.stop(hard=True)
             raise
         return self
+
+    def boot_kind(self) -> dict[str, object]:
+        """What makes one cold boot comparable with another (:mod:`harness.guest.speed`)."""
+        s = self.spec
+        return {"arch": s.arch, "image": s.image, "firmware_mode": s.firmware_mode,
+                "secure_boot": bool(s.secure_boot), "accel": self.accel, "qemu": self.build.label}  # fmt: skip
 
     def wait_ready(self, timeout: float = DEFAULT_BOOT_TIMEOUT, *, t0: float | None = None,
                    since: int = 0, silence: float | None = None) -> Ready:

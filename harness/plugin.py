@@ -52,6 +52,7 @@ import pytest
 
 from harness.errors import HarnessError, HostError
 from harness.factory import MachineFactory, private_base, safe_name
+from harness.guest import speed
 from harness.guest.qemu_process import live_processes, qemu_machine_missing
 from harness.inventory import builds, catalog, host, requirements
 from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
@@ -102,11 +103,33 @@ def pytest_configure(config: pytest.Config) -> None:
         "(qemu='>=8.2', mode='cpr-transfer', accel='kvm', nested=True, capability='multifd', "
         "file_uri=True, kvm_host=True)",
     )
+    _open_speed_log(config)
     # A session that names none of the harness's options pays nothing here: the catalogue
     # is read and KVM probed when a test first needs a guest (_checked).  Options given
     # explicitly are checked now, so a typo stops the run before anything is collected.
     if _asked(config):
         _checked(config)
+
+
+_SPEED_KEY = pytest.StashKey[Path]()
+
+
+def _open_speed_log(config: pytest.Config) -> None:
+    """The controller keeps the session's cold-boot log (its xdist workers inherit the
+    variable); the terminal summary reports the run's speed index from it."""
+    if hasattr(config, "workerinput") or os.environ.get(speed.ENV_VAR):
+        return
+    fd, name = tempfile.mkstemp(prefix="hv-speed-", suffix=".jsonl")
+    os.close(fd)
+    config.stash[_SPEED_KEY] = Path(name)
+    os.environ[speed.ENV_VAR] = name
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    path = config.stash.get(_SPEED_KEY, None)
+    index = speed.read_index(path) if path is not None else None
+    if index is not None:
+        terminalreporter.write_line(f"harness speed index: {index}")
 
 
 def _asked(config: pytest.Config) -> bool:
@@ -132,6 +155,11 @@ def _checked(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    speed_log = config.stash.get(_SPEED_KEY, None)
+    if speed_log is not None:
+        speed_log.unlink(missing_ok=True)
+        if os.environ.get(speed.ENV_VAR) == str(speed_log):
+            del os.environ[speed.ENV_VAR]
     if _ENV_KEY not in config.stash:
         return
     previous = config.stash[_ENV_KEY]
