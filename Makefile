@@ -52,7 +52,9 @@ doctor: setup
 # (run by avocado itself; tests/integration/test_avocado.py drives them) are not collected here.
 # `--durations` lists the slowest tests: what to move to fast start next.  `worksteal` lets
 # an idle worker take queued tests from a busy one (the long nested tests end the run).
-TEST_CMD = $(PYTEST) -n $(JOBS) --dist worksteal --durations=25 tests
+# Tests marked `exhaustive` (more variants of a capability another test checks) run in the
+# nightly's "exhaustive" row instead (harness/nightly/runner.py).
+TEST_CMD = $(PYTEST) -n $(JOBS) --dist worksteal --durations=25 -m "not exhaustive" tests
 test: setup
 	$(TEST_CMD)
 

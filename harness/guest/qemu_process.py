@@ -469,6 +469,25 @@ class QemuProcess(Generic[BuildT]):
             raise GuestTimeout(f"QMP event {name} from {self.name}", timeout)
         return ev
 
+    def wait_event(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for any QMP event; True when one came.  The event
+        is kept for :meth:`events` and :meth:`event_wait`, so nothing is lost: a poll loop
+        naps here to wake as soon as QEMU reports something (a RESUME, a MIGRATION status)."""
+        if self._vm._qmp_connection is None or self._vm._defer_qmp:
+            time.sleep(timeout)
+            return False
+        try:
+            ev = self._vm._qmp.pull_event(wait=timeout)
+        except TimeoutError:
+            return False
+        except Exception:  # noqa: BLE001 - a vanished peer: no event (the caller sees it exit)
+            time.sleep(timeout)
+            return False
+        if ev is None:
+            return False
+        self._vm._events.append(ev)
+        return True
+
     def poll_event(self, name: str, wait: float = 0.004) -> dict[str, Any] | None:
         """One pending QMP event called ``name``, waiting at most ``wait`` seconds; None when
         there is none.  Sends no command, so it is safe while QEMU may exec or die."""

@@ -84,6 +84,19 @@ class Kind:
     settings: tuple[tuple[str, str], ...] = ()  # scenario settings (``--set K=V``) of its entries
 
 
+EXHAUSTIVE_TESTS = tuple(f"tests/integration/{t}" for t in (
+    "test_aarch64.py::test_fwcfg_boot_order_matches_the_record",
+    "test_aarch64.py::test_os_state_persists_across_back_to_back_cpr_transfer",
+    "test_aarch64.py::test_new_releases_migrate_and_cpr_exec_on_aarch64",
+    "test_boot.py::test_uefi_split_pflash_boot_and_ssh",
+    "test_cross_version.py::test_upgrade_and_rollback_chains",
+    "test_nested.py::test_live_migrate_l1_twice",
+    "test_nested.py::test_cross_version_l1_migration_7_2_to_10_0_2",
+    "test_secure_boot.py::test_aarch64_secure_boot_and_vtpm_live_and_cpr_transfer",
+    "test_storm.py::test_storm_aarch64_cpr_transfer_live_and_reboot",
+    "test_storm.py::test_storm_aarch64_capped_live_loses_writes",
+))  # fmt: skip
+
 # The default nightly matrix.  cost_s: wall seconds of one entry measured in a full run here
 # (`make nightly`, TCG, 2 cores, quiet, 2026-11-22; cpr-exec has never run here and is
 # estimated like cpr-reboot); used for ordering and shard balance.
@@ -106,6 +119,9 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("firmware-upgrade", "pytest", "tests", cost_s=46,
          tests=("tests/integration/test_firmware_upgrade.py",)),
     Kind("boot-order", "pytest", "tests", cost_s=165, tests=("tests/integration/test_bootorder.py",)),
+    # what `make test` deselects as `exhaustive`: more variants of capabilities it checks
+    # once (tests/integration/test_exhaustive_in_nightly.py keeps this list complete)
+    Kind("exhaustive", "pytest", "tests", cost_s=560, tests=EXHAUSTIVE_TESTS),
     Kind("nested", "scenario", "newest", target="nested", modes=("live",), cost_s=30),
 )  # fmt: skip
 

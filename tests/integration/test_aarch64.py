@@ -37,6 +37,7 @@ from harness import bootorder, matrix, migration, state, varstore
 from harness.factory import MachineFactory
 from harness.images import ensure_image
 from harness.inventory import builds, firmware
+from harness.inventory.catalog import DEFAULT_FIRMWARE
 from harness.survival import assert_no_problems
 
 pytestmark = pytest.mark.integration
@@ -177,6 +178,7 @@ def test_os_state_persists_across_reboot_migration_save_restore_cpr(vm_factory: 
     _assert_persisted(vm, order, "after a reboot following the migrations")
 
 
+@pytest.mark.exhaustive  # x86's back-to-back cpr-transfer tests run in make test
 def test_os_state_persists_across_back_to_back_cpr_transfer(vm_factory: MachineFactory) -> None:
     """cpr-transfer on aarch64 (10.0.2): guest RAM in a memfd handed to the new QEMU, twice
     in a row; the OS-set BootOrder and variable survive, and the next boot takes them."""
@@ -196,6 +198,7 @@ def test_os_state_persists_across_back_to_back_cpr_transfer(vm_factory: MachineF
     _assert_persisted(vm, order, "after a reboot following two cpr-transfers")
 
 
+@pytest.mark.exhaustive  # tests/integration/test_new_releases.py runs on x86 in make test
 def test_new_releases_migrate_and_cpr_exec_on_aarch64(vm_factory: MachineFactory) -> None:
     """The newer suites' ARM emulators (own C library, through their loader) with AAVMF
     2026.08: 11.1.3 -> 10.0.13 on the newest virt type both offer is an expected failure
@@ -268,7 +271,8 @@ def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: Machi
     assert migration.machine_type(vm) == machine
 
 
-@pytest.mark.parametrize("aavmf", AAVMF_VERSIONS)
+@pytest.mark.parametrize("aavmf", [v if v == DEFAULT_FIRMWARE else pytest.param(v, marks=pytest.mark.exhaustive)
+                                   for v in AAVMF_VERSIONS])  # fmt: skip
 def test_fwcfg_boot_order_matches_the_record(vm_factory: MachineFactory, aavmf: str) -> None:
     observed = bootorder.observe_fwcfg(vm_factory, aavmf, arch=ARCH, qemu="10.0.2", cpu=CPU)
     if os.environ.get("HARNESS_RECORD_BOOTORDER") == "1":

@@ -16,6 +16,7 @@ import pytest
 
 from harness import bootorder, state, varstore
 from harness.factory import MachineFactory
+from harness.inventory.catalog import DEFAULT_FIRMWARE
 from harness.survival import assert_no_problems
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,8 @@ def test_boot_next_is_consumed_and_boot_order_is_honoured(vm_factory: MachineFac
                        "after the BootOrder boot")  # fmt: skip
 
 
-@pytest.mark.parametrize("ovmf", OVMF_VERSIONS)
+@pytest.mark.parametrize("ovmf", [v if v == DEFAULT_FIRMWARE else pytest.param(v, marks=pytest.mark.exhaustive)
+                                  for v in OVMF_VERSIONS])  # fmt: skip
 def test_fwcfg_boot_order_interplay_matches_the_record(vm_factory: MachineFactory, ovmf: str) -> None:
     observed = bootorder.observe_fwcfg(vm_factory, ovmf)
     if os.environ.get("HARNESS_RECORD_BOOTORDER") == "1":

@@ -75,6 +75,7 @@ def test_pair(tmp_path: Path, harness_artifacts: Path, pair_plan: Plan) -> None:
     assert first["source"] == pair_plan.boot and "boot_s" in first
 
 
+@pytest.mark.exhaustive  # the pairs run in make test; chains are every pair in a row
 def test_upgrade_and_rollback_chains(tmp_path: Path, harness_artifacts: Path, request: pytest.FixtureRequest) -> None:
     eps = matrix.endpoints(_versions(request.config))
     if len(eps) < 2:

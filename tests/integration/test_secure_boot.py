@@ -100,6 +100,7 @@ def test_smbase_lock_lost_on_10_0_2_and_kept_across_to_10_0_13(tmp_path: Path, h
     assert recs[1]["ok"] and not recs[1]["expected_failure"] and not recs[1]["problems"], summary
 
 
+@pytest.mark.exhaustive  # another architecture's variant; the nightly's exhaustive row runs it
 def test_aarch64_secure_boot_and_vtpm_live_and_cpr_transfer(tmp_path: Path, harness_artifacts: Path) -> None:
     """AAVMF's Secure Boot build with the snakeoil keys, BOOTAA64.EFI signed, a vTPM
     (tpm-tis-device): keys and the authenticated variable survive live and cpr-transfer (no

@@ -17,8 +17,11 @@ pytestmark = pytest.mark.integration
 
 CLI = (sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main())")
 
+# a real guest per suite run, restored from its saved boot (the soak counts runs and leaks,
+# it does not check the boot)
 BOOTING_SUITE = '''
-def test_boots(vm):
+def test_boots(vm_factory):
+    vm = vm_factory(fast=True)
     assert vm.ssh.run("cat /proc/sys/kernel/random/boot_id").rc == 0
 '''
 

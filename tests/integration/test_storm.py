@@ -48,6 +48,7 @@ def test_storm_x86_live_cpr_reboot_and_cross_version(vm_factory: MachineFactory)
     assert hops[3].destination == "10.0.13" and vm.build.label == "10.0.13"
 
 
+@pytest.mark.exhaustive  # another architecture's variant; the nightly's exhaustive row runs it
 def test_storm_aarch64_cpr_transfer_live_and_reboot(tmp_path: Path, harness_artifacts: Path) -> None:
     """aarch64 (AAVMF 2022.11, QEMU 10.0.2) through the scenario, judged against the data:
     cpr-transfer must keep every write; a live migration may lose some from the file (an
@@ -70,6 +71,7 @@ def test_storm_aarch64_cpr_transfer_live_and_reboot(tmp_path: Path, harness_arti
         assert recs[1].get("note", "").startswith("passed this time"), recs[1]
 
 
+@pytest.mark.exhaustive  # another architecture's variant; the nightly's exhaustive row runs it
 def test_storm_aarch64_capped_live_loses_writes(tmp_path: Path, harness_artifacts: Path) -> None:
     """The finding varstore-file-lost-writes made to show: live hops with the stream capped
     (precopy lasts seconds while AAVMF programs the flash) on aarch64 10.0.13.  The loss came
