@@ -354,6 +354,25 @@ def wait_loaded(ep: Endpoint, timeout: float) -> str | None:
     return f"incoming load did not finish within {timeout:.0f} s"
 
 
+def resume_saved(ep: Endpoint, timeout: float) -> str | None:
+    """Run the guest again on a source whose migration completed; None, or what went wrong.
+
+    QEMU reports 'completed' from the migration thread a moment before its cleanup moves
+    the run state from finish-migrate to postmigrate, and refuses 'cont' in between
+    ("Migration is not finalized yet"): a driver that learns of the completion at once (an
+    event) meets that window, so the run state is awaited first."""
+    since = time.monotonic()
+    while True:
+        status = str(ep.qmp("query-status").get("status"))
+        if status != "finish-migrate":
+            break
+        if time.monotonic() > since + timeout:
+            return f"the source stayed in finish-migrate for {timeout:.0f} s after the save"
+        _nap(since, ep=ep)
+    ep.qmp("cont")
+    return None
+
+
 def guest_runs(ep: Endpoint) -> bool:
     """True when this QEMU is alive and its guest runs (not paused)."""
     try:
@@ -653,7 +672,9 @@ def save(
         return _check(result, check)
     result.status = Status.COMPLETED
     if resume:
-        src.process.qmp("cont")
+        why = resume_saved(src.process, 30.0)
+        if why:
+            result.fail(why)
     return _check(result, check)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import migration, storm
+from harness import matrix, migration, storm
 from harness.factory import MachineFactory
 from harness.inventory import builds
 from harness.scenarios import ScenarioOptions
@@ -44,6 +44,15 @@ def test_storm_x86_live_cpr_reboot_and_cross_version(vm_factory: MachineFactory)
     hops = storm.run(vm, [("live", here), ("cpr-transfer", here), ("reboot", None),
                           ("live", new), ("cpr-transfer", new)],
                      fill_first_s=300, dump_dir=vm.workdir, bandwidth=20_000_000)  # fmt: skip
+    failed = [h for h in hops if not h.ok]
+    if failed:  # judged against the data: only the listed intermittent loss may happen
+        h = failed[0]
+        expected = matrix.load_incompatibilities().lookup(
+            builds.get_build(h.source).version, builds.get_build(h.destination).version, h.op, machine,
+            arch="x86_64", scenario="storm") if h.op in ("live", "cpr-transfer") else None  # fmt: skip
+        assert expected is not None and expected.intermittent and h.signature == expected.signature, (
+            f"{h.op} {h.source} -> {h.destination}: {h.status} {h.signature} {h.error[:300]} {h.problems[:3]}")
+        pytest.xfail(f"{h.op} {h.source} -> {h.destination} lost writes ({h.signature}): {expected.reason[:200]}")
     _assert_storm(hops, kinds)  # the capped live hops (precopy under writes) keep every write
     assert hops[3].destination == "10.0.13" and vm.build.label == "10.0.13"
 

@@ -183,3 +183,37 @@ def test_a_source_that_exits_mid_migration_fails_it() -> None:
 
     info = migration.watch(src, 10, on_status=exit_now)
     assert info["status"] == "failed" and info["error-desc"] == "source QEMU exited during migration"
+
+
+class EventfulQemu(FakeQemu):
+    """A fake endpoint that can wait for QMP events: every nap is recorded, and an event
+    'arrives' at once (the nap ends early), as QemuProcess.wait_event does."""
+
+    def __init__(self, states: list[str]) -> None:
+        super().__init__(states)
+        self.naps: list[float] = []
+
+    def wait_event(self, timeout: float) -> bool:
+        self.naps.append(timeout)
+        return True
+
+
+def test_waits_nap_on_qmp_events_when_the_endpoint_can() -> None:
+    src = EventfulQemu(["active", "active", "completed"])
+    info = migration.watch(src, 10.0)
+    assert info["status"] == "completed" and src.naps == [0.004, 0.004]
+    dest = EventfulQemu(["inmigrate", "running"])
+    assert migration.wait_running(dest, 10.0) is None and dest.naps == [0.004]
+    # a caller's own pace (min_interval, L1's QMP) sleeps instead of waiting for events
+    slow = EventfulQemu(["inmigrate", "running"])
+    assert migration.wait_running(slow, 10.0, min_interval=0.01) is None and slow.naps == []
+
+
+def test_a_saved_source_resumes_only_once_the_migration_is_finalized() -> None:
+    # QEMU answers 'completed' before its cleanup leaves finish-migrate; 'cont' then fails
+    src = EventfulQemu(["finish-migrate", "finish-migrate", "postmigrate"])
+    assert migration.resume_saved(src, 10.0) is None
+    assert src.commands == ["query-status"] * 3 + ["cont"] and len(src.naps) == 2
+    stuck = EventfulQemu(["finish-migrate"])
+    assert "stayed in finish-migrate" in (migration.resume_saved(stuck, 0.0) or "")
+    assert "cont" not in stuck.commands
