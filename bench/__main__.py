@@ -36,7 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import migration, snapshots, state
+from harness import migration, snapshots
+from harness import state as guest_state
 from harness.guest import cpu_share, speed
 from harness.guest.qemu_process import unix_listening
 from harness.guest.ssh import SshClient
@@ -257,7 +258,8 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
     ``pauses``: also measure each hop's guest-visible pause as the harness does (guest
     uptime against host time over SSH, before and after the hop, outside the timing)."""
     times: list[float] = []
-    ssh: SshClient = vm.ssh
+    first: SshClient = vm.ssh  # the harness's session to its own first source
+    ssh = first
     ports: list[int | None] = []
 
     def raw_argv(tag: str, incoming: list[str]) -> tuple[list[str], Path]:
@@ -271,7 +273,7 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
     ignore_shared = op == "cpr-reboot" and vm.spec.memory_backend == "file"
     try:
         for i in range(cycles):
-            before = state.clock_sample_over(ssh) if pauses is not None else None
+            before = guest_state.clock_sample_over(ssh) if pauses is not None else None
             if op in ("save-restore", "cpr-reboot"):
                 t0 = time.monotonic()
                 if ignore_shared:
@@ -310,7 +312,7 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
                 times.append(time.monotonic() - t0)
                 src.quit(vm)
                 src = dest
-                ssh = _sample_pause(vm, ssh, ports[-1], before, pauses)
+                ssh = _sample_pause(vm, ssh, first, ports[-1], before, pauses)
                 continue
             elif op == "cpr-exec":
                 with contextlib.suppress(FileNotFoundError):
@@ -333,23 +335,23 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
                 raise ValueError(op)
             times.append(time.monotonic() - t0)
             src = dest
-            ssh = _sample_pause(vm, ssh, ports[-1], before, pauses)
+            ssh = _sample_pause(vm, ssh, first, ports[-1], before, pauses)
     finally:
-        if ssh is not vm.ssh:
+        if ssh is not first:
             ssh.close()
         src.kill()
     return times
 
 
-def _sample_pause(vm: Machine, ssh: SshClient, port: int | None, before: Any,
+def _sample_pause(vm: Machine, ssh: SshClient, first: SshClient, port: int | None, before: Any,
                   pauses: list[float] | None) -> SshClient:
     """After a raw hop: SSH to the new QEMU's forward, and the pause since ``before``."""
     if pauses is None or port is None:
         return ssh
-    if ssh is not vm.ssh:
+    if ssh is not first:
         ssh.close()
     ssh = SshClient("127.0.0.1", port, vm.image.host_key, vm.image.client_key, name="raw").connect(timeout=60)
-    pauses.append(state.guest_pause(before, state.clock_sample_over(ssh)))
+    pauses.append(guest_state.guest_pause(before, guest_state.clock_sample_over(ssh)))
     return ssh
 
 
@@ -359,22 +361,28 @@ OPS = ("live", "save-restore", "cpr-reboot", "cpr-transfer", "cpr-exec")
 
 
 def bench_overhead(b: Bench, results: dict[str, Any]) -> None:
-    """Harness vs minimal script, per operation: the medians of ``n`` hops each."""
-    n = 3 if b.quick else 5
+    """Harness vs minimal script, per operation: the medians of ``rounds x k`` hops each,
+    the two interleaved (each round restores a fresh guest, hops it ``k`` times with the
+    harness, then ``k`` times with the script), so a drift of the machine's speed during the
+    run falls on both sides alike."""
+    rounds, k = (1, 3) if b.quick else (3, 5)
     out: dict[str, Any] = {}
     for op in OPS:
-        vm = b.fast(VmSpec(name=f"bo{op.replace('-', '')}", **migration.spec_fields_for(op), **OP_SPECS.get(op, {})))
-        try:
-            if op == "live":  # the source stays; raw and harness hops alternate
-                harness_t, raw_t = [], []
-                for _ in range(n):
-                    raw_t.append(raw_live(vm))
-                    harness_t.append(migration.live(vm).wall_s)
-            else:
-                harness_t = [migration.operation(op)(vm).wall_s for _ in range(n)]
-                raw_t = raw_chain(vm, op, n)
-        finally:
-            vm.stop(hard=True)
+        spec = VmSpec(name=f"bo{op.replace('-', '')}", **migration.spec_fields_for(op), **OP_SPECS.get(op, {}))
+        harness_t: list[float] = []
+        raw_t: list[float] = []
+        for _ in range(rounds):
+            vm = b.fast(spec)
+            try:
+                if op == "live":  # the source stays: raw and harness hops alternate
+                    for _ in range(k):
+                        raw_t.append(raw_live(vm))
+                        harness_t.append(migration.live(vm).wall_s)
+                else:
+                    harness_t += [migration.operation(op)(vm).wall_s for _ in range(k)]
+                    raw_t += raw_chain(vm, op, k)
+            finally:
+                vm.stop(hard=True)
         h, r = statistics.median(harness_t), statistics.median(raw_t)
         out[op] = {"harness_s": [round(x, 4) for x in harness_t], "raw_s": [round(x, 4) for x in raw_t],
                    "harness_median_s": h, "raw_median_s": r, "ratio": h / r, "target": 1.05}  # fmt: skip
