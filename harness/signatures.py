@@ -306,13 +306,17 @@ SIGNATURES: tuple[Signature, ...] = (
         [r"the varstore file \S+: HarnessStorm\d+ (?:is missing|holds other data|exists, but "
          r"its last completed write deleted it)",
          r"the varstore file \S+ is unreadable: varstore \S+: no edk2 variable store",
-         r"\S+\.fd: the variable at offset 0x[0-9a-f]+ is in deleted transition \(an update did not finish\)"],
+         r"\S+\.fd: the variable at offset 0x[0-9a-f]+ is in deleted transition \(an update did not finish\)",
+         r"\S+\.fd: the variable at offset 0x[0-9a-f]+ \(4294967295-byte name, 4294967295-byte data\) runs past "
+         r"the store's end"],
         "After the hop the destination's varstore file lacks variable writes the guest saw "
         "complete (its own view, served from the firmware's cache, still has them): the "
         "flash contents QEMU wrote to the destination's file are older than the guest's last "
         "writes. Variables written while the flash was being migrated are lost at the next "
         "cold start. When the lost write was an update's last (the old copy's DELETED state "
-        "byte), the file holds a variable still in deleted transition. When the lost writes were a reclaim's rewrite of the store's first page "
+        "byte), the file holds a variable still in deleted transition; when it was a new "
+        "variable's header, the file has erased flash (all bytes 0xff: a 4294967295-byte name) "
+        "where the header should be. When the lost writes were a reclaim's rewrite of the store's first page "
         "(erased, then rewritten by the source), the file has no variable store at all: its "
         "first bytes are erased flash.",
         "real run here: harness repro storm --qemu 10.0.2 --set arch=aarch64 --set ops=live "
