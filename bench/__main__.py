@@ -39,7 +39,7 @@ from typing import Any
 from harness import migration, snapshots
 from harness import state as guest_state
 from harness.guest import cpu_share, speed
-from harness.guest.qemu_process import unix_listening
+from harness.guest.qemu_process import die_with_parent, unix_listening
 from harness.guest.ssh import SshClient
 from harness.machine import Machine
 from harness.spec import VmSpec, qemu_args
@@ -138,7 +138,7 @@ def raw_live(vm: Machine) -> float:
     cmd = [str(vm.build.binary), *vm.build.data_args(), "-display", "none", "-vga", "none",
            "-qmp", f"unix:{qsock},server=on,wait=off", *qemu_args(vm.spec, r)]  # fmt: skip
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=vm.build.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = popen_raw(cmd, vm.build.env)
     try:
         q = raw_qmp(qsock)
         q.cmd("migrate-incoming", uri=f"unix:{msock}")
@@ -168,6 +168,27 @@ def _wait_status(cmd: Callable[..., Any], wanted: tuple[str, ...], what: str) ->
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: still {status} after 120 s")
         time.sleep(RAW_POLL_S)
+
+
+#: every QEMU the raw scripts started: killed when the bench ends, however it ends
+_RAW: list[subprocess.Popen[bytes]] = []
+
+
+def popen_raw(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A raw QEMU, as the minimal script starts it, but owned like the harness's: it gets
+    the parent-death signal (:func:`die_with_parent`) and :func:`kill_raw` reaps it."""
+    argv, env = die_with_parent(argv, dict(os.environ if env is None else env))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _RAW.append(proc)
+    return proc
+
+
+def kill_raw() -> None:
+    while _RAW:
+        proc = _RAW.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def _quit_raw(proc: subprocess.Popen[bytes], q: Any) -> None:
@@ -284,7 +305,7 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
                 _src_completed(src, f"raw {op} save")
                 src.quit(vm)
                 argv, qsock = raw_argv(f"c{i}", ["defer"])
-                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = popen_raw(argv)
                 dest = RawQemu.connect(proc, qsock)
                 if ignore_shared:
                     dest.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
@@ -299,7 +320,7 @@ def raw_chain(vm: Machine, op: str, cycles: int, pauses: list[float] | None = No
                 main = {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_sock)}}
                 t0 = time.monotonic()
                 argv, qsock = raw_argv(f"c{i}", [f"unix:{main_sock}", json.dumps(cpr)])
-                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = popen_raw(argv)
                 while not unix_listening(cpr_sock):
                     if proc.poll() is not None:
                         raise RuntimeError("raw cpr-transfer destination exited")
@@ -457,6 +478,8 @@ def main() -> int:
     except BaseException:
         print(f"bench failed; its guests' logs are kept in {b.base}", file=sys.stderr)
         raise
+    finally:
+        kill_raw()  # a raw QEMU left by a failure (an exception between its start and its quit)
     shutil.rmtree(b.base, ignore_errors=True)
     if args.xdist:
         bench_xdist(results)
