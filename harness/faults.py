@@ -25,7 +25,6 @@ subclasses with the process, file or mount it was working on.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ from harness import migration
 from harness.errors import ConfigError, HarnessError, HostError, MachineError, UnsupportedError
 from harness.machine import Incarnation, Machine
 from harness.migration import MigrationResult
+from harness.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,8 @@ def crash(inc: Incarnation) -> int:
 # --- files ---------------------------------------------------------------------------
 
 
-def sha256(path: Path) -> str:
-    """The file's sha256 (to prove a failed load left it untouched)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: a file's sha256 (to prove a failed load left it untouched)
+sha256 = file_sha256
 
 
 def truncate_copy(src: Path, dest: Path, keep: int | float = 0.5) -> Path:

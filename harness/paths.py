@@ -8,6 +8,7 @@ worker on the machine, so a second run does no work.  ``HARNESS_CACHE`` moves it
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import json
 import os
@@ -109,3 +110,12 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_mtime_ns, st.st_size)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's contents, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -47,6 +47,7 @@ from harness.paths import (
     REGISTRY_FORMAT,
     cache_root,
     ensure_dir,
+    file_sha256,
     read_registry,
     registry_path,
 )
@@ -192,12 +193,6 @@ def with_library_fallback(build: QemuBuild, version: str) -> QemuBuild:
 # --- QEMU from .deb files ------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
@@ -224,7 +219,7 @@ def register_qemu_debs(debs: Sequence[Path], label: str | None = None,
         )
     debver = packages[QEMU_PACKAGE][1]
     version = upstream_version(debver)
-    digest = hashlib.sha256("".join(sorted(_sha256(p) for p in paths)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("".join(sorted(file_sha256(p) for p in paths)).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9.+~-]", "_", debver)
     prefix = cache_root() / "builds" / f"registered-qemu-{safe}-{digest}"
     ensure_dir(prefix.parent)

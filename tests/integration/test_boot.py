@@ -3,7 +3,6 @@ answers over SSH with its pinned host key; every QEMU is reaped when a boot fail
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -15,14 +14,13 @@ from harness.errors import ConsoleSilent, GuestTimeout, LaunchError
 from harness.factory import MachineFactory
 from harness.inventory.catalog import DEFAULT_QEMU
 from harness.machine import Machine
+from harness.paths import file_sha256
 from harness.signatures import classify
 from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def pid_alive(pid: int) -> bool:
@@ -45,7 +43,7 @@ def test_uefi_split_pflash_boot_and_ssh(version: str, tmp_path: Path) -> None:
         vm = factory(start=False)
         template = vm.varstore_template
         assert template is not None and vm.firmware_code is not None
-        template_digest = sha256(template)
+        template_digest = file_sha256(template)
         vm.start()
         res = vm.ssh.run("uname -r; cat /proc/cmdline")
         assert res.rc == 0 and res.stdout.startswith("6.1."), res
@@ -58,8 +56,8 @@ def test_uefi_split_pflash_boot_and_ssh(version: str, tmp_path: Path) -> None:
         assert vm.varstore_path != template
         vm.stop()
         # OVMF wrote its boot entries into the private copy; the template is untouched
-        assert sha256(vm.varstore_path) != template_digest
-        assert sha256(template) == template_digest
+        assert file_sha256(vm.varstore_path) != template_digest
+        assert file_sha256(template) == template_digest
         assert "BdsDxe: starting Boot" in (vm.workdir / "qemu-0.serial.log").read_text(errors="replace")
 
 
