@@ -206,10 +206,13 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
 
 
 def refresh_identity(machine: Machine) -> None:
-    """Set the guest's wall clock to the host's and reseed its RNG with fresh bytes."""
+    """Set the guest's wall clock to the host's and stir 64 fresh random bytes (as hex on
+    stdin) into its RNG: every guest restored from one snapshot starts with the same
+    pool and the clock of the moment it was saved.  One command, two busybox applets: it
+    sits on the restore's critical path (the agent's ``reseed`` took 80 ms here)."""
     now = int(time.time())  # busybox date takes whole seconds only
-    seed = secrets.token_hex(64)
-    res = machine.ssh.run(f"date -s @{now} >/dev/null && agent reseed {seed} >/dev/null", timeout=30)
+    res = machine.ssh.run(f"date -s @{now} >/dev/null && cat >/dev/urandom", timeout=30,
+                          input=secrets.token_hex(64))
     if res.rc != 0:
         raise MachineError(f"refreshing the restored guest's identity failed: {res.stderr.strip()}")
 

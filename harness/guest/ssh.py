@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,19 @@ def parse_host_key(line: str) -> paramiko.PKey:
     return key
 
 
+def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection with Nagle's algorithm off: SSH's handshake and every command are
+    small messages each waiting for an answer, and Nagle holding one back until the
+    peer's delayed ACK cost 40 ms a round trip (a connection took 130 ms instead of 50)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def load_client_key(path: Path) -> paramiko.PKey:
     """The client's private key (OpenSSH format)."""
     errors = []
@@ -119,9 +133,11 @@ class SshClient:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
             sock: Any = None
             try:
+                left = max(1.0, deadline - time.monotonic())
                 if self._via is not None:
                     sock = self._via.open_tunnel(self.host, self.port)
-                left = max(1.0, deadline - time.monotonic())
+                else:
+                    sock = tcp_connect(self.host, self.port, timeout=min(10.0, left))
                 client.connect(
                     self.host,
                     port=self.port,
