@@ -232,7 +232,7 @@ def build_results(results_dir: Path, run_info: Mapping[str, Any] | None = None,
         "cycles": matrix.get("cycles"), "qemu": matrix.get("qemu", []),
         "ovmf": matrix.get("ovmf", []), "matrix": [e["id"] for e in matrix.get("entries", [])],
         "selected": matrix.get("selected", []), "not_applicable": matrix.get("not_applicable", []),
-        **info,
+        "rotation": matrix.get("rotation"), **info,
     }  # fmt: skip
     if isinstance(started, int | float) and isinstance(finished, int | float):
         run["duration_s"] = round(finished - started, 1)
@@ -272,8 +272,13 @@ def write_all(results_dir: Path, results: Mapping[str, Any]) -> None:
 
 
 def previous_run(results_dir: Path) -> Path | None:
-    """The newest complete (not a shard) earlier run beside ``results_dir``."""
+    """The newest complete (not a shard) earlier run beside ``results_dir``; for a night
+    of a rotation, the newest whole run or night of the same slot (the same entries)."""
     here = results_dir.resolve()
+    try:
+        slot = (_load_matrix(here).get("rotation") or {}).get("slot")
+    except ConfigError:
+        slot = None
     best: Path | None = None
     for d in sorted(here.parent.iterdir()) if here.parent.is_dir() else []:
         if d == here or not d.is_dir() or d.name >= here.name or not (d / RESULTS_JSON).is_file():
@@ -283,6 +288,9 @@ def previous_run(results_dir: Path) -> Path | None:
         except ConfigError:
             continue
         if data.get("run", {}).get("shard"):
+            continue
+        rot = data.get("run", {}).get("rotation")
+        if rot and rot.get("slot") != slot:
             continue
         best = d
     return best
@@ -483,6 +491,16 @@ def progress_line(rec: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def rotation_text(rot: Mapping[str, Any] | None) -> str:
+    """One line for the report and the console: which share of the matrix ran."""
+    if not rot:
+        return ""
+    later = ", ".join(f"{n} on {d}" for d, n in (rot.get("next_nights") or {}).items())
+    return (f"rotation {rot.get('slot')} for the night of {rot.get('night')}: "
+            f"{len(rot.get('core') or [])} core entries (every night) + {rot.get('share')} of the "
+            f"other {rot.get('rest')} (the others: {later}); --rotation 1 runs the whole matrix")
+
+
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     """The stdout summary: counts, failures, comparison."""
     s = results.get("summary", {})
@@ -490,6 +508,8 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     lines = [f"nightly {run.get('id')}: {s.get('total', 0)} runs: " + ", ".join(
         f"{s.get(k, 0)} {k}" for k in ("passed", "failed", "error", "xfailed", "skipped"))
         + (f" in {run['duration_s']:.0f} s" if isinstance(run.get("duration_s"), int | float) else "")]  # fmt: skip
+    if run.get("rotation"):
+        lines.append(f"  {rotation_text(run['rotation'])}")
     for r in results.get("records", []):
         if r["outcome"] in FAILING:
             sig = f" [{r['signature']}]" if r.get("signature") else ""
@@ -822,6 +842,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         f"host {run.get('host')}" if run.get("host") else "",
         f"{run['duration_s']:.0f} s" if isinstance(run.get("duration_s"), int | float) else "",
         f"shard {run['shard']}" if run.get("shard") else "",
+        rotation_text(run.get("rotation")),
         f"merged from {len(run['merged_from'])} runs" if run.get("merged_from") else "",
         f"cycles {run['cycles']}" if run.get("cycles") else "",
         f"QEMU {', '.join(run.get('qemu') or [])}" if run.get("qemu") else "",

@@ -24,12 +24,19 @@ QEMU with the default firmware), ``tests`` (pytest node ids).
 Sharding (:func:`shard`): entries are sorted by estimated cost (then id) and dealt
 greedily to the least loaded of N shards, so every runner computing the same matrix picks
 the same disjoint share and the shards' wall times stay close.
+
+Rotation (:func:`rotate`): the default matrix does not fit 30 minutes on a machine with
+half this one's CPU (about 60 min of two workers' time there), so by default each night
+runs its *core* (every scenario family on the newest QEMU with the default firmware) and
+one of N cost-balanced thirds of the rest, chosen by the date: every entry runs at least
+once every N nights, and a night can be replayed with ``--night``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -62,6 +69,9 @@ DEFAULT_OVMF = DEFAULT_FIRMWARE
 DEFAULT_CYCLES = 3
 DEFAULT_JOBS = 2
 DEFAULT_TIMEOUT_S = 3 * 3600.0
+#: nights a default-matrix rotation spans (the core runs every night); measured: the whole
+#: matrix is 60 min of two workers at half this machine's CPU, a third plus the core 25 min
+DEFAULT_ROTATION = 3
 INJECTED = "injected-failure"
 RUNNERS = ("scenario", "boot", "pytest", "inject")
 AXES = ("qemu*ovmf", "qemu+ovmf", "qemu", "pairs", "chains", "firmware-pairs", "newest", "tests")
@@ -188,6 +198,7 @@ class Matrix:
     ovmf: list[str] = field(default_factory=list)
     cycles: int = DEFAULT_CYCLES
     registrations: dict[str, list[str]] = field(default_factory=dict)
+    rotation: dict[str, Any] | None = None  # see :func:`rotate`
 
     def chosen(self) -> list[Entry]:
         want = set(self.selected)
@@ -198,6 +209,7 @@ class Matrix:
             "entries": [e.to_json() for e in self.entries], "selected": self.selected,
             "not_applicable": self.not_applicable, "shard": self.shard, "qemu": self.qemu,
             "ovmf": self.ovmf, "cycles": self.cycles, "registrations": self.registrations,
+            "rotation": self.rotation,
         }  # fmt: skip
 
     @classmethod
@@ -209,6 +221,7 @@ class Matrix:
             shard=data.get("shard"), qemu=list(data.get("qemu", [])),
             ovmf=list(data.get("ovmf", [])), cycles=int(data.get("cycles", DEFAULT_CYCLES)),
             registrations={k: list(v) for k, v in (data.get("registrations") or {}).items()},
+            rotation=data.get("rotation"),
         )  # fmt: skip
 
     def save(self, path: Path) -> None:
@@ -450,6 +463,47 @@ def shard(entries: Sequence[Entry], k: int, n: int) -> list[Entry]:
     return mine
 
 
+def parse_night(text: str | None) -> datetime.date:
+    """``YYYY-MM-DD`` (default: today, UTC) -> the night a rotation is computed for."""
+    if text is None:
+        return datetime.datetime.now(datetime.UTC).date()
+    try:
+        return datetime.date.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--night {text!r}: expected a date such as 2026-11-30") from exc
+
+
+def core_ids(entries: Sequence[Entry], newest: str, fw_default: str) -> list[str]:
+    """The entries a rotation runs every night: those on the newest QEMU alone with the
+    default firmware (or none), one per scenario family that has one."""
+    return [e.id for e in entries if e.qemu == (newest,) and e.ovmf in ((), (fw_default,))
+            and e.runner in ("scenario", "boot")]  # fmt: skip
+
+
+def rotate(m: Matrix, n: int, night: datetime.date, core: Sequence[str]) -> None:
+    """Select night ``night``'s share of ``m`` in a rotation over ``n`` nights: the
+    ``core`` entries, and of the rest the cost-balanced share :func:`shard` deals to
+    slot ``night.toordinal() % n + 1`` (so consecutive nights take consecutive slots and
+    every entry runs once every ``n`` nights).  ``n`` = 1 selects everything."""
+    if n < 1:
+        raise ConfigError(f"--rotation {n}: expected a positive number of nights")
+    if n == 1:
+        return
+    want = set(m.selected)
+    pool = [e for e in m.entries if e.id in want]
+    keep = [e for e in pool if e.id in set(core)]
+    rest = [e for e in pool if e.id not in set(core)]
+    k = night.toordinal() % n + 1
+    mine = {e.id for e in shard(rest, k, n)}
+    m.selected = [i for i in m.selected if i in set(core) or i in mine]
+    later = {}
+    for step in range(1, n):
+        other = (night.toordinal() + step) % n + 1
+        later[str(night + datetime.timedelta(days=step))] = len(shard(rest, other, n))
+    m.rotation = {"night": str(night), "slot": f"{k}/{n}", "core": [e.id for e in keep],
+                  "share": len(mine), "rest": len(rest), "next_nights": later}  # fmt: skip
+
+
 # --- running one entry (inside a pytest worker) ----------------------------------------------
 
 
@@ -620,6 +674,17 @@ class NightlyOptions:
     argv: list[str] = field(default_factory=list)
     pytest_args: list[str] = field(default_factory=list)
     full: bool = False
+    rotation: int | None = None  # None: DEFAULT_ROTATION for the default matrix, else 1
+    night: str | None = None  # YYYY-MM-DD the rotation is computed for (default today)
+
+    def rotation_nights(self) -> int:
+        """The rotation asked for; unset, the default matrix (no --scenario, --qemu,
+        --ovmf, --full) rotates over :data:`DEFAULT_ROTATION` nights, a run narrowed by
+        hand runs all it names, and shards (several machines) share the whole matrix."""
+        if self.rotation is not None:
+            return self.rotation
+        narrowed = self.scenarios or self.qemu or self.ovmf or self.full or self.inject_failure
+        return 1 if narrowed or self.shard else DEFAULT_ROTATION
 
 
 def timestamp(t: float | None = None) -> str:
@@ -651,13 +716,17 @@ def plan(opts: NightlyOptions) -> Matrix:
                      registered=list(scenarios.names()), full=opts.full,
                      arch_builds={"aarch64": aarch64_labels([b.label for b in qemu])},
                      checkout=checkout() is not None)  # fmt: skip
+    newest = max(qemu, key=lambda b: (b.version, b.label))
+    nights = opts.rotation_nights()
+    if nights != 1 or opts.night is not None:
+        fw_default = DEFAULT_OVMF if DEFAULT_OVMF in ovmf else ovmf[0]
+        rotate(m, nights, parse_night(opts.night), core_ids(m.entries, newest.label, fw_default))
     if opts.inject_failure:
-        newest = max(qemu, key=lambda b: (b.version, b.label))
         m.entries.append(inject_entry(newest.label))
         m.selected.append(INJECTED)
-    if opts.shard:
+    if opts.shard:  # of what the rotation selected
         k, n = parse_shard(opts.shard)
-        m.selected = [e.id for e in shard(m.entries, k, n)]
+        m.selected = [e.id for e in shard(m.chosen(), k, n)]
         m.shard = f"{k}/{n}"
     m.registrations = {k: [str(Path(p).resolve()) for p in v] for k, v in opts.registrations.items() if v}
     return m
@@ -794,6 +863,8 @@ def run(opts: NightlyOptions, echo: Callable[[str], None]) -> NightlyRun:
     echo(f"nightly: {len(chosen)} of {len(matrix.entries)} matrix entries"
          + (f" (shard {matrix.shard})" if matrix.shard else "")
          + f", {opts.jobs} jobs, results in {out}")  # fmt: skip
+    if matrix.rotation:
+        echo(f"  {report.rotation_text(matrix.rotation)}")
     for note in matrix.not_applicable:
         echo(f"  not run: {note}")
     cmd = pytest_command(matrix, out, opts)

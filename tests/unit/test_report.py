@@ -126,6 +126,54 @@ def test_shards_are_deterministic_disjoint_and_complete(n: int) -> None:
     assert max(loads) - min(loads) <= max(e.cost_s for e in entries)  # balanced by cost
 
 
+def test_rotation_runs_the_core_every_night_and_the_rest_once_in_n_nights() -> None:
+    import datetime
+
+    base = matrix(cycles=3)
+    newest = max(QEMU, key=lambda b: b.version).label
+    core = nightly.core_ids(base.entries, newest, "2022.11")
+    assert core and all(f"qemu{newest}-ovmf2022.11" in c or c.endswith(f"qemu{newest}") for c in core)
+    assert {c.split("-qemu")[0] for c in core} >= {"boot", "live", "save-restore"}
+    night = datetime.date(2026, 11, 30)
+    shares = []
+    for day in range(3):
+        m = matrix(cycles=3)
+        nightly.rotate(m, 3, night + datetime.timedelta(days=day), core)
+        assert set(core) <= set(m.selected)
+        assert m.rotation and m.rotation["night"] == str(night + datetime.timedelta(days=day))
+        shares.append(set(m.selected) - set(core))
+        again = matrix(cycles=3)  # the same night picks the same share
+        nightly.rotate(again, 3, night + datetime.timedelta(days=day), core)
+        assert again.selected == m.selected
+    assert not (shares[0] & shares[1]) and not (shares[1] & shares[2]) and not (shares[0] & shares[2])
+    assert shares[0] | shares[1] | shares[2] | set(core) == {e.id for e in base.entries}
+    slots = set()
+    for day in range(3):
+        m = matrix(cycles=3)
+        nightly.rotate(m, 3, night + datetime.timedelta(days=day), core)
+        slots.add(m.rotation["slot"] if m.rotation else None)
+    assert slots == {"1/3", "2/3", "3/3"}  # consecutive nights, consecutive slots
+    whole = matrix(cycles=3)
+    nightly.rotate(whole, 1, night, core)
+    assert whole.selected == base.selected and whole.rotation is None
+    with pytest.raises(ConfigError, match="--rotation 0"):
+        nightly.rotate(matrix(cycles=3), 0, night, core)
+    assert "rotation 1/3" in report.rotation_text({"slot": "1/3", "night": "2026-11-30", "core": core,
+                                                    "share": 5, "rest": 15, "next_nights": {}})  # fmt: skip
+
+
+def test_rotation_defaults_to_the_default_matrix_only() -> None:
+    assert nightly.NightlyOptions().rotation_nights() == nightly.DEFAULT_ROTATION
+    assert nightly.NightlyOptions(scenarios=["live"]).rotation_nights() == 1
+    assert nightly.NightlyOptions(qemu=["10.0.2"]).rotation_nights() == 1
+    assert nightly.NightlyOptions(full=True).rotation_nights() == 1
+    assert nightly.NightlyOptions(shard="1/4").rotation_nights() == 1  # machines share it all
+    assert nightly.NightlyOptions(scenarios=["live"], rotation=2).rotation_nights() == 2
+    assert str(nightly.parse_night("2026-12-01")) == "2026-12-01"
+    with pytest.raises(ConfigError, match="--night 'tomorrow'"):
+        nightly.parse_night("tomorrow")
+
+
 def test_shard_parsing() -> None:
     assert nightly.parse_shard("2/4") == (2, 4)
     for bad in ("0/4", "5/4", "1/0", "x", "1-2"):
@@ -306,6 +354,28 @@ def test_previous_run_is_the_newest_earlier_complete_run(tmp_path: Path) -> None
     assert res["comparison"]["previous_id"] == "20250102-000000"
     assert res["comparison"]["new_failures"] == [rec("live-a", "failed")["id"]]
     assert report.previous_run(root / "20250101-000000") is None
+
+
+def test_previous_run_of_a_rotation_night_is_the_same_slot_or_a_whole_run(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+
+    def night(name: str, slot: str | None) -> Path:
+        d = write_run(root / name, [rec("live-a", "passed")])
+        if slot:
+            m = json.loads((d / "matrix.json").read_text())
+            m["rotation"] = {"slot": slot, "night": name[:8], "core": [], "share": 1, "rest": 3}
+            (d / "matrix.json").write_text(json.dumps(m))
+        return d
+
+    for name, slot in (("20250101-000000", None), ("20250102-000000", "1/3"), ("20250103-000000", "2/3")):
+        d = night(name, slot)
+        report.write_all(d, report.build_results(d, previous=None))
+    assert report.previous_run(night("20250104-000000", "1/3")) == (root / "20250102-000000").resolve()
+    assert report.previous_run(night("20250105-000000", "3/3")) == (root / "20250101-000000").resolve()
+    res = report.build_results(root / "20250104-000000")
+    assert res["run"]["rotation"]["slot"] == "1/3"
+    assert any("rotation 1/3" in line for line in report.summary_lines(res))
+    assert "rotation 1/3" in report.render_html(res)
 
 
 # --- merge ------------------------------------------------------------------------------------

@@ -31,7 +31,15 @@ def _parser(sub: Any) -> None:
     p.add_argument("--full", action="store_true",
                    help="every ordered cross-version pair (default: neighbours in version order "
                         "and every build with the newest)")
-    p.add_argument("--shard", default=None, metavar="K/N", help="run shard K of N (deterministic)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run shard K of N (deterministic) of what the rotation selected")
+    p.add_argument("--rotation", type=int, default=None, metavar="N",
+                   help=f"spread the matrix over N nights: each night its core (every family on the "
+                        f"newest QEMU, default firmware) and 1/N of the rest (default {nightly.DEFAULT_ROTATION} "
+                        "for the default matrix; 1 = everything, the default when narrowed by --scenario/--qemu/--ovmf/--full "
+                        "or split by --shard)")
+    p.add_argument("--night", default=None, metavar="YYYY-MM-DD",
+                   help="the night the rotation is computed for (default today, UTC): replays a night's share")
     p.add_argument("--results", type=Path, default=None, metavar="DIR",
                    help="results directory (default: results/<timestamp>)")
     p.add_argument("--results-root", type=Path, default=Path("results"), metavar="DIR",
@@ -72,6 +80,7 @@ def _nightly(args: argparse.Namespace) -> int:
         cycles=args.cycles, inject_failure=args.inject_failure, timeout_s=args.timeout,
         registrations={k: list(getattr(args, k)) for k in nightly.REGISTRATION_OPTIONS},
         argv=sys.argv[1:], pytest_args=args.pytest_arg, full=args.full,
+        rotation=args.rotation, night=args.night,
     )  # fmt: skip
 
     def echo(line: str) -> None:
@@ -89,6 +98,8 @@ def _nightly(args: argparse.Namespace) -> int:
             print(f"not run: {note}")
         print(f"{len(chosen)} of {len(matrix.entries)} entries, ~{sum(e.cost_s for e in chosen) / 60:.0f} "
               f"min of guest time" + (f" (shard {matrix.shard})" if matrix.shard else ""))  # fmt: skip
+        if matrix.rotation:
+            print(report.rotation_text(matrix.rotation))
         return 0
 
     with sigterm_interrupts():  # the owned pytest process group is stopped on the way out
