@@ -999,7 +999,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
             if time.monotonic() > deadline:
                 return give_up(f"cpr-exec: no exec within {timeout:.0f} s "
                                f"({'completed' if completed_at else 'not completed'})")  # fmt: skip
-            ev = proc.poll_event("MIGRATION", 0.004 if caps else 0.0)
+            ev = proc.poll_event("MIGRATION", 0.002 if caps else 0.0)
             status = ((ev or {}).get("data") or {}).get("status")
             if status == "completed" and completed_at is None:
                 completed_at = time.monotonic()
