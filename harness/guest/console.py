@@ -67,13 +67,15 @@ class Console:
         what: str | None = None,
         silence: float | None = None,
         refuse: re.Pattern[str] | None = None,
+        poll: float = 0.05,
     ) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) appears in the log after ``since`` (default: the
         last :meth:`mark`).  Raises :class:`GuestTimeout` with the last lines seen, or
         :class:`MachineError` when QEMU exits first.  With ``silence``, a console that has
         printed nothing at all after ``since`` for that many seconds gives up early with
         :class:`ConsoleSilent` (firmware that hangs before its console comes up).  A line
-        matching ``refuse`` ends the wait at once with :class:`BootRefused`."""
+        matching ``refuse`` ends the wait at once with :class:`BootRefused`.  ``poll``: how
+        often the log is read (a boot waits seconds; a restore's answer milliseconds)."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         start = self._offset if since is None else since
         t0 = time.monotonic()
@@ -104,7 +106,7 @@ class Console:
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"{what or rx.pattern!r} on the console ({self.log_path})",
                                    timeout, text[-800:])
-            time.sleep(0.05)
+            time.sleep(poll)
 
     def _read_from(self, start: int) -> str:
         try:

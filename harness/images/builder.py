@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = 1800.0
 
-AGENT_PROTOCOL = 1
+AGENT_PROTOCOL = 2
 
 IMAGE_JSON = "image.json"
 

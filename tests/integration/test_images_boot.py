@@ -178,7 +178,7 @@ def test_uefi_boot_split_pflash_ssh_agent(
     with qemu_guest(qemu10, args, tmp_path / "serial.log") as vm:
         ready, ready_s = vm.wait_ready()
         print(f"UEFI boot to HARNESS-READY: {ready_s:.1f} s")
-        assert ready["image"] == "minimal" and ready["agent"] == 1
+        assert ready["image"] == "minimal" and ready["agent"] == 2
         client = ssh(minimal, vm.port)
         try:
             status = agent(client, "status")

@@ -1,0 +1,59 @@
+"""The identity refresh a restored guest gets on its console (agent protocol 2): what is
+typed, and how the answer is judged.  The guest's side is booted in
+tests/integration/test_fast_start.py."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import snapshots
+from harness.errors import MachineError
+from harness.guest.console import Console
+
+
+class FakeMachine:
+    def __init__(self, log: Path) -> None:
+        self.console = Console(log)
+        self.typed: list[str] = []
+        self.console.write = self.typed.append  # type: ignore[method-assign,assignment]
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Any:
+    log = tmp_path / "serial.log"
+    log.write_text("HARNESS-READY {}\n")
+    return FakeMachine(log)
+
+
+def test_the_refresh_line_carries_the_clock_random_bytes_and_a_nonce(machine: Any) -> None:
+    nonce = snapshots.request_refresh(machine)
+    (line,) = machine.typed
+    m = re.fullmatch(r"harness-refresh (\d+) ([0-9a-f]{64}) ([0-9a-f]{16})\n", line)
+    assert m, line
+    assert abs(int(m.group(1)) - time.time()) < 5 and m.group(3) == nonce
+    assert snapshots.request_refresh(machine) != nonce  # fresh bytes and nonce each time
+    assert machine.typed[0].split()[2] != machine.typed[1].split()[2]
+
+
+def test_only_this_refreshs_answer_counts(machine: Any) -> None:
+    nonce = snapshots.request_refresh(machine)
+    with machine.console.log_path.open("a") as fh:
+        fh.write("HARNESS-REFRESHED 0000000000000000\n")  # an earlier restore's
+    with pytest.raises(MachineError, match="identity refresh"):
+        snapshots.await_refresh(machine, nonce, timeout=0.2)
+    with machine.console.log_path.open("a") as fh:
+        fh.write(f"HARNESS-REFRESHED {nonce}\n")
+    snapshots.await_refresh(machine, nonce, timeout=1)
+
+
+def test_a_guest_that_could_not_refresh_fails_the_restore(machine: Any) -> None:
+    nonce = snapshots.request_refresh(machine)
+    with machine.console.log_path.open("a") as fh:
+        fh.write(f"HARNESS-REFRESH-FAILED {nonce}\n")
+    with pytest.raises(MachineError, match="could not set its clock"):
+        snapshots.await_refresh(machine, nonce, timeout=1)
