@@ -99,6 +99,7 @@ EXHAUSTIVE_TESTS = tuple(f"tests/integration/{t}" for t in (
     "test_aarch64.py::test_os_state_persists_across_back_to_back_cpr_transfer",
     "test_aarch64.py::test_new_releases_migrate_and_cpr_exec_on_aarch64",
     "test_boot.py::test_uefi_split_pflash_boot_and_ssh",
+    "test_images_boot.py::test_nested_l1_runs_l2_with_kvm",
     "test_cross_version.py::test_upgrade_and_rollback_chains",
     "test_nested.py::test_live_migrate_l1_twice",
     "test_nested.py::test_cross_version_l1_migration_7_2_to_10_0_2",
