@@ -25,7 +25,6 @@ from harness.images.debs import (
     kernel_package_of,
     kernel_release_of,
     read_debset,
-    sha256_file,
 )
 from harness.images.kmod import ModuleIndex
 from harness.images.recipe import AGENT_DIR, RECIPES_DIR, NestedPayload, Recipe, load_recipe
@@ -52,7 +51,7 @@ from harness.inventory.provision import (
     verify_prefix,
     write_manifest,
 )
-from harness.paths import cache_root, ensure_dir
+from harness.paths import cache_root, ensure_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +274,7 @@ class Builder:
             d.name: {
                 "package": deb_field(d, "Package"),
                 "version": deb_field(d, "Version"),
-                "sha256": sha256_file(d),
+                "sha256": file_sha256(d),
                 "size": d.stat().st_size,
             }
             for d in debs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -35,14 +34,6 @@ class DebSet:
 
     def versions(self) -> dict[str, str]:
         return {str(d["package"]): str(d["version"]) for d in self.debs.values()}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_debset(dest: Path) -> DebSet | None:
