@@ -43,7 +43,7 @@ from harness.guest import cpu_share, speed
 from harness.guest.qemu_process import die_with_parent, unix_listening
 from harness.guest.ssh import SshClient, load_client_key, parse_host_key, tcp_connect
 from harness.machine import Machine
-from harness.spec import VmSpec, qemu_args
+from harness.spec import RamImage, VmSpec, qemu_args
 
 OUT = Path(__file__).resolve().parent / "out"
 #: the raw scripts poll QMP as often as harness.migration does in its first second
@@ -93,10 +93,12 @@ def raw_restore(vm: Machine, snap: snapshots.Snapshot) -> float:
     """Restore-to-ready as a minimal script does it: the same QEMU command line started
     with ``-incoming defer``, the snapshot's state loaded, plain paramiko connected (host
     key pinned, Nagle off) - no clock or RNG refresh.  QEMU's start, its load and the
-    guest's first SSH handshake are the floor no harness can go below."""
+    guest's first SSH handshake are the floor no harness can go below.  A snapshot with a
+    RAM image is mapped as the harness maps it (``x-ignore-shared``, private, read-only)."""
     import paramiko
 
-    argv, qsock, port = _raw_argv_port(vm, "restore", str(snap.meta["machine"]), ["defer"])
+    image = None if snap.ram is None else RamImage(snap.ram, shared=False, readonly=True)
+    argv, qsock, port = _raw_argv_port(vm, "restore", str(snap.meta["machine"]), ["defer"], image)
     assert port is not None
     t0 = time.monotonic()  # the harness's time has its copy of the varstore too
     if snap.varstore is not None:  # the script's own varstore, from the snapshot's
@@ -105,6 +107,8 @@ def raw_restore(vm: Machine, snap: snapshots.Snapshot) -> float:
     q = None
     try:
         q = raw_qmp(qsock)
+        if image is not None:
+            q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
         q.cmd("migrate-incoming", uri=migration.incoming_uri(vm.build, snap.state))
         _wait_status(partial(_dest_running, q), ("running",), "raw restore")
         client = paramiko.SSHClient()
@@ -290,11 +294,12 @@ def _raw_argv(vm: Machine, tag: str, machine: str, incoming: list[str]) -> tuple
     return argv, qsock
 
 
-def _raw_argv_port(vm: Machine, tag: str, machine: str, incoming: list[str]) -> tuple[list[str], Path, int | None]:
+def _raw_argv_port(vm: Machine, tag: str, machine: str, incoming: list[str],
+                   ram_image: RamImage | None = None) -> tuple[list[str], Path, int | None]:
     """The guest's QEMU command line (as the harness builds it) with ``incoming`` and a QMP
     socket of the script's own; ``build.command()`` first, as for an exec."""
     r = vm._resolve(900 + int(time.monotonic_ns()) % 100, vm.new_varstore(f"raw-{time.monotonic_ns()}.fd"),
-                    incoming, machine, vm.build)  # fmt: skip
+                    incoming, machine, vm.build, ram_image)  # fmt: skip
     qsock = vm.workdir / f"rawq-{tag}-{time.monotonic_ns() % 10**6}.sock"
     argv = [*vm.build.command(), *vm.build.data_args(), "-display", "none", "-vga", "none",
             "-qmp", f"unix:{qsock},server=on,wait=off", *qemu_args(vm.spec, r)]  # fmt: skip

@@ -41,7 +41,7 @@ from harness.guest.console import Console
 from harness.guest.qemu_process import QemuProcess
 from harness.inventory import builds, host
 from harness.inventory.builds import QemuBuild
-from harness.spec import Resolved, VmSpec, guest_config_text, qemu_args
+from harness.spec import RamImage, Resolved, VmSpec, guest_config_text, qemu_args
 
 if TYPE_CHECKING:
     from harness.guest.swtpm import Swtpm
@@ -301,7 +301,7 @@ class Machine:
         return dest
 
     def _resolve(self, gen: int, varstore: Path | None, incoming: Sequence[str],
-                 machine: str | None, build: QemuBuild) -> Resolved:
+                 machine: str | None, build: QemuBuild, ram_image: RamImage | None = None) -> Resolved:
         img = self.image
         fwcfg = self.workdir / "guest-config.txt"
         if not fwcfg.exists():
@@ -325,6 +325,7 @@ class Machine:
             serial_log=self.workdir / f"qemu-{gen}.serial.log",
             fwcfg_file=fwcfg,
             ram_path=ram,
+            ram_image=ram_image,
             ssh_port=free_port() if self.spec.ssh else None,
             incoming=tuple(incoming),
         )
@@ -368,11 +369,13 @@ class Machine:
         incoming: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         defer_qmp: bool = False,
+        ram_image: RamImage | None = None,
     ) -> Incarnation:
         """Start a new QEMU process for this guest (not yet adopted).
 
         ``varstore`` defaults to a fresh copy of the template for each new process, as for
-        an incoming domain (QEMU writes the migrated flash into it)."""
+        an incoming domain (QEMU writes the migrated flash into it).  ``ram_image``: this
+        process's RAM is that file (a snapshot's, see :mod:`harness.snapshots`)."""
         build = build or self.build
         gen = self._gen
         self._gen += 1
@@ -385,7 +388,7 @@ class Machine:
         last: LaunchError | None = None
         for _attempt in range(3):
             vtpm = self._start_tpm(gen, incoming)
-            resolved = self._resolve(gen, varstore, incoming, machine, build)
+            resolved = self._resolve(gen, varstore, incoming, machine, build, ram_image)
             if vtpm is not None:
                 resolved = dataclasses.replace(resolved, tpm_sock=vtpm.ctrl_sock)
             args = qemu_args(self.spec, resolved) + list(extra_args)
@@ -525,8 +528,10 @@ class Machine:
 
     # -- start and stop -----------------------------------------------------------------
 
-    def start(self, timeout: float = DEFAULT_BOOT_TIMEOUT, wait_ssh: bool = True) -> Machine:
-        """Boot the guest and wait until its agent is ready (and SSH answers)."""
+    def start(self, timeout: float = DEFAULT_BOOT_TIMEOUT, wait_ssh: bool = True, *,
+              ram_image: RamImage | None = None) -> Machine:
+        """Boot the guest and wait until its agent is ready (and SSH answers); with
+        ``ram_image``, its RAM is that file (a snapshot's template)."""
         varstore = self._varstore_arg
         if self._code is not None:
             if varstore is None:
@@ -547,7 +552,7 @@ class Machine:
                 if not (firmware.is_blank(self._template) and firmware.is_blank(varstore)):
                     vs.read_varstore(varstore)
         t0 = time.monotonic()
-        inc = self.spawn(varstore=varstore)
+        inc = self.spawn(varstore=varstore, ram_image=ram_image)
         self.adopt(inc)
         try:
             self.wait_ready(timeout, t0=t0)

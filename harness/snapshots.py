@@ -1,13 +1,18 @@
 """Fast start: boot a guest once, save it, and restore every later guest from the save.
 
 A :class:`Snapshot` is a booted guest of one (image, QEMU build, firmware, spec) saved to a
-state file plus the varstore it had, under ``<cache>/snapshots/<key>/``.  The key hashes
+state file plus the varstore it had, under ``<cache>/snapshots/<key>/``.  A guest with
+plain RAM keeps its RAM in a RAM image beside the state, as QEMU's VM templating does: the
+template guest runs on a shared file-backed RAM (under the machine's default RAM id, so
+it still migrates to and from default RAM), is saved with ``x-ignore-shared`` (the state
+then holds the devices, 4 MB instead of 150), and every restore maps the image
+copy-on-write instead of loading 150 MB (``restore_machine``).  The key hashes
 every input that shapes the guest (the spec's fields except its name, the QEMU binary,
 the firmware code and template, the image's inputs), so a changed input makes a new
 snapshot.  Creating one is guarded by a file lock: xdist workers wait for the first.
 
 A restored guest is a new QEMU process with its own copy of the varstore and its own
-work directory; the state file is only read.  What it shares with the snapshot, and what
+work directory; the state file and the RAM image are only read.  What it shares with the snapshot, and what
 the harness changes after the restore (see docs/performance.md, "Fast start"):
 
 - the kernel's boot id is the snapshot's (it is set at boot);  the harness gives each
@@ -35,14 +40,18 @@ from typing import Any
 from filelock import FileLock
 
 from harness.errors import MachineError
+from harness.inventory.catalog import Version
 from harness.machine import Machine, Ready
 from harness.paths import cache_root, ensure_dir
-from harness.spec import VmSpec
+from harness.spec import DEFAULT_RAM_ID, RamImage, VmSpec
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 1
+#: 2: a plain-RAM guest's RAM is a RAM image beside a state of its devices
+SNAPSHOT_FORMAT = 2
 STATE = "state.bin"
+RAM = "ram.img"
+IGNORE_SHARED = "x-ignore-shared"
 VARS = "vars.fd"
 META = "meta.json"
 
@@ -90,6 +99,11 @@ class Snapshot:
         p = self.root / VARS
         return p if p.exists() else None
 
+    @property
+    def ram(self) -> Path | None:
+        """The RAM image, when the guest's RAM is not in the state."""
+        return self.root / RAM if self.meta.get("ram_image") else None
+
 
 def snapshots_dir() -> Path:
     return ensure_dir(cache_root() / "snapshots")
@@ -102,9 +116,22 @@ def valid(root: Path) -> Snapshot | None:
             return None
         if meta.get("has_vars") and (root / VARS).stat().st_size != meta["vars_size"]:
             return None
+        image = meta.get("ram_image")
+        if image:
+            st = (root / RAM).stat()
+            if (st.st_size, st.st_mtime_ns) != (image["size"], image["mtime_ns"]):
+                log.warning("snapshot %s: its RAM image changed since it was made; making it again", root)
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return Snapshot(root.name, root, meta)
+
+
+def ram_image_ok(machine: Machine) -> bool:
+    """Whether ``machine``'s snapshot keeps its RAM in a RAM image: plain RAM on an
+    architecture whose default RAM id is known, and a build with ``x-ignore-shared``."""
+    return (machine.spec.memory_backend == "plain" and machine.spec.arch in DEFAULT_RAM_ID
+            and machine.build.capabilities.has_capability(IGNORE_SHARED))  # fmt: skip
 
 
 def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None) -> Snapshot:
@@ -112,14 +139,32 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
 
     ``template_machine`` must not be started; it is booted in its own work directory
     and stopped again when a snapshot has to be made."""
+
+    def boot(image: RamImage | None) -> dict[str, Any]:
+        if boot_timeout is not None:
+            template_machine.start(timeout=boot_timeout, ram_image=image)
+        else:
+            template_machine.start(ram_image=image)
+        return {}
+
+    return create(snapshot_key(template_machine), template_machine, boot)
+
+
+def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[str, Any]], *,
+           lock_timeout: float = 1800.0) -> Snapshot:
+    """The snapshot ``key``, made if missing (under a lock: xdist workers wait for the first).
+
+    ``boot(image)`` starts the unstarted ``template`` with its RAM in ``image`` (None: its
+    usual RAM) and returns what it adds to the snapshot's meta; the guest is then saved -
+    with ``x-ignore-shared`` when its RAM is an image, so that the state holds only the
+    devices and the image is the RAM - and stopped."""
     from harness import migration
 
-    key = snapshot_key(template_machine)
     root = snapshots_dir() / key
     snap = valid(root)
     if snap is not None:
         return snap
-    with FileLock(str(snapshots_dir() / f".{key}.lock"), timeout=1800):
+    with FileLock(str(snapshots_dir() / f".{key}.lock"), timeout=lock_timeout):
         snap = valid(root)
         if snap is not None:
             return snap
@@ -128,20 +173,17 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
         try:
-            vm = template_machine
-            if boot_timeout is not None:
-                vm.start(timeout=boot_timeout)
-            else:
-                vm.start()
-            ready = vm.ready
-            # drop our SSH session so the saved guest holds no half-open connection
-            vm.ssh.close()
-            res = migration.save(vm, tmp / STATE, check=True)
-            has_vars = vm.varstore_template is not None and vm.spec.firmware_mode == "split"
+            image = RamImage(tmp / RAM, shared=True) if ram_image_ok(template) else None
+            extra = boot(image)
+            ready = template.ready
+            template.ssh.close()  # the saved guest holds no half-open connection
+            caps = [IGNORE_SHARED] if image is not None else []
+            res = migration.save(template, tmp / STATE, capabilities=caps, check=True)
+            has_vars = template.varstore_template is not None and template.spec.firmware_mode == "split"
             if has_vars:
                 # QEMU flushes pflash writes to the file as they happen; the saved stream
                 # carries the same contents, so this copy is the snapshot's varstore
-                shutil.copyfile(vm.varstore_path, tmp / VARS)
+                shutil.copyfile(template.varstore_path, tmp / VARS)
             meta = {
                 "key": key,
                 "created": time.time(),
@@ -149,20 +191,23 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
                 "save_s": res.wall_s,
                 "boot_id": ready.boot_id if ready else None,
                 "ready_info": ready.info if ready else {},
-                "machine": migration.machine_type(vm),
-                "qemu": vm.build.label,
+                "machine": migration.machine_type(template),
+                "qemu": template.build.label,
                 "state_size": (tmp / STATE).stat().st_size,
                 "has_vars": has_vars,
                 "vars_size": (tmp / VARS).stat().st_size if has_vars else 0,
+                **extra,
             }
+            template.stop(timeout=10)  # QEMU no longer maps the RAM image
+            if image is not None:
+                meta["ram_image"] = _seal(image.path)
             (tmp / META).write_text(json.dumps(meta, indent=1))
-            vm.stop(timeout=5)
             if root.exists():
                 shutil.rmtree(root)
             tmp.rename(root)
             log.info("snapshot %s made in %.1f s", key, time.monotonic() - t0)
         finally:
-            template_machine.stop(timeout=5)
+            template.stop(timeout=10)
             shutil.rmtree(tmp, ignore_errors=True)
     snap = valid(root)
     if snap is None:
@@ -170,8 +215,24 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
     return snap
 
 
+def _seal(path: Path) -> dict[str, Any]:
+    """Make a finished RAM image durable and read-only; what :func:`valid` checks of it
+    (an image changed since - written, truncated, a hole punched - is a different one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o400)
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "allocated": st.st_blocks * 512}
+
+
 def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) -> Machine:
-    """Start ``machine`` (not yet started) from ``snap``: a fresh QEMU loads the state."""
+    """Start ``machine`` (not yet started) from ``snap``: a fresh QEMU loads the state.
+
+    A snapshot with a RAM image is mapped copy-on-write as the guest's RAM (nothing of
+    the RAM is loaded; pages are read from the page cache as the guest touches them)."""
     from harness import migration
 
     t0 = time.monotonic()
@@ -183,20 +244,29 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
         shutil.copyfile(snap.varstore, varstore)
         os.chmod(varstore, 0o600)
     machine._last_varstore = varstore
-    inc = machine.spawn(varstore=varstore, machine=str(snap.meta["machine"]), incoming=["defer"])
+    image = None
+    if snap.ram is not None:
+        # read-only as RAM where QEMU can (8.2): not even a discard can reach the file
+        readonly = not machine.build.version < Version((8, 2))
+        image = RamImage(snap.ram, shared=False, readonly=readonly)
+    inc = machine.spawn(varstore=varstore, machine=str(snap.meta["machine"]), incoming=["defer"],
+                        ram_image=image)  # fmt: skip
+    caps = [IGNORE_SHARED] if image is not None else []
     try:
+        migration.configure(inc.process, caps, {})  # the stream's RAM list carries addresses
         migration.incoming(inc.process, migration.incoming_uri(machine.build, snap.state))
         why = migration.wait_loaded(inc.process, timeout)
         if why:
             raise MachineError(f"restoring snapshot {snap.root} failed: {why}\n{inc.process.output()[-2000:]}")
         machine.adopt(inc)
+        nonce = request_refresh(machine)  # the guest works on it while the harness goes on
+        migration.reset(inc.process, caps, mode_param=False)  # later migrations start plain
         instance = secrets.token_hex(8)
         machine.ready = Ready(
             boot_id=str(snap.meta.get("boot_id")),
             seconds=time.monotonic() - t0,
             info={**snap.meta.get("ready_info", {}), "restored_from": snap.key, "instance_id": instance},
         )
-        nonce = request_refresh(machine)  # the guest works on it while SSH connects
         machine.ssh.connect(timeout=60)
         await_refresh(machine, nonce)
     except BaseException:

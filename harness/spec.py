@@ -35,6 +35,10 @@ ACCELS: tuple[str, ...] = get_args(Accel)
 TPM_DEVICES = {"x86_64": "tpm-crb", "aarch64": "tpm-tis-device"}  # the vTPM's device model
 # aarch64 guests run on QEMU's virt machine (AAVMF's descriptors name only virt-*).
 _AARCH64_MACHINE_RE = re.compile(r"^virt(-\d+\.\d+)?$")
+#: The id of a machine's default RAM backend, whose RAM block migrates under this name: a
+#: RAM image (:class:`RamImage`) backend under the same id migrates to and from a guest
+#: with default RAM.  An architecture missing here has no RAM images.
+DEFAULT_RAM_ID = {"x86_64": "pc.ram", "aarch64": "mach-virt.ram"}
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -184,6 +188,20 @@ def from_dict(data: Mapping[str, Any]) -> VmSpec:
 
 
 @dataclass(frozen=True)
+class RamImage:
+    """A plain-RAM guest's RAM in a file: a snapshot's RAM image (harness/snapshots.py).
+
+    ``shared``: the guest writes the file (the snapshot's template, saved with
+    ``x-ignore-shared`` so that the state holds no RAM); otherwise a private copy-on-write
+    mapping of it (a restored guest: nothing to load, the file is never written).
+    ``readonly``: open it read-only, as RAM (``rom=off``, QEMU 8.2 and later)."""
+
+    path: Path
+    shared: bool
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class Resolved:
     """The concrete files and resources a spec resolved to for one QEMU process."""
 
@@ -201,6 +219,7 @@ class Resolved:
     serial_log: Path | None = None
     fwcfg_file: Path | None = None
     ram_path: Path | None = None
+    ram_image: RamImage | None = None
     ssh_port: int | None = None
     incoming: tuple[str, ...] = ()
     smm: bool = False  # the firmware requires SMM: smm=on, a secure varstore chip, S3 off
@@ -222,8 +241,14 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
     """The QEMU arguments for ``spec`` (QMP, display and data dirs are added by the caller)."""
     args: list[str] = ["-nodefaults", "-no-user-config"]
     machine = [r.machine, f"accel={r.accel}"]
+    if r.ram_image is not None and spec.memory_backend != "plain":
+        raise SpecError(f"a RAM image is for plain RAM; this spec's memory_backend is {spec.memory_backend!r}")
     if spec.memory_backend != "plain":
         machine.append("memory-backend=ram0")
+    elif r.ram_image is not None:
+        if spec.arch not in DEFAULT_RAM_ID:
+            raise SpecError(f"a RAM image needs a known default RAM id; arch {spec.arch!r} has none")
+        machine.append(f"memory-backend={DEFAULT_RAM_ID[spec.arch]}")
     if spec.aux_ram_share:
         machine.append("aux-ram-share=on")
     if r.smm:
@@ -243,6 +268,11 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
                  f"mem-path={_opt(str(r.ram_path))},share=on"]  # fmt: skip
     elif spec.memory_backend == "memfd":
         args += ["-object", f"memory-backend-memfd,id=ram0,size={spec.memory_mb}M,share=on"]
+    elif r.ram_image is not None:
+        img = r.ram_image
+        mode = "share=on" if img.shared else "share=off,readonly=on,rom=off" if img.readonly else "share=off"
+        args += ["-object", f"memory-backend-file,id={DEFAULT_RAM_ID[spec.arch]},size={spec.memory_mb}M,"
+                 f"mem-path={_opt(str(img.path))},{mode}"]  # fmt: skip
     if spec.uuid:
         args += ["-uuid", spec.uuid]
 

@@ -6,22 +6,18 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import (
-    MachineError,
-    StateError,
-)
+from harness.errors import StateError
 
 if TYPE_CHECKING:
     from harness.factory import MachineFactory
     from harness.machine import Machine
     from harness.snapshots import Snapshot
+    from harness.spec import RamImage
 from harness.nested.l2 import L2, L2Start, set_l2_running
 from harness.nested.plan import L1Plan
 
@@ -57,9 +53,10 @@ def pair_snapshot_key(l1: Machine, l2_opts: dict[str, Any]) -> str:
     return "nested-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _cold_pair(l1: Machine, plan: L1Plan, l2_opts: dict[str, Any]) -> tuple[L2, NestedTimings]:
+def _cold_pair(l1: Machine, plan: L1Plan, l2_opts: dict[str, Any],
+               ram_image: RamImage | None = None) -> tuple[L2, NestedTimings]:
     t0 = time.monotonic()
-    l1.start()
+    l1.start(ram_image=ram_image)
     timings = NestedTimings(l1_boot_s=l1.ready.seconds if l1.ready else time.monotonic() - t0)
     l2 = L2(l1)
     started = l2.start(**l2_opts)
@@ -72,54 +69,20 @@ def ensure_pair_snapshot(template: Machine, plan: L1Plan, l2_opts: dict[str, Any
     whose meta also holds L2's start record and the cold timings), made if missing: the
     unstarted ``template`` boots, starts L2, is saved with L2's vCPUs paused (continued by
     :func:`restore_pair`), and is stopped."""
-    from filelock import FileLock
+    from harness import snapshots
 
-    from harness import migration, snapshots
+    def boot(image: RamImage | None) -> dict[str, Any]:
+        l2, timings = _cold_pair(template, plan, l2_opts, image)
+        assert l2.started is not None
+        # L2's vCPUs paused for the cut: with none inside KVM_RUN, L1's vCPU cannot be
+        # in L2 guest mode, which a TCG L0's stream cannot carry (a snapshot cut there
+        # never restores: GUEST_MODE_LOAD_ERROR, seen on a fresh cache)
+        set_l2_running(l2, False)
+        l2.close()
+        return {"boot_s": timings.l1_boot_s, "l2": asdict(l2.started), "l2_opts": l2_opts,
+                "timings": timings.to_json(), "l2_paused": True}  # fmt: skip
 
-    key = pair_snapshot_key(template, l2_opts)
-    root = snapshots.snapshots_dir() / key
-    snap = snapshots.valid(root)
-    if snap is not None:
-        return snap
-    with FileLock(str(snapshots.snapshots_dir() / f".{key}.lock"), timeout=7200):
-        snap = snapshots.valid(root)
-        if snap is not None:
-            return snap
-        tmp = snapshots.snapshots_dir() / f".{key}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
-        try:
-            l2, timings = _cold_pair(template, plan, l2_opts)
-            assert l2.started is not None and template.ready is not None
-            # L2's vCPUs paused for the cut: with none inside KVM_RUN, L1's vCPU cannot be
-            # in L2 guest mode, which a TCG L0's stream cannot carry (a snapshot cut there
-            # never restores: GUEST_MODE_LOAD_ERROR, seen on a fresh cache)
-            set_l2_running(l2, False)
-            l2.close()
-            template.ssh.close()  # no half-open sessions in the saved guest
-            res = migration.save(template, tmp / snapshots.STATE, check=True)
-            shutil.copyfile(template.varstore_path, tmp / snapshots.VARS)
-            meta = {
-                "key": key, "created": time.time(), "save_s": res.wall_s,
-                "boot_s": timings.l1_boot_s, "boot_id": template.ready.boot_id,
-                "ready_info": template.ready.info, "machine": migration.machine_type(template),
-                "qemu": template.build.label, "state_size": (tmp / snapshots.STATE).stat().st_size,
-                "has_vars": True, "vars_size": (tmp / snapshots.VARS).stat().st_size,
-                "l2": asdict(l2.started), "l2_opts": l2_opts, "timings": timings.to_json(),
-                "l2_paused": True,
-            }  # fmt: skip
-            (tmp / snapshots.META).write_text(json.dumps(meta, indent=1))
-            template.stop(timeout=10)
-            if root.exists():
-                shutil.rmtree(root)
-            tmp.rename(root)
-        finally:
-            template.stop(timeout=10)
-            shutil.rmtree(tmp, ignore_errors=True)
-    snap = snapshots.valid(root)
-    if snap is None:
-        raise MachineError(f"pair snapshot {root} was written but does not validate")
-    return snap
+    return snapshots.create(pair_snapshot_key(template, l2_opts), template, boot, lock_timeout=7200)
 
 
 def restore_pair(l1: Machine, snap: Snapshot, *, timeout: float = 300.0) -> tuple[L2, NestedTimings]:

@@ -50,6 +50,13 @@ def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
         # a variable written in one restored guest is not in the other
         state.write_efivar(a, "FastOnlyA", b"a")
         assert state.read_efivar(b, "FastOnlyA") is None
+        # the RAM is a copy-on-write map of the snapshot's RAM image: the state holds the
+        # devices only, what one guest writes to RAM is not in the other nor in the image
+        assert snap.ram is not None and snap.state.stat().st_size < 32 << 20
+        a.ssh.run("echo only-a > /run/fast-only-a", check=True)
+        assert b.ssh.run("test -e /run/fast-only-a").rc == 1
+        assert snapshots.valid(snap.root) is not None  # size and mtime as sealed
+        assert snap.ram.stat().st_mode & 0o222 == 0
         # fresh identity: the wall clock is the host's, the RNG differs
         for vm in (a, b):
             guest_now = float(vm.ssh.run("date +%s").stdout)

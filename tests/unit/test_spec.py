@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import SpecError
-from harness.spec import Resolved, VmSpec, from_dict, guest_config_text, qemu_args
+from harness.spec import RamImage, Resolved, VmSpec, from_dict, guest_config_text, qemu_args
 
 
 def resolved(**kw: object) -> Resolved:
@@ -57,6 +57,24 @@ def test_memory_backends() -> None:
     assert "aux-ram-share=on" in m
     with pytest.raises(SpecError, match="RAM file"):
         qemu_args(VmSpec(memory_backend="file"), resolved())
+
+
+def test_ram_image_under_the_default_ram_id() -> None:
+    """A snapshot's RAM image: shared for the template, private (and read-only where the
+    build can) for a restore, always under the id default RAM migrates as."""
+    tmpl = joined(qemu_args(VmSpec(), resolved(ram_image=RamImage(Path("/s/ram,img"), shared=True))))
+    assert "memory-backend-file,id=pc.ram,size=1024M,mem-path=/s/ram,,img,share=on" in tmpl
+    assert "q35,accel=tcg,memory-backend=pc.ram" in tmpl
+    restore = joined(qemu_args(VmSpec(), resolved(ram_image=RamImage(Path("/s/ram"), shared=False))))
+    assert "mem-path=/s/ram,share=off -" in restore
+    ro = joined(qemu_args(VmSpec(), resolved(ram_image=RamImage(Path("/s/ram"), shared=False, readonly=True))))
+    assert "mem-path=/s/ram,share=off,readonly=on,rom=off" in ro
+    arm = joined(qemu_args(VmSpec(arch="aarch64", machine="virt"),
+                           resolved(machine="virt", ram_image=RamImage(Path("/s/ram"), shared=True))))  # fmt: skip
+    assert "memory-backend-file,id=mach-virt.ram," in arm and "memory-backend=mach-virt.ram" in arm
+    assert "memory-backend" not in joined(qemu_args(VmSpec(), resolved()))
+    with pytest.raises(SpecError, match="plain RAM.*'memfd'"):
+        qemu_args(VmSpec(memory_backend="memfd"), resolved(ram_image=RamImage(Path("/s/ram"), shared=False)))
 
 
 def test_commas_in_paths_are_escaped() -> None:
