@@ -326,6 +326,7 @@ class Machine:
             fwcfg_file=fwcfg,
             ram_path=ram,
             ram_image=ram_image,
+            migration_events=build.capabilities.has_capability("events"),
             ssh_port=free_port() if self.spec.ssh else None,
             incoming=tuple(incoming),
         )

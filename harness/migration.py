@@ -439,11 +439,17 @@ def check_caps(caps: Sequence[str], *builds: QemuBuild) -> None:
 def _set_up(inc: Incarnation, caps: Sequence[str], params: dict[str, Any]) -> None:
     """Configure a migration endpoint of ours: ``caps`` and ``params``, plus the ``events``
     capability where the build has it, so that MIGRATION status events wake the driver's
-    waits (:func:`_nap`).  It changes nothing in the stream and stays on."""
+    waits (:func:`_nap`).  It changes nothing in the stream and stays on; a QEMU of ours
+    starts with it on (``Resolved.migration_events``), so it costs no QMP call."""
     check_caps(caps, inc.process.build)
-    if "events" not in caps and inc.process.build.capabilities.has_capability("events"):
+    if _events_needed(inc) and "events" not in caps:
         caps = [*caps, "events"]
     configure(inc.process, caps, params)
+
+
+def _events_needed(inc: Incarnation) -> bool:
+    """The build has the ``events`` capability and this QEMU did not start with it on."""
+    return not inc.resolved.migration_events and inc.process.build.capabilities.has_capability("events")
 
 
 def _has_mode(inc: Incarnation) -> bool:
@@ -975,7 +981,8 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
 
-    caps = ["events"] if vm.build.capabilities.has_capability("events") else []
+    events = vm.build.capabilities.has_capability("events")
+    caps = ["events"] if _events_needed(src) else []
     proc.events()  # earlier operations' MIGRATION events: only this one's count here
     try:
         _set_up(src, caps, {"mode": mode, "cpr-exec-command": argv})
@@ -999,7 +1006,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
             if time.monotonic() > deadline:
                 return give_up(f"cpr-exec: no exec within {timeout:.0f} s "
                                f"({'completed' if completed_at else 'not completed'})")  # fmt: skip
-            ev = proc.poll_event("MIGRATION", 0.002 if caps else 0.0)
+            ev = proc.poll_event("MIGRATION", 0.002 if events else 0.0)
             status = ((ev or {}).get("data") or {}).get("status")
             if status == "completed" and completed_at is None:
                 completed_at = time.monotonic()
@@ -1012,7 +1019,7 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
                 recover_source(src, result, was_running=was_running, reset_caps=caps)
                 return give_up(str(info.get("error-desc") or f"cpr-exec {status}")
                                + _tail(proc.output()))  # fmt: skip
-            if not caps:
+            if not events:
                 _nap(since)
     result.extra["pid_kept"] = proc.pid == pid
     try:

@@ -220,6 +220,9 @@ class Resolved:
     fwcfg_file: Path | None = None
     ram_path: Path | None = None
     ram_image: RamImage | None = None
+    #: the ``events`` migration capability on from the start (``-global migration.x-events``):
+    #: MIGRATION status events wake the harness's waits, and no hop spends a QMP call on it
+    migration_events: bool = False
     ssh_port: int | None = None
     incoming: tuple[str, ...] = ()
     smm: bool = False  # the firmware requires SMM: smm=on, a secure varstore chip, S3 off
@@ -275,6 +278,8 @@ def qemu_args(spec: VmSpec, r: Resolved) -> list[str]:
                  f"mem-path={_opt(str(img.path))},{mode}"]  # fmt: skip
     if spec.uuid:
         args += ["-uuid", spec.uuid]
+    if r.migration_events:
+        args += ["-global", "migration.x-events=on"]
 
     # firmware
     if spec.firmware is not None and spec.firmware_mode == "split":

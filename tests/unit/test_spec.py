@@ -77,6 +77,11 @@ def test_ram_image_under_the_default_ram_id() -> None:
         qemu_args(VmSpec(memory_backend="memfd"), resolved(ram_image=RamImage(Path("/s/ram"), shared=False)))
 
 
+def test_migration_events_on_from_the_start() -> None:
+    assert "-global migration.x-events=on" in joined(qemu_args(VmSpec(), resolved(migration_events=True)))
+    assert "x-events" not in joined(qemu_args(VmSpec(), resolved()))
+
+
 def test_commas_in_paths_are_escaped() -> None:
     text = joined(qemu_args(VmSpec(), resolved(vars=Path("/w/a,b.fd"))))
     assert "file=/w/a,,b.fd" in text
