@@ -66,6 +66,7 @@ test-halved: setup
 bench-halved: setup
 	$(HALF) $(PY) -m bench
 nightly-halved: setup
+	$(HARNESS) snapshots prune
 	$(HALF) $(HARNESS) nightly
 
 # The nested L1/L2 tests alone (they are part of `make test` too).
@@ -78,7 +79,9 @@ unit: venv
 integration: setup
 	$(PYTEST) -n $(JOBS) tests/integration
 
+# Snapshots not restored for 14 days go first: every changed input makes a new one.
 nightly: setup
+	$(HARNESS) snapshots prune
 	$(HARNESS) nightly
 
 lint: venv

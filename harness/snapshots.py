@@ -24,11 +24,13 @@ the harness changes after the restore (see docs/performance.md, "Fast start"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -43,7 +45,7 @@ from harness.errors import MachineError
 from harness.inventory.catalog import Version
 from harness.machine import Machine, Ready
 from harness.paths import cache_root, ensure_dir
-from harness.spec import DEFAULT_RAM_ID, RamImage, VmSpec
+from harness.spec import DEFAULT_RAM_ID, RamImage
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,8 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
         shutil.copyfile(snap.varstore, varstore)
         os.chmod(varstore, 0o600)
     machine._last_varstore = varstore
+    with contextlib.suppress(OSError):  # last used: what `harness snapshots prune` goes by
+        os.utime(snap.root / META)
     image = None
     if snap.ram is not None:
         # read-only as RAM where QEMU can (8.2): not even a discard can reach the file
@@ -310,7 +314,7 @@ def start_fast(machine: Machine, *, make_template: Callable[[], Machine]) -> Mac
     return restore_machine(machine, snap)
 
 
-def clear(spec: VmSpec | None = None) -> int:
+def clear() -> int:
     """Delete every snapshot (the cache rebuilds them); returns how many were removed."""
     n = 0
     for p in snapshots_dir().iterdir():
@@ -318,3 +322,75 @@ def clear(spec: VmSpec | None = None) -> int:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory of the snapshot cache, as ``harness snapshots list`` shows it."""
+
+    key: str
+    path: Path
+    valid: bool
+    bytes_used: int  # allocated on disk (a RAM image is sparse)
+    last_used: float  # a restore touches the meta; a snapshot never restored: its making
+    qemu: str = "?"
+    machine: str = "?"
+
+
+def _bytes_used(root: Path) -> int:
+    total = 0
+    for f in root.iterdir():
+        with contextlib.suppress(OSError):
+            total += f.stat().st_blocks * 512
+    return total
+
+
+def entries() -> list[Entry]:
+    """Every snapshot directory of the cache, the least recently used first."""
+    out = []
+    for p in snapshots_dir().iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        snap = valid(p)
+        try:
+            last = (p / META).stat().st_mtime
+        except OSError:
+            last = p.stat().st_mtime
+        meta = snap.meta if snap else {}
+        out.append(Entry(p.name, p, snap is not None, _bytes_used(p), last,
+                         str(meta.get("qemu", "?")), str(meta.get("machine", "?"))))  # fmt: skip
+    return sorted(out, key=lambda e: e.last_used)
+
+
+_PARTIAL_RE = re.compile(r"^\.(?P<key>.+)\.partial-(?P<pid>\d+)$")
+
+
+def prune(older_than_s: float, *, dry_run: bool = False) -> list[Path]:
+    """Remove what the cache no longer needs: snapshots not restored for ``older_than_s``
+    seconds (their inputs changed - another QEMU build, image or spec - or nobody uses
+    them), directories that do not validate, a crashed run's half-made snapshots (their
+    maker's pid is gone), and lock files of snapshots that are no longer there.  The
+    snapshot cache otherwise only grows: every changed input makes a new one.  Returns
+    the paths removed (or that would be, with ``dry_run``)."""
+    now = time.time()
+    doomed: list[Path] = []
+    for e in entries():
+        if not e.valid or now - e.last_used > older_than_s:
+            doomed.append(e.path)
+    for p in snapshots_dir().iterdir():
+        m = _PARTIAL_RE.match(p.name)
+        if m and not Path(f"/proc/{m.group('pid')}").exists():
+            doomed.append(p)
+        elif p.name.startswith(".") and p.name.endswith(".lock"):
+            key = p.name[1:-len(".lock")]
+            with contextlib.suppress(OSError):
+                if not (snapshots_dir() / key).exists() and now - p.stat().st_mtime > 86400:
+                    doomed.append(p)  # a maker holds its lock for minutes, never a day
+    if not dry_run:
+        for p in doomed:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    return doomed

@@ -1,10 +1,15 @@
-"""What makes a snapshot directory valid (harness.snapshots.valid), on files made here."""
+"""The snapshot cache's files: what makes a snapshot valid, and what prune removes (on
+files made here)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from harness import snapshots
 
@@ -54,3 +59,34 @@ def test_a_missing_ram_image_or_state_invalidates_it(tmp_path: Path) -> None:
     root = make(tmp_path / "b", image=False)
     (root / snapshots.STATE).write_bytes(b"short")
     assert snapshots.valid(root) is None
+
+
+def test_prune_removes_the_unused_the_invalid_and_what_crashed_runs_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    top = snapshots.snapshots_dir()
+    recent = make(top / "recent", image=True)
+    old = make(top / "old", image=True)
+    month = 30 * 86400
+    os.utime(old / snapshots.META, (time.time() - month, time.time() - month))
+    broken = make(top / "broken", image=False)
+    (broken / snapshots.STATE).write_bytes(b"cut short")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    crashed = top / f".k1.partial-{dead.pid}"
+    crashed.mkdir()
+    making = top / f".k2.partial-{os.getpid()}"  # its maker is alive: left alone
+    making.mkdir()
+    stale_lock = top / ".gone.lock"
+    stale_lock.touch()
+    os.utime(stale_lock, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    live_lock = top / ".recent.lock"
+    live_lock.touch()
+    os.utime(live_lock, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    expected = {old, broken, crashed, stale_lock}
+    assert set(snapshots.prune(14 * 86400, dry_run=True)) == expected
+    assert all(p.exists() for p in expected)
+    assert set(snapshots.prune(14 * 86400)) == expected
+    assert not any(p.exists() for p in expected)
+    assert recent.exists() and making.exists() and live_lock.exists()
+    assert [e.key for e in snapshots.entries()] == ["recent"]
