@@ -186,7 +186,7 @@ class Hooks:
     ``stuck_after``: once a hook intervened, a migration that has not ended within this
     many seconds is cancelled, and the status it stuck in is recorded (``stuck_in``).
     ``on_settled``: called with the source's final ``query-migrate`` before any
-    recovery."""
+    recovery, once a completed source's run state has left finish-migrate."""
 
     target: str | None = None
     dest_args: tuple[str, ...] = ()
@@ -361,16 +361,22 @@ def resume_saved(ep: Endpoint, timeout: float) -> str | None:
     the run state from finish-migrate to postmigrate, and refuses 'cont' in between
     ("Migration is not finalized yet"): a driver that learns of the completion at once (an
     event) meets that window, so the run state is awaited first."""
+    if settled_runstate(ep, timeout) == "finish-migrate":
+        return f"the source stayed in finish-migrate for {timeout:.0f} s after the save"
+    ep.qmp("cont")
+    return None
+
+
+def settled_runstate(ep: Endpoint, timeout: float = 10.0) -> str:
+    """The source's run state once out of finish-migrate (the window between QEMU's
+    'completed' and its cleanup, see :func:`resume_saved`); still finish-migrate only
+    after ``timeout``."""
     since = time.monotonic()
     while True:
         status = str(ep.qmp("query-status").get("status"))
-        if status != "finish-migrate":
-            break
-        if time.monotonic() > since + timeout:
-            return f"the source stayed in finish-migrate for {timeout:.0f} s after the save"
+        if status != "finish-migrate" or time.monotonic() > since + timeout:
+            return status
         _nap(since, ep=ep)
-    ep.qmp("cont")
-    return None
 
 
 def guest_runs(ep: Endpoint) -> bool:
@@ -600,6 +606,9 @@ def live(
     if hooks is not None:
         result.extra["final"] = info
     if h.on_settled is not None:
+        if info.get("status") == "completed":
+            with contextlib.suppress(HarnessError):  # a dead source: the hook sees that
+                settled_runstate(src.process)
         h.on_settled(info)
     fill_stats(result, info)
     status = str(info.get("status"))
@@ -909,6 +918,9 @@ def cpr_transfer(
     if hooks is not None:
         result.extra["final"] = info
     if h.on_settled is not None:
+        if info.get("status") == "completed":
+            with contextlib.suppress(HarnessError):  # a dead source: the hook sees that
+                settled_runstate(src.process)
         h.on_settled(info)
     fill_stats(result, info)
     if info.get("status") != "completed":
