@@ -263,8 +263,7 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
         if why:
             raise MachineError(f"restoring snapshot {snap.root} failed: {why}\n{inc.process.output()[-2000:]}")
         machine.adopt(inc)
-        nonce = request_refresh(machine)  # the guest works on it while the harness goes on
-        migration.reset(inc.process, caps, mode_param=False)  # later migrations start plain
+        nonce = request_refresh(machine)  # the guest works on it while SSH connects
         instance = secrets.token_hex(8)
         machine.ready = Ready(
             boot_id=str(snap.meta.get("boot_id")),
@@ -272,6 +271,8 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
             info={**snap.meta.get("ready_info", {}), "restored_from": snap.key, "instance_id": instance},
         )
         machine.ssh.connect(timeout=60)
+        # later migrations start plain; while the guest still works on its refresh
+        migration.reset(inc.process, caps, mode_param=False)
         await_refresh(machine, nonce)
     except BaseException:
         machine.stop(hard=True)

@@ -23,6 +23,7 @@ mismatch on purpose.  Likewise the combined ``usr/share/ovmf/OVMF.fd`` (loaded w
 from __future__ import annotations
 
 import fnmatch
+import functools
 import gzip
 import hashlib
 import json
@@ -793,10 +794,7 @@ def check_flash_pair(code: Path, vars: Path, build: FirmwareBuild | None = None)
         layouts = build.flash_layouts()
         where = build.key
     else:
-        builds = all_firmware()
-        owners = [b for b in builds if any(_same(d.code, code) for d in b.candidates())]
-        layouts = frozenset().union(*(b.flash_layouts() for b in (owners or builds)))
-        where = ", ".join(b.key for b in (owners or builds))
+        layouts, where = _layouts_of_code(str(code), code_size, code.stat().st_mtime_ns)
     if (code_size, vars_size) in layouts:
         return code_size + vars_size
     fitting = sorted(v for c, v in layouts if c == code_size)
@@ -810,6 +808,17 @@ def check_flash_pair(code: Path, vars: Path, build: FirmwareBuild | None = None)
         f"{vars_size} bytes does not fit code {code} ({code_size} bytes, flash would be "
         f"{code_size + vars_size} bytes); {expected} (layouts of {where}: {known})",
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _layouts_of_code(code: str, size: int, mtime_ns: int) -> tuple[frozenset[tuple[int, int]], str]:
+    """The flash layouts of the builds whose images include ``code`` (else of all builds),
+    and their names; remembered per code file (size and mtime in the key): reading every
+    build's descriptors took 12 ms, and every QEMU the harness spawns checks its pair."""
+    builds = all_firmware()
+    owners = [b for b in builds if any(_same(d.code, Path(code)) for d in b.candidates())]
+    layouts = frozenset().union(*(b.flash_layouts() for b in (owners or builds)))
+    return layouts, ", ".join(b.key for b in (owners or builds))
 
 
 def _same(a: Path, b: Path) -> bool:

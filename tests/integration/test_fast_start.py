@@ -61,6 +61,12 @@ def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
         for vm in (a, b):
             guest_now = float(vm.ssh.run("date +%s").stdout)
             assert abs(guest_now - time.time()) < 30
+        # the console refresh refuses a bad clock, and answers the next line again
+        a.console.mark()
+        a.console.write("harness-refresh not-a-time 00 badnonce\n")
+        a.console.wait_for("HARNESS-REFRESH-FAILED badnonce", 30, poll=0.01)
+        snapshots.await_refresh(a, snapshots.request_refresh(a))
+        assert abs(float(a.ssh.run("date +%s").stdout) - time.time()) < 30
         rnd_a = a.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
         rnd_b = b.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
         assert rnd_a != rnd_b
