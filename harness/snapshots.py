@@ -12,8 +12,9 @@ the firmware code and template, the image's inputs), so a changed input makes a 
 snapshot.  Creating one is guarded by a file lock: xdist workers wait for the first.
 
 A restored guest is a new QEMU process with its own copy of the varstore and its own
-work directory; the state file and the RAM image are only read.  What it shares with the snapshot, and what
-the harness changes after the restore (see docs/performance.md, "Fast start"):
+work directory; the state file and the RAM image are only read.  What it shares with the
+snapshot, and what the harness changes after the restore (see docs/performance.md, "Fast
+start"):
 
 - the kernel's boot id is the snapshot's (it is set at boot);  the harness gives each
   restored guest a fresh ``instance_id`` (``Machine.ready.info``);
