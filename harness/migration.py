@@ -1018,7 +1018,9 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
             if time.monotonic() > deadline:
                 return give_up(f"cpr-exec: no exec within {timeout:.0f} s "
                                f"({'completed' if completed_at else 'not completed'})")  # fmt: skip
-            ev = proc.poll_event("MIGRATION", 0.002 if events else 0.0)
+            # before 'completed', the event itself ends the wait; after it, the exec is
+            # a moment away and looked for every 2 ms (a read of /proc/PID/cmdline)
+            ev = proc.poll_event("MIGRATION", (0.02 if completed_at is None else 0.002) if events else 0.0)
             status = ((ev or {}).get("data") or {}).get("status")
             if status == "completed" and completed_at is None:
                 completed_at = time.monotonic()

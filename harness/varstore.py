@@ -20,6 +20,7 @@ The same decoders serve the guest's live view (efivarfs, through the guest agent
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -562,6 +563,13 @@ def compare_guest_view(
 # --- private copies --------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _template_parses(path: str, size: int, mtime_ns: int) -> None:
+    """:func:`read_varstore` of a template, remembered per file (size and mtime in the key):
+    every QEMU the harness spawns gets a copy of it (2-3 ms of parsing each time)."""
+    read_varstore(path)
+
+
 def instantiate(
     template: Path | str, dest: Path | str, *, overwrite: bool = False, validate: bool = True
 ) -> Path:
@@ -582,7 +590,8 @@ def instantiate(
     if dest.exists() and not overwrite:
         raise VarstoreError(dest, "already exists; pass overwrite=True to replace it")
     if validate:
-        read_varstore(template)
+        st = template.stat()
+        _template_parses(str(template.resolve()), st.st_size, st.st_mtime_ns)
     try:
         data = template.read_bytes()
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -327,7 +328,7 @@ class QemuProcess(Generic[BuildT]):
     def _write_cmdline(self) -> None:
         try:
             args = [*self._vm._qemu_full_args]
-            self.cmdline_path.write_text(" ".join(_quote(a) for a in args) + "\n")
+            self.cmdline_path.write_text(shlex.join(args) + "\n")
         except OSError:
             pass
 
@@ -511,12 +512,6 @@ class QemuProcess(Generic[BuildT]):
 
     def __repr__(self) -> str:
         return f"<QemuProcess {self.name} {self.build.label} launched={self._launched}>"
-
-
-def _quote(arg: str) -> str:
-    if arg and all(c.isalnum() or c in "-_=.,:/+@%" for c in arg):
-        return arg
-    return "'" + arg.replace("'", "'\"'\"'") + "'"
 
 
 def unix_listening(path: Path, table: str = "/proc/net/unix") -> bool:
