@@ -466,6 +466,16 @@ def _clear_settings(inc: Incarnation, caps: Sequence[str]) -> None:
     reset(inc.process, caps, mode_param=_has_mode(inc))
 
 
+def _classify_problems(result: MigrationResult) -> None:
+    """Name what the checks after a hop found (a crashed guest's console, ...) when the
+    hop itself had no signature: the record and the nightly report carry it."""
+    from harness import signatures
+
+    sig = signatures.classify("\n".join(result.problems))
+    if sig is not None:
+        result.signature, result.signature_explanation = sig.name, sig.explanation
+
+
 def _incomplete_load(inc: Incarnation, result: MigrationResult) -> None:
     """A load QEMU called good can still have stopped early ("Expected vmdescription
     section, but got 0"): classify the destination's output and record it as a problem."""
@@ -1142,6 +1152,8 @@ def back_to_back(
                 res.pause_s = round(state.guest_pause(before, after), 4)
                 res.pause_uncertainty_s = round(state.pause_uncertainty(before, after), 4)
                 res.problems += state.survival_problems(before, after, max_pause)
+                if after.boot_id != before.boot_id:  # it crashed and rebooted: the console says why
+                    res.problems += [f"the guest's kernel crashed: {line}" for line in state.kernel_crashes(vm)]
                 if vm.spec.firmware is not None and vm.spec.firmware_mode == "split":
                     got = state.read_efivar(vm, CYCLE_VAR)
                     if got != value:
@@ -1153,6 +1165,8 @@ def back_to_back(
             except HarnessError as exc:
                 res.extra["diagnosis"], problem = state.check_failure(vm, exc)
                 res.problems.append(problem)
+        if res.problems and res.signature is None:
+            _classify_problems(res)
         results.append(res)
         if on_cycle is not None:
             on_cycle(res)

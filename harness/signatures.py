@@ -276,7 +276,10 @@ SIGNATURES: tuple[Signature, ...] = (
         "real run here: make test 2026-11-30, test_cross_version.py::test_pair[7.2-to-10.0.2]: "
         "2 s after a live migration 7.2 -> 10.0.2 (pc-q35-7.2, OVMF 2022.11) the guest "
         "oopsed in __run_timers (NULL pointer dereference, a LIST_POISON2 next pointer: a "
-        "timer list corrupted) and rebooted; seen once in over 300 such hops",
+        "timer list corrupted) and rebooted; seen once in over 300 such hops. And the nightly "
+        "of 2026-11-30 (night of 2026-12-01, half CPU share): live 7.2 -> 7.2 of a cold-booted "
+        "guest, an hrtimer callback pointing into a kernel stack (NX fault in the timer "
+        "interrupt)",
     ),
     # --- the firmware's own text ---------------------------------------------------------
     signature(

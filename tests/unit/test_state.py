@@ -399,3 +399,33 @@ def test_diagnosis_never_raises_and_says_what_it_could_not_ask() -> None:
     diag = state.diagnose(_DiagVm([], fail=True), interval=0)  # type: ignore[arg-type]
     assert "QMP went away" in diag["error"] and "console_tail" in diag
     assert state.describe_diagnosis(diag) == "QEMU status ?; diagnosis incomplete: StateError: QMP went away"
+
+
+def test_a_rebooted_guest_after_a_hop_carries_its_consoles_crash_and_signature(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """back_to_back on fakes: the boot id changed across the hop, the console has the oops
+    (the lines of a real run: the nightly night of 2026-12-01, run 2026-11-30, live 7.2 -> 7.2), so the cycle's
+    result names the crash and carries signature guest-kernel-panic."""
+    from types import SimpleNamespace
+
+    from harness import migration, state
+    from harness.migration import MigrationResult, Mode, Status
+
+    before = gs()
+    after = later(before, seconds=23.4, boot_id="new-boot", uptime=10.1)
+    snaps = iter([before, after])
+    monkeypatch.setattr(state, "snapshot", lambda vm: next(snaps))
+    monkeypatch.setattr(state, "kernel_crashes", lambda vm: [
+        "qemu-1.serial.log: BUG: unable to handle page fault for address: ff7bd84fc05c7dc8",
+        "qemu-1.serial.log: Kernel panic - not syncing: Attempted to kill the idle task!"])
+
+    def hop(vm: Any, **kw: Any) -> MigrationResult:
+        return MigrationResult(op="live", mode=Mode("normal"), status=Status.COMPLETED,
+                               source="7.2", destination="7.2", machine="pc-q35-7.2")  # fmt: skip
+
+    monkeypatch.setattr(migration, "operation", lambda op: hop)
+    vm = SimpleNamespace(spec=SimpleNamespace(firmware=None, firmware_mode="split"))
+    (res,) = migration.back_to_back(vm, "live", 3)  # type: ignore[arg-type]
+    assert not res.ok and res.signature == "guest-kernel-panic"
+    assert any(p.startswith("guest rebooted: boot id") for p in res.problems)
+    assert "the guest's kernel crashed: qemu-1.serial.log: BUG: unable to handle page fault" in "\n".join(res.problems)
