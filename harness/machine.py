@@ -189,7 +189,6 @@ class Machine:
         self._ram_dir: Path | None = None
         self._sock_dir: Path | None = None
         self._last_varstore: Path | None = varstore
-        self._fitting_pairs: set[tuple[str, int, int]] = set()
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -252,20 +251,6 @@ class Machine:
             )
         firmware.check_flash_pair(code, template)
         self._code, self._template = code, template
-
-    def _check_flash_pair(self, code: Path, vars: Path) -> None:
-        """firmware.check_flash_pair, remembered per (code, sizes): it reads every
-        firmware build's descriptors, and each migration spawns a QEMU."""
-        from harness.inventory import firmware
-
-        try:
-            key = (str(code), code.stat().st_size, vars.stat().st_size)
-        except OSError:
-            key = None
-        if key is None or key not in self._fitting_pairs:
-            firmware.check_flash_pair(code, vars)  # raises, naming the file, if it does not fit
-            if key is not None:
-                self._fitting_pairs.add(key)
 
     def _check_varstore_kind(self, path: Path) -> None:
         """Secure Boot code needs a varstore with keys enrolled: a plain one would boot in
@@ -385,7 +370,9 @@ class Machine:
         elif varstore is not None and not incoming:
             self._check_varstore_kind(varstore)  # a caller's varstore the firmware will boot from
         if self._code is not None and varstore is not None:
-            self._check_flash_pair(self._code, varstore)
+            from harness.inventory import firmware
+
+            firmware.check_flash_pair(self._code, varstore)  # raises, naming the file
         last: LaunchError | None = None
         for _attempt in range(3):
             vtpm = self._start_tpm(gen, incoming)
@@ -428,7 +415,9 @@ class Machine:
         varstore = None
         if self._code is not None:
             varstore = self.new_varstore(f"vars-{gen}.fd")
-            self._check_flash_pair(self._code, varstore)
+            from harness.inventory import firmware
+
+            firmware.check_flash_pair(self._code, varstore)  # raises, naming the file
         resolved = self._resolve(gen, varstore, incoming, machine, build)
         vtpm = self._start_tpm(gen, incoming)  # the new image's own vTPM (state from the stream)
         if vtpm is not None:

@@ -1003,8 +1003,8 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
 
-    events = vm.build.capabilities.has_capability("events")
-    caps = ["events"] if _events_needed(src) else []
+    events = vm.build.capabilities.has_capability("events")  # (on from the start, or by _set_up)
+    caps: list[str] = []
     proc.events()  # earlier operations' MIGRATION events: only this one's count here
     try:
         _set_up(src, caps, {"mode": mode, "cpr-exec-command": argv})
@@ -1153,7 +1153,7 @@ def back_to_back(
                 res.pause_uncertainty_s = round(state.pause_uncertainty(before, after), 4)
                 res.problems += state.survival_problems(before, after, max_pause)
                 if after.boot_id != before.boot_id:  # it crashed and rebooted: the console says why
-                    res.problems += [f"the guest's kernel crashed: {line}" for line in state.kernel_crashes(vm)]
+                    res.problems += state.kernel_crash_problems(vm)
                 if vm.spec.firmware is not None and vm.spec.firmware_mode == "split":
                     got = state.read_efivar(vm, CYCLE_VAR)
                     if got != value:

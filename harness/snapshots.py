@@ -44,7 +44,7 @@ from filelock import FileLock
 
 from harness.errors import MachineError
 from harness.inventory.catalog import Version
-from harness.machine import Machine, Ready
+from harness.machine import DEFAULT_BOOT_TIMEOUT, Machine, Ready
 from harness.paths import cache_root, ensure_dir
 from harness.spec import DEFAULT_RAM_ID, RamImage
 
@@ -144,10 +144,7 @@ def ensure_snapshot(template_machine: Machine, boot_timeout: float | None = None
     and stopped again when a snapshot has to be made."""
 
     def boot(image: RamImage | None) -> dict[str, Any]:
-        if boot_timeout is not None:
-            template_machine.start(timeout=boot_timeout, ram_image=image)
-        else:
-            template_machine.start(ram_image=image)
+        template_machine.start(timeout=boot_timeout or DEFAULT_BOOT_TIMEOUT, ram_image=image)
         return {}
 
     return create(snapshot_key(template_machine), template_machine, boot)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +133,11 @@ def kernel_crashes(vm: Machine) -> list[str]:
             continue
         found += [f"{log.name}: {m.group(1).strip()[:200]}" for m in KERNEL_CRASH_RE.finditer(text)]
     return found
+
+
+def kernel_crash_problems(vm: Machine, seen: Sequence[str] = ()) -> list[str]:
+    """The console's kernel crash lines (:func:`kernel_crashes`) not in ``seen``, as problems."""
+    return [f"the guest's kernel crashed: {line}" for line in kernel_crashes(vm) if line not in seen]
 
 
 def survival_problems(before: GuestState, after: GuestState, max_pause: float | None = None) -> list[str]:

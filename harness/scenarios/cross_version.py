@@ -139,8 +139,7 @@ def guest_problems(vm: Machine, before: Before) -> list[str]:
         problems.append(f"BootOrder in the guest changed: {_fmt(before.boot_order)} -> {_fmt(order)}")
     problems += varstore_problems(vm, before.value, before.varstore, before.boot_order)
     # a guest that crashed and rebooted shows a new boot id above; its console says why
-    problems += [f"the guest's kernel crashed: {line}" for line in state.kernel_crashes(vm)
-                 if line not in before.crashes]
+    problems += state.kernel_crash_problems(vm, before.crashes)
     return problems
 
 
