@@ -86,14 +86,28 @@ def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+#: loaded client keys by (path, size, mtime): loading an RSA key checks it (40-80 ms)
+_CLIENT_KEYS: dict[tuple[str, int, int], paramiko.PKey] = {}
+
+
 def load_client_key(path: Path) -> paramiko.PKey:
-    """The client's private key (OpenSSH format)."""
+    """The client's private key (OpenSSH format), loaded once per process and file version."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise MachineError(f"cannot read SSH client key {path}: {exc.strerror or exc}") from exc
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo in _CLIENT_KEYS:
+        return _CLIENT_KEYS[memo]
     errors = []
-    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+    for cls in (paramiko.RSAKey, paramiko.Ed25519Key, paramiko.ECDSAKey):
         try:
-            return cls.from_private_key_file(str(path))
+            key: paramiko.PKey = cls.from_private_key_file(str(path))
         except (paramiko.SSHException, ValueError) as exc:
             errors.append(f"{cls.__name__}: {exc}")
+            continue
+        _CLIENT_KEYS[memo] = key
+        return key
     raise MachineError(f"cannot load SSH client key {path}: {'; '.join(errors)}")
 
 

@@ -496,11 +496,17 @@ class Builder:
         return (libdir, f"usr/{libdir}", "lib64", "lib", "usr/lib")
 
     def _make_keys(self, out: Path, pkgs: Path, tools: Path | None = None) -> str:
-        """Host key (dropbear format, made by the packaged dropbearkey) and client key."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        """Host key (dropbear format, made by the packaged dropbearkey) and client key.
 
-        key = Ed25519PrivateKey.generate()
+        The client key is RSA: what a guest spends on every SSH login is verifying its
+        signature, and dropbear verifies Ed25519 with TweetNaCl's slow field arithmetic
+        (two scalar multiplications, 10 ms of a TCG guest's time per connection: a login
+        took 39 ms) where an RSA signature (public exponent 65537) is a few multiplications
+        (29 ms).  The host key stays Ed25519: signing with it is the guest's cheapest."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         private = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,

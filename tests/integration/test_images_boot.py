@@ -27,6 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from harness.guest.ssh import load_client_key
 from harness.images import Image, ensure_image, mem_region_checksum
 from harness.inventory import catalog
 from harness.inventory.provision import Provisioner
@@ -134,7 +135,7 @@ def ssh(image: Image, port: int, host_key: str | None = None) -> paramiko.SSHCli
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     client.connect(
         "127.0.0.1", port=port, username="root",
-        pkey=paramiko.Ed25519Key.from_private_key_file(str(image.client_key)),
+        pkey=load_client_key(image.client_key),
         allow_agent=False, look_for_keys=False, timeout=30, banner_timeout=30, auth_timeout=30,
     )  # fmt: skip
     return client
@@ -314,7 +315,7 @@ def test_nested_l1_runs_l2_with_kvm(
             l2.set_missing_host_key_policy(paramiko.RejectPolicy())
             l2.connect(
                 "127.0.0.1", port=2222, username="root", sock=channel,
-                pkey=paramiko.Ed25519Key.from_private_key_file(str(nested_l1.client_key)),
+                pkey=load_client_key(nested_l1.client_key),
                 allow_agent=False, look_for_keys=False, timeout=60, banner_timeout=60,
             )  # fmt: skip
             try:
