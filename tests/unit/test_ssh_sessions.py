@@ -152,3 +152,22 @@ def test_a_second_closed_channel_is_our_error() -> None:
     with pytest.raises(GuestTimeout) as exc:
         c._start("agent status", 0.1, 5.0)
     assert "Channel closed" in exc.value.last_seen and c.connects == 1
+
+
+def test_client_key_loaded_once_per_file_version_and_bad_keys_named(tmp_path: Path) -> None:
+    from harness.errors import MachineError
+    from harness.guest.ssh import load_client_key
+
+    _, path = _keys()
+    first = load_client_key(path)
+    assert load_client_key(path) is first  # remembered: loading an RSA key checks it
+    copy = tmp_path / "client_key"
+    paramiko.RSAKey.generate(1024).write_private_key_file(str(copy))
+    other = load_client_key(copy)
+    assert other.get_base64() != first.get_base64()
+    copy.write_text("not a key\n")
+    with pytest.raises(MachineError, match=f"cannot load SSH client key {copy}"):
+        load_client_key(copy)
+    copy.unlink()
+    with pytest.raises(MachineError, match=f"cannot read SSH client key {copy}"):
+        load_client_key(copy)
