@@ -279,19 +279,19 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
     return machine
 
 
-REFRESHED_RE = r"HARNESS-REFRESH(ED|-FAILED) {nonce}"
+REFRESHED_RE = r"HARNESS-REFRESH(ED|-FAILED) {nonce}\b"
 
 
 def request_refresh(machine: Machine) -> str:
     """Type the identity refresh on a restored guest's console (agent protocol 2: the
-    guest's init reads it, see guests/README.md): the host's clock, 32 fresh random bytes
-    for its RNG, and a nonce its answer repeats.  Returns the nonce.  Every guest restored
-    from one snapshot starts with the same RNG pool and the clock of the moment it was
-    saved; over SSH after the connection this cost 45-80 ms, on the console it overlaps
-    the handshake."""
-    nonce = secrets.token_hex(8)
+    guest's init reads it, see guests/README.md): the host's clock, 24 fresh random bytes
+    (base64) for its RNG, and a nonce its answer repeats.  Returns the nonce.  Every guest
+    restored from one snapshot starts with the same RNG pool and the clock of the moment it
+    was saved; over SSH after the connection this cost 45-80 ms, on the console it overlaps
+    the handshake.  The line is short: the guest's shell reads it a byte per system call."""
+    nonce = secrets.token_hex(4)
     machine.console.mark()
-    machine.console.write(f"harness-refresh {int(time.time())} {secrets.token_hex(32)} {nonce}\n")
+    machine.console.write(f"harness-refresh {int(time.time())} {secrets.token_urlsafe(24)} {nonce}\n")
     return nonce
 
 

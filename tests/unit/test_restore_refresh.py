@@ -33,7 +33,7 @@ def machine(tmp_path: Path) -> Any:
 def test_the_refresh_line_carries_the_clock_random_bytes_and_a_nonce(machine: Any) -> None:
     nonce = snapshots.request_refresh(machine)
     (line,) = machine.typed
-    m = re.fullmatch(r"harness-refresh (\d+) ([0-9a-f]{64}) ([0-9a-f]{16})\n", line)
+    m = re.fullmatch(r"harness-refresh (\d+) ([A-Za-z0-9_-]{32}) ([0-9a-f]{8})\n", line)  # 24 bytes
     assert m, line
     assert abs(int(m.group(1)) - time.time()) < 5 and m.group(3) == nonce
     assert snapshots.request_refresh(machine) != nonce  # fresh bytes and nonce each time
@@ -44,6 +44,7 @@ def test_only_this_refreshs_answer_counts(machine: Any) -> None:
     nonce = snapshots.request_refresh(machine)
     with machine.console.log_path.open("a") as fh:
         fh.write("HARNESS-REFRESHED 0000000000000000\n")  # an earlier restore's
+        fh.write(f"HARNESS-REFRESHED {nonce}0\n")  # one that begins with this nonce
     with pytest.raises(MachineError, match="identity refresh"):
         snapshots.await_refresh(machine, nonce, timeout=0.2)
     with machine.console.log_path.open("a") as fh:
