@@ -110,6 +110,8 @@ def test_unix_listening_reads_the_socket_table_defensively(tmp_path: Path) -> No
     )
     assert not migration.unix_listening(path, table=str(table))
     table.write_text(table.read_text() + f"0000: 00000002 00000000 00010000 0001 01 3 {path}\n")
+    assert not migration.unix_listening(path, table=str(table))  # unlinked: nobody can connect
+    path.touch()
     assert migration.unix_listening(path, table=str(table))
     # no table (not Linux, /proc not mounted): the path's existence is all there is
     assert migration.unix_listening(table, table=str(tmp_path / "missing")) is True
