@@ -51,7 +51,8 @@ from harness.spec import DEFAULT_RAM_ID, RamImage
 log = logging.getLogger(__name__)
 
 #: 2: a plain-RAM guest's RAM is a RAM image beside a state of its devices
-SNAPSHOT_FORMAT = 2
+#: 3: saved once the guest has closed the harness's SSH connection (no stray session)
+SNAPSHOT_FORMAT = 3
 STATE = "state.bin"
 RAM = "ram.img"
 IGNORE_SHARED = "x-ignore-shared"
@@ -177,6 +178,7 @@ def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[s
             extra = boot(image)
             ready = template.ready
             template.ssh.close()  # the saved guest holds no half-open connection
+            await_connections_closed(template)
             caps = [IGNORE_SHARED] if image is not None else []
             res = migration.save(template, tmp / STATE, capabilities=caps, check=True)
             has_vars = template.varstore_template is not None and template.spec.firmware_mode == "split"
@@ -186,6 +188,7 @@ def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[s
                 shutil.copyfile(template.varstore_path, tmp / VARS)
             meta = {
                 "key": key,
+                "format": SNAPSHOT_FORMAT,
                 "created": time.time(),
                 "boot_s": ready.seconds if ready else None,
                 "save_s": res.wall_s,
@@ -213,6 +216,29 @@ def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[s
     if snap is None:
         raise MachineError(f"snapshot {root} was written but does not validate")
     return snap
+
+
+#: a TCP connection SLIRP still has open with the guest (`info usernet`): any state but the
+#: forward's listener, and the closed ones (TIME_WAIT: both ends have closed)
+_OPEN_TCP = re.compile(r"TCP\[(?!HOST_FORWARD\]|TIME_WAIT\]|CLOSED\])[A-Z_0-9]+\]")
+
+
+def await_connections_closed(machine: Machine, timeout: float = 10.0) -> None:
+    """Wait until the guest has closed its end of every forwarded connection, as SLIRP's
+    socket table shows it: the dropbear process of the harness's last SSH session has then
+    exited, instead of waiting in the saved guest - and in every guest restored from it -
+    for a peer that is gone.  A guest that has not closed in ``timeout`` is saved anyway
+    (logged): a stray process there costs nothing but tidiness."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = str(machine.qmp("human-monitor-command", **{"command-line": "info usernet"}))
+        if not _OPEN_TCP.search(table):
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: connections still open before the save: %s", machine.spec.name,
+                        " | ".join(line.strip() for line in table.splitlines() if _OPEN_TCP.search(line)))  # fmt: skip
+            return
+        time.sleep(0.01)
 
 
 def _seal(path: Path) -> dict[str, Any]:
@@ -334,6 +360,7 @@ class Entry:
     last_used: float  # a restore touches the meta; a snapshot never restored: its making
     qemu: str = "?"
     machine: str = "?"
+    format: int = 0  # SNAPSHOT_FORMAT when made (recorded from format 3 on; 0: older)
 
 
 def _bytes_used(root: Path) -> int:
@@ -357,7 +384,8 @@ def entries() -> list[Entry]:
             last = p.stat().st_mtime
         meta = snap.meta if snap else {}
         out.append(Entry(p.name, p, snap is not None, _bytes_used(p), last,
-                         str(meta.get("qemu", "?")), str(meta.get("machine", "?"))))  # fmt: skip
+                         str(meta.get("qemu", "?")), str(meta.get("machine", "?")),
+                         int(meta.get("format", 0))))  # fmt: skip
     return sorted(out, key=lambda e: e.last_used)
 
 
@@ -367,14 +395,15 @@ _PARTIAL_RE = re.compile(r"^\.(?P<key>.+)\.partial-(?P<pid>\d+)$")
 def prune(older_than_s: float, *, dry_run: bool = False) -> list[Path]:
     """Remove what the cache no longer needs: snapshots not restored for ``older_than_s``
     seconds (their inputs changed - another QEMU build, image or spec - or nobody uses
-    them), directories that do not validate, a crashed run's half-made snapshots (their
+    them), snapshots of an older format (no key of this harness reaches them again),
+    directories that do not validate, a crashed run's half-made snapshots (their
     maker's pid is gone), and lock files of snapshots that are no longer there.  The
     snapshot cache otherwise only grows: every changed input makes a new one.  Returns
     the paths removed (or that would be, with ``dry_run``)."""
     now = time.time()
     doomed: list[Path] = []
     for e in entries():
-        if not e.valid or now - e.last_used > older_than_s:
+        if not e.valid or e.format < SNAPSHOT_FORMAT or now - e.last_used > older_than_s:
             doomed.append(e.path)
     for p in snapshots_dir().iterdir():
         m = _PARTIAL_RE.match(p.name)

@@ -67,6 +67,12 @@ def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
         a.console.wait_for("HARNESS-REFRESH-FAILED badnonce", 30, poll=0.01)
         snapshots.await_refresh(a, snapshots.request_refresh(a))
         assert abs(float(a.ssh.run("date +%s").stdout) - time.time()) < 30
+        # the template's last SSH session ended before the save: a restored guest runs
+        # dropbear's listener and the harness's one session, nothing of the template's
+        ps = a.ssh.run("ps -o pid,ppid,comm").stdout.splitlines()
+        dropbears = [line.split() for line in ps if line.split()[-1:] == ["dropbear"]]
+        listeners = [d for d in dropbears if d[1] == "1"]
+        assert len(listeners) == 1 and len(dropbears) == 2, ps
         rnd_a = a.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
         rnd_b = b.ssh.run("head -c 16 /dev/urandom | od -An -tx1").stdout
         assert rnd_a != rnd_b

@@ -17,7 +17,8 @@ from harness import snapshots
 def make(root: Path, *, image: bool) -> Path:
     root.mkdir()
     (root / snapshots.STATE).write_bytes(b"s" * 100)
-    meta: dict[str, object] = {"key": root.name, "machine": "pc-q35-10.0", "state_size": 100}
+    meta: dict[str, object] = {"key": root.name, "machine": "pc-q35-10.0", "state_size": 100,
+                               "format": snapshots.SNAPSHOT_FORMAT}
     if image:
         ram = root / snapshots.RAM
         with ram.open("wb") as f:
@@ -69,6 +70,10 @@ def test_prune_removes_the_unused_the_invalid_and_what_crashed_runs_left(
     old = make(top / "old", image=True)
     month = 30 * 86400
     os.utime(old / snapshots.META, (time.time() - month, time.time() - month))
+    older = make(top / "older-format", image=True)  # restored a minute ago, but no key reaches it
+    meta = json.loads((older / snapshots.META).read_text())
+    del meta["format"]  # formats before 3 did not record theirs
+    (older / snapshots.META).write_text(json.dumps(meta))
     broken = make(top / "broken", image=False)
     (broken / snapshots.STATE).write_bytes(b"cut short")
     dead = subprocess.Popen(["true"])
@@ -83,10 +88,24 @@ def test_prune_removes_the_unused_the_invalid_and_what_crashed_runs_left(
     live_lock = top / ".recent.lock"
     live_lock.touch()
     os.utime(live_lock, (time.time() - 2 * 86400, time.time() - 2 * 86400))
-    expected = {old, broken, crashed, stale_lock}
+    expected = {old, older, broken, crashed, stale_lock}
     assert set(snapshots.prune(14 * 86400, dry_run=True)) == expected
     assert all(p.exists() for p in expected)
     assert set(snapshots.prune(14 * 86400)) == expected
     assert not any(p.exists() for p in expected)
     assert recent.exists() and making.exists() and live_lock.exists()
     assert [e.key for e in snapshots.entries()] == ["recent"]
+
+
+def test_open_connections_in_slirps_table() -> None:
+    """`info usernet` lines (QEMU 7.2 and 10.0 print the same columns)."""
+    head = "Hub -1 (net0):\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\n"
+    listener = "  TCP[HOST_FORWARD]  13       127.0.0.1 34637       10.0.2.15    22     0     0\n"
+    assert not snapshots._OPEN_TCP.search(head + listener)
+    for state in ("ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT"):
+        line = f"  TCP[{state}]   25       127.0.0.1 50312       10.0.2.15    22     0     0\n"
+        assert snapshots._OPEN_TCP.search(head + listener + line), state
+    for state in ("TIME_WAIT", "CLOSED"):
+        line = f"  TCP[{state}]   25       127.0.0.1 50312       10.0.2.15    22     0     0\n"
+        assert not snapshots._OPEN_TCP.search(head + listener + line), state
+    assert not snapshots._OPEN_TCP.search(head + "  UDP[236 sec]     16       10.0.2.15   68   10.0.2.2   67     0     0\n")

@@ -24,7 +24,7 @@ def _parser(sub: Any) -> None:
     ls = ssub.add_parser("list", help="every snapshot, least recently used first")
     ls.add_argument("--json", action="store_true", help="print JSON")
     pr = ssub.add_parser("prune", help="remove snapshots not restored for DAYS days, invalid ones, "
-                         "and what crashed runs left")  # fmt: skip
+                         "those of an older snapshot format, and what crashed runs left")  # fmt: skip
     pr.add_argument("--older-than", type=float, default=DEFAULT_PRUNE_DAYS, metavar="DAYS",
                     help=f"days since a snapshot's last restore (default {DEFAULT_PRUNE_DAYS:g})")
     pr.add_argument("--dry-run", action="store_true", help="only print what would be removed")
