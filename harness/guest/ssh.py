@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -86,27 +87,25 @@ def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-#: loaded client keys by (path, size, mtime): loading an RSA key checks it (40-80 ms)
-_CLIENT_KEYS: dict[tuple[str, int, int], paramiko.PKey] = {}
-
-
 def load_client_key(path: Path) -> paramiko.PKey:
     """The client's private key (OpenSSH format), loaded once per process and file version."""
     try:
         st = path.stat()
     except OSError as exc:
         raise MachineError(f"cannot read SSH client key {path}: {exc.strerror or exc}") from exc
-    memo = (str(path), st.st_size, st.st_mtime_ns)
-    if memo in _CLIENT_KEYS:
-        return _CLIENT_KEYS[memo]
+    return _load_client_key(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_client_key(path: str, size: int, mtime_ns: int) -> paramiko.PKey:
+    """:func:`load_client_key` of one file version (loading an RSA key checks it: 40-80 ms)."""
     errors = []
     for cls in (paramiko.RSAKey, paramiko.Ed25519Key, paramiko.ECDSAKey):
         try:
-            key: paramiko.PKey = cls.from_private_key_file(str(path))
+            key: paramiko.PKey = cls.from_private_key_file(path)
         except (paramiko.SSHException, ValueError) as exc:
             errors.append(f"{cls.__name__}: {exc}")
             continue
-        _CLIENT_KEYS[memo] = key
         return key
     raise MachineError(f"cannot load SSH client key {path}: {'; '.join(errors)}")
 
