@@ -548,6 +548,7 @@ def live(
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
     hooks: Hooks | None = None,
+    verify_ram: bool = False,
 ) -> MigrationResult:
     """Precopy live migration to a new QEMU (``to``, default the same build).
 
@@ -555,7 +556,11 @@ def live(
     long enough for the guest to write during it; a source that keeps the guest gets its
     previous cap back and its migration settings reset.  ``hooks``: where faults and
     observations are injected (:class:`Hooks`); with hooks the source's final
-    ``query-migrate`` is kept in ``extra['final']``."""
+    ``query-migrate`` is kept in ``extra['final']``.  ``verify_ram``: the destination
+    starts paused, and once the source has stopped both guests' RAM is compared page by
+    page (:mod:`harness.ramcheck`, ``extra['ram_check']``); a page the destination did not
+    get fails the hop (signature ``guest-ram-differs``) and the guest goes on on the
+    source."""
     src = vm.current
     dest_build = to or vm.build
     mtype = machine_type(vm)
@@ -586,7 +591,7 @@ def live(
     dest: Incarnation | None = None
     if h.target is None:
         dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"],
-                           extra_args=h.dest_args)  # fmt: skip
+                           extra_args=h.dest_args + (("-S",) if verify_ram else ()))  # fmt: skip
         if dest is None:
             result.source_running = guest_running(src)
             result.wall_s = time.monotonic() - t0
@@ -622,6 +627,14 @@ def live(
         h.on_settled(info)
     fill_stats(result, info)
     status = str(info.get("status"))
+    if verify_ram and dest is not None and status == "completed":
+        problem = _verify_ram(src, dest, result)
+        if problem is not None:
+            _dest_failure(vm, dest, result, problem)
+            recover_source(src, result, was_running=was_running, reset_caps=caps)
+            _restore_bandwidth(src, old_cap)
+            result.wall_s = time.monotonic() - t0
+            return _check(result, check)
     if status != "completed" or dest is None:
         if dest is None and status == "completed":
             result.fail(f"the migration completed to {uri}, where no QEMU of ours loads it",
@@ -645,6 +658,25 @@ def live(
     result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)
+
+
+def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult) -> str | None:
+    """Compare the stopped source's RAM with the paused destination's, then let the
+    destination run (it was started with -S): None, or why the hop failed."""
+    from harness import ramcheck
+
+    t0 = time.monotonic()
+    try:
+        if settled_runstate(src.process) != "postmigrate":
+            return f"RAM check: the source did not stop ({settled_runstate(src.process)})"
+        cmp = ramcheck.compare(src.process, dest.process)
+        result.extra["ram_check"] = {**cmp.to_json(), "seconds": round(time.monotonic() - t0, 3)}
+        if not cmp.ok:
+            return cmp.problem()
+        dest.process.qmp("cont")
+    except HarnessError as exc:
+        return f"RAM check failed: {exc}"
+    return None
 
 
 def _restore_bandwidth(inc: Incarnation, cap: int | None) -> None:
@@ -1125,15 +1157,22 @@ def back_to_back(
     max_pause: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     on_cycle: Callable[[MigrationResult], None] | None = None,
+    verify_ram: bool = False,
 ) -> list[MigrationResult]:
     """``cycles`` consecutive updates of one guest (``until_fail``: stop at the first failure;
     otherwise also stop there, since the guest is gone).  ``builds`` alternates the
     destination build per cycle (10.0 -> 7.2 -> 10.0 ...).  After every cycle the guest is
     checked: same boot, heartbeat advanced, memory checksum intact, and an EFI variable
-    rewritten before the cycle reads back in the guest and in the host-side varstore."""
+    rewritten before the cycle reads back in the guest and in the host-side varstore.
+    ``verify_ram`` (live only): every hop also compares the guests' RAM at the switchover."""
     from harness import state
 
     fn = operation(op)
+    kw: dict[str, Any] = {}
+    if verify_ram:
+        if op != Op.LIVE:
+            raise UnsupportedError("verify_ram", f"{op}", "the RAM comparison is made at a live migration's switchover")
+        kw["verify_ram"] = True
     results: list[MigrationResult] = []
     for i in range(1, cycles + 1):
         dest = builds[(i - 1) % len(builds)] if builds else None
@@ -1144,7 +1183,7 @@ def back_to_back(
             if has_vars:
                 state.write_efivar(vm, CYCLE_VAR, value)
             before = state.snapshot(vm)
-        res = fn(vm, to=dest, timeout=timeout, check=False)
+        res = fn(vm, to=dest, timeout=timeout, check=False, **kw)
         res.cycle = i
         if res.ok and check_guest and before is not None:
             try:

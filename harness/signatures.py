@@ -279,7 +279,24 @@ SIGNATURES: tuple[Signature, ...] = (
         "timer list corrupted) and rebooted; seen once in over 300 such hops. And the nightly "
         "of 2026-11-30 (night of 2026-12-01, half CPU share): live 7.2 -> 7.2 of a cold-booted "
         "guest, an hrtimer callback pointing into a kernel stack (NX fault in the timer "
-        "interrupt)",
+        "interrupt). Cause found 2026-11-30: a source QEMU older than 9.0 under TCG loses "
+        "dirty pages (see guest-ram-differs)",
+    ),
+    signature(
+        "guest-ram-differs",
+        [r"guest RAM differs across the hop: \d+ of \d+ pages"],
+        "With verify_ram the destination started paused and, once the source had stopped, "
+        "both guests' RAM was compared page by page: some pages the guest wrote during "
+        "precopy never reached the destination (the source's dirty tracking missed the "
+        "writes). Under TCG, QEMU before 9.0 clears the migration dirty bits without "
+        "resetting the vCPUs' TLB entries, so later writes through those entries go "
+        "unrecorded (upstream fix 03bfc2188f06, 'physmem: Fix migration dirty bitmap "
+        "coherency with TCG memory access', QEMU 9.0; not in 7.2.x stable). Left running, "
+        "such a guest crashes later (guest-kernel-panic); the harness keeps it on the source.",
+        "real run here: 2026-11-30, a guest restored from a saved 7.2 boot, live 7.2 -> 7.2 "
+        "under a 0.3 CPU share (harness throttle): 11 of 262144 pages differed at "
+        "0x3e01f000-0x3e039000 and 0x3e76a000, the per-CPU area where the guest's kernel, "
+        "left to run, crashed in its timer code",
     ),
     # --- the firmware's own text ---------------------------------------------------------
     signature(

@@ -84,7 +84,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("images", ("harness.images",)),
     ("the spec", ("harness.spec",)),
     ("a running guest", ("harness.machine", "harness.state", "harness.tpm")),
-    ("moving guests", ("harness.migration", "harness.snapshots", "harness.faults", "harness.matrix",
+    ("moving guests", ("harness.migration", "harness.ramcheck", "harness.snapshots", "harness.faults", "harness.matrix",
                        "harness.factory")),
     ("what must survive", ("harness.bootorder", "harness.survival", "harness.storm", "harness.secureboot")),
     ("nested guests", ("harness.nested",)),
