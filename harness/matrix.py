@@ -34,6 +34,7 @@ from harness.paths import FIRMWARE_DIR
 if TYPE_CHECKING:
     from harness.inventory.builds import Capabilities, QemuBuild
     from harness.inventory.firmware import FirmwareBuild
+    from harness.migration import MigrationResult
 
 INCOMPATIBILITIES = FIRMWARE_DIR / "expected-incompatibilities.toml"
 DEFAULT_OPS = ("live", "save-restore")
@@ -252,7 +253,7 @@ class Incompatibility:
     source: str
     destination: str
     ops: tuple[str, ...]
-    signature: str
+    signatures: tuple[str, ...]  # the failure may show as any of them (one cause, several faces)
     reason: str
     machine: str | None = None
     where: str = ""
@@ -262,6 +263,11 @@ class Incompatibility:
     arch: str | None = None  # the guest architecture it is seen on (default: any)
     scenario: str | None = None  # the scenario it is seen in (default: any)
     intermittent: bool = False  # a race: the hop may pass; when it fails, with the signature
+
+    @property
+    def signature(self) -> str:
+        """The signatures as one name for records and reports (``a|b`` for several)."""
+        return "|".join(self.signatures)
 
     def applies(self, source: Version, destination: Version, op: str, machine: str,
                 firmware: Version | None = None, dest_firmware: Version | None = None,
@@ -376,13 +382,18 @@ class Incompatibilities:
     def lookup(self, source: Version, destination: Version, op: str, machine: str,
                firmware: Version | None = None, dest_firmware: Version | None = None,
                boot: Version | None = None, arch: str | None = None,
-               scenario: str | None = None) -> Incompatibility | None:
-        """The first entry covering this hop, or None (the hop must then succeed)."""
-        for entry in self.entries:
-            if entry.applies(source, destination, op, machine, firmware, dest_firmware, boot,
-                             arch, scenario):
-                return entry
-        return None
+               scenario: str | None = None, signature: str | None = None) -> Incompatibility | None:
+        """The entry covering this hop, or None (the hop must then succeed).  Several may
+        cover it (an intermittent one for the source build everywhere, a specific one for a
+        device): the first that names ``signature`` (the hop's failure, if any), else the
+        first that is not intermittent (the hop must fail), else the first."""
+        covering = [e for e in self.entries
+                    if e.applies(source, destination, op, machine, firmware, dest_firmware, boot, arch, scenario)]  # fmt: skip
+        if signature is not None:
+            for entry in covering:
+                if signature in entry.signatures:
+                    return entry
+        return next((e for e in covering if not e.intermittent), covering[0] if covering else None)
 
     def lookup_boot(self, qemu: Version, firmware: Version) -> BootIncompatibility | None:
         """The first ``[[boot]]`` entry covering this pair, or None (it must then boot)."""
@@ -429,17 +440,32 @@ def _constraint(path: Path, where: str, table: Mapping[str, Any], key: str) -> s
 
 
 def _signature_and_reason(path: Path, where: str, table: Mapping[str, Any]) -> tuple[str, str]:
+    sigs, reason = _signatures_and_reason(path, where, table, several=False)
+    return sigs[0], reason
+
+
+def _signatures_and_reason(path: Path, where: str, table: Mapping[str, Any], *,
+                           several: bool = True) -> tuple[tuple[str, ...], str]:
+    """``signature``: a known signature's name, or (``several``) a list of them."""
     from harness import signatures
 
-    sig = _text(path, where, table, "signature")
-    assert sig is not None
-    try:
-        signatures.by_name(sig)
-    except ConfigError as exc:
-        raise CatalogError(path, f"{where}: {exc}") from exc
+    value = table.get("signature")
+    if several and isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise CatalogError(path, f"{where}: field 'signature' must be a name or a non-empty list of names")
+        sigs = tuple(value)
+    else:
+        sig = _text(path, where, table, "signature")
+        assert sig is not None
+        sigs = (sig,)
+    for sig in sigs:
+        try:
+            signatures.by_name(sig)
+        except ConfigError as exc:
+            raise CatalogError(path, f"{where}: {exc}") from exc
     reason = _text(path, where, table, "reason")
     assert reason is not None
-    return sig, reason
+    return sigs, reason
 
 
 def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibilities:
@@ -463,7 +489,7 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
         if bad:
             raise CatalogError(path, f"{where}: unknown operation(s) {', '.join(bad)}; "
                                      f"known: {', '.join(ENTRY_OPS)}")  # fmt: skip
-        sig, reason = _signature_and_reason(path, where, table)
+        sigs, reason = _signatures_and_reason(path, where, table)
         machine = _text(path, where, table, "machine", required=False)
         fws: dict[str, Any] = {k: _constraint(path, where, table, k) if k in table else None
                                for k in ("firmware", "dest_firmware", "boot")}  # fmt: skip
@@ -475,7 +501,7 @@ def parse_incompatibilities(path: Path, data: Mapping[str, Any]) -> Incompatibil
             if not isinstance(table["intermittent"], bool):
                 raise CatalogError(path, f"{where}: field 'intermittent' must be true or false")
             extra["intermittent"] = table["intermittent"]
-        hops.append(Incompatibility(src, dst, tuple(ops), sig, reason, machine,
+        hops.append(Incompatibility(src, dst, tuple(ops), sigs, reason, machine,
                                     f"{path.name} entry {i + 1}", **fws, **extra))  # fmt: skip
     boots = []
     for i, (where, table) in enumerate(_tables(path, data, "boot", {"qemu", "firmware", "signature", "reason"})):
@@ -537,7 +563,35 @@ def judge(failed: bool, signature: str | None,
                                         f"({expected.where}: {expected.signature})")  # fmt: skip
         return Verdict(False, False, f"listed as incompatible ({expected.where}: {expected.signature}) "
                                      "but it passed: remove or narrow the entry")  # fmt: skip
-    if signature == expected.signature:
+    if signature is not None and signature in _expected_signatures(expected):
         return Verdict(False, True, f"expected: {expected.reason}")
     return Verdict(False, False, f"failed with {signature or 'an unclassified error'}, not the "
                                  f"expected {expected.signature} ({expected.where})")  # fmt: skip
+
+
+def record_verdict(rec: dict[str, Any], verdict: Verdict, expected: Incompatibility | None) -> dict[str, Any]:
+    """Put a hop's verdict into its record: ``ok``, ``expected_failure``, and the entry's
+    signature and reason when one covers the hop."""
+    rec["ok"], rec["expected_failure"] = verdict.ok, verdict.expected_failure
+    if expected is not None:
+        rec["expected_signature"], rec["reason"] = expected.signature, expected.reason
+    if verdict.note:
+        rec["note"] = verdict.note
+    return rec
+
+
+def judge_result(res: MigrationResult, incompat: Incompatibilities, *,
+                 scenario: str | None = None) -> tuple[Verdict, Incompatibility | None]:
+    """A migration result judged against the entries: its builds, operation, machine
+    type and architecture (and ``scenario``) pick the entry, its signature the verdict."""
+    from harness.inventory import builds
+
+    expected = incompat.lookup(builds.get_build(res.source, res.arch).version,
+                               builds.get_build(res.destination, res.arch).version,
+                               res.op, res.machine, arch=res.arch, scenario=scenario,
+                               signature=None if res.ok else res.signature)  # fmt: skip
+    return judge(not res.ok, res.signature, expected), expected
+
+
+def _expected_signatures(expected: Incompatibility | BootIncompatibility) -> tuple[str, ...]:
+    return expected.signatures if isinstance(expected, Incompatibility) else (expected.signature,)

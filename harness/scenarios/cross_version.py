@@ -233,16 +233,10 @@ class Runner:
         expected = self.incompat.lookup(self.versions[hop.source], self.versions[hop.destination],
                                         hop.op, hop.machine, _fw_version(rec.get("firmware")),
                                         _fw_version(rec.get("dest_firmware")),
-                                        self.versions.get(booted) if booted else None)  # fmt: skip
-        verdict = matrix.judge(failed, rec.get("signature"), expected)
+                                        self.versions.get(booted) if booted else None,
+                                        signature=rec.get("signature") if failed else None)  # fmt: skip
         rec.pop("ok_raw", None)
-        rec["ok"] = verdict.ok
-        rec["expected_failure"] = verdict.expected_failure
-        if expected is not None:
-            rec["expected_signature"] = expected.signature
-            rec["reason"] = expected.reason
-        if verdict.note:
-            rec["note"] = verdict.note
+        matrix.record_verdict(rec, matrix.judge(failed, rec.get("signature"), expected), expected)
         self.records.append(rec)
         self.on_record(rec)
         return rec

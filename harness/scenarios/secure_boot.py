@@ -203,13 +203,8 @@ def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbVie
         "arch": arch, "status": res.status, "problems": problems, "signature": signature,
         "error": res.error or "; ".join(problems)[:2000], "downtime_ms": res.to_json().get("downtime_ms"),
     }  # fmt: skip
+    failed = bool(problems) or not res.ok
     expected = incompat.lookup(source.version, dest.version, op, machine, boot=booted_on.version, arch=arch,
-                               scenario="secure-boot")  # fmt: skip
+                               scenario="secure-boot", signature=signature if failed else None)  # fmt: skip
     rec["booted_on"] = booted_on.label
-    verdict = matrix.judge(bool(problems) or not res.ok, signature, expected)
-    rec["ok"], rec["expected_failure"] = verdict.ok, verdict.expected_failure
-    if expected is not None:
-        rec["expected_signature"], rec["reason"] = expected.signature, expected.reason
-    if verdict.note:
-        rec["note"] = verdict.note
-    return rec
+    return matrix.record_verdict(rec, matrix.judge(failed, signature, expected), expected)

@@ -111,13 +111,9 @@ def judge(rec: dict[str, Any], hop: storm.StormHop, incompat: matrix.Incompatibi
     if hop.op not in ("reboot", "stop"):
         expected = incompat.lookup(builds.get_build(hop.source, arch).version,
                                    builds.get_build(hop.destination, arch).version, hop.op,
-                                   machine, arch=arch, scenario="storm")  # fmt: skip
-    verdict = matrix.judge(not hop.ok, hop.signature, expected)
-    rec["ok"], rec["expected_failure"] = verdict.ok, verdict.expected_failure
-    if expected is not None:
-        rec["expected_signature"], rec["reason"] = expected.signature, expected.reason
-    if verdict.note:
-        rec["note"] = verdict.note
+                                   machine, arch=arch, scenario="storm",
+                                   signature=None if hop.ok else hop.signature)  # fmt: skip
+    matrix.record_verdict(rec, matrix.judge(not hop.ok, hop.signature, expected), expected)
 
 
 @scenario("storm", "hops of every kind cut while the guest writes EFI variables (the storm)")

@@ -178,6 +178,10 @@ def test_shipped_data_file_is_valid() -> None:
          "not a version constraint"),
         ("[[incompatible]]\nsource='10'\ndestination='5.2'\nsignature='no-such-sig'\nreason='r'\n",
          "unknown failure signature 'no-such-sig'"),
+        ("[[incompatible]]\nsource='10'\ndestination='5.2'\nsignature=[]\nreason='r'\n",
+         "field 'signature' must be a name or a non-empty list of names"),
+        ("[[incompatible]]\nsource='10'\ndestination='5.2'\nsignature=['load-failed', 'no-such-sig']\nreason='r'\n",
+         "unknown failure signature 'no-such-sig'"),
         ("[[incompatible]]\nsource='10'\ndestination='5.2'\nsignature='load-failed'\nreason=''\n",
          "'reason' must be a non-empty string"),
         ("[[incompatible]]\nsource='10'\ndestination='5.2'\nops=['teleport']\nsignature='load-failed'\nreason='r'\n",
@@ -202,7 +206,7 @@ def test_missing_data_file(tmp_path: Path) -> None:
 
 
 def entry(sig: str = "device-load-failed") -> Incompatibility:
-    return Incompatibility(">=10", "5.2", ("live",), sig, "because", where="f.toml entry 1")
+    return Incompatibility(">=10", "5.2", ("live",), (sig,), "because", where="f.toml entry 1")
 
 
 def test_judge() -> None:
@@ -216,3 +220,52 @@ def test_judge() -> None:
     assert not unsig.expected_failure and "unclassified" in unsig.note
     stale = matrix.judge(False, None, entry())
     assert not stale.ok and not stale.expected_failure and "passed" in stale.note
+
+
+def test_an_entry_may_name_several_signatures_of_one_cause(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[[incompatible]]\nsource='<9'\ndestination='>=0'\nops=['live']\nintermittent=true\n"
+                    "signature=['guest-ram-differs', 'guest-kernel-panic']\nreason='lost dirty pages'\n")
+    data = matrix.load_incompatibilities(path)
+    hit = data.lookup(Version.parse("7.2"), Version.parse("10.0.2"), "live", "pc-q35-7.2")
+    assert hit is not None and hit.signatures == ("guest-ram-differs", "guest-kernel-panic")
+    assert hit.signature == "guest-ram-differs|guest-kernel-panic"
+    assert matrix.judge(True, "guest-kernel-panic", hit).expected_failure
+    assert matrix.judge(True, "guest-ram-differs", hit).expected_failure
+    other = matrix.judge(True, "state-incomplete", hit)
+    assert not other.ok and not other.expected_failure
+    assert matrix.judge(False, None, hit).ok  # intermittent: passing is fine
+    assert data.lookup(Version.parse("10.0.2"), Version.parse("7.2"), "live", "pc-q35-7.2") is None
+
+
+
+def _judged(data: matrix.Incompatibilities, src: str, dst: str, signature: str | None, op: str = "live",
+            machine: str = "pc-q35-7.2", arch: str = "x86_64") -> matrix.Verdict:
+    """As :func:`matrix.judge_result` judges a hop (the builds' versions given here)."""
+    expected = data.lookup(Version.parse(src), Version.parse(dst), op, machine, arch=arch, signature=signature)
+    return matrix.judge(signature is not None, signature, expected)
+
+
+def test_the_data_lists_lost_dirty_pages_of_sources_before_9_0() -> None:
+    data = matrix.load_incompatibilities()
+    for src, dst in (("7.2", "7.2"), ("7.2", "10.0.2"), ("5.2", "7.2")):
+        for sig in ("guest-ram-differs", "guest-kernel-panic"):
+            assert _judged(data, src, dst, sig).expected_failure, (src, dst, sig)
+        assert _judged(data, src, dst, None).ok  # intermittent: passing is fine
+    # a fixed source is not covered, and another failure of a covered hop is not excused
+    assert not _judged(data, "10.0.2", "7.2", "guest-kernel-panic").expected_failure
+    assert not _judged(data, "7.2", "7.2", "state-incomplete").expected_failure
+    assert not _judged(data, "7.2", "7.2", "guest-kernel-panic", op="save-restore").expected_failure
+
+
+def test_a_specific_entry_is_not_shadowed_by_an_intermittent_one() -> None:
+    # aarch64 7.2 -> 10.0.2 on virt-7.2 must fail with device-load-failed although the
+    # lost-dirty-pages entry (any source before 9.0, live) covers the hop too
+    data = matrix.load_incompatibilities()
+    hop = (Version.parse("7.2"), Version.parse("10.0.2"), "live", "virt-7.2")
+    specific = data.lookup(*hop, arch="aarch64")
+    assert specific is not None and specific.signature == "device-load-failed"
+    other = data.lookup(*hop, arch="aarch64", signature="guest-kernel-panic")
+    assert other is not None and other.intermittent
+    assert _judged(data, "7.2", "10.0.2", "device-load-failed", machine="virt-7.2", arch="aarch64").expected_failure
+    assert not _judged(data, "7.2", "10.0.2", None, machine="virt-7.2", arch="aarch64").ok  # a pass: stale data
