@@ -113,7 +113,9 @@ EXHAUSTIVE_TESTS = tuple(f"tests/integration/{t}" for t in (
 # estimated like cpr-reboot); used for ordering and shard balance.
 DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("boot", "boot", "qemu*ovmf", cost_s=13),
-    Kind("live", "scenario", "qemu+ovmf", target="live", cycles=True, cost_s=23),
+    # every live hop also compares the guests' RAM at the switchover (about 4 s a hop here)
+    Kind("live", "scenario", "qemu+ovmf", target="live", cycles=True, cost_s=35,
+         settings=(("verify_ram", "1"),)),
     Kind("save-restore", "scenario", "qemu+ovmf", target="save-restore", cycles=True, cost_s=25),
     Kind("cpr-reboot", "scenario", "qemu+ovmf", target="cpr-reboot", mode="cpr-reboot", cycles=True, cost_s=19),
     Kind("cpr-transfer", "scenario", "qemu+ovmf", target="cpr-transfer", mode="cpr-transfer", cycles=True, cost_s=20),

@@ -8,7 +8,8 @@ import logging
 import time
 from typing import Any
 
-from harness import migration
+from harness import matrix, migration
+from harness.errors import ConfigError
 from harness.factory import MachineFactory
 from harness.inventory import builds
 from harness.inventory.catalog import DEFAULT_FIRMWARE, DEFAULT_QEMU
@@ -21,8 +22,16 @@ UNTIL_FAIL_CAP = 1000
 
 def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     """Boot one UEFI guest on the first ``--qemu`` build and update it ``cycles`` times,
-    alternating destination builds over all ``--qemu`` values (10.0 -> 10.0 ... by default)."""
+    alternating destination builds over all ``--qemu`` values (10.0 -> 10.0 ... by default).
+    Each cycle is judged against the expected incompatibilities (an intermittent entry
+    for the builds makes its signature an expected failure).  ``--set verify_ram=1``
+    (live): every hop also compares the guests' RAM at the switchover."""
     report = ScenarioReport(op)
+    incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
+    verify_ram = str(opts.extra.get("verify_ram", "")).lower() in ("1", "true", "yes")
+    if verify_ram and op != "live":
+        raise ConfigError(f"--set verify_ram=1: only the live scenario compares the guests' RAM "
+                          f"(at its switchover), not {op}")  # fmt: skip
     t0 = time.monotonic()
     versions = opts.qemu or [DEFAULT_QEMU]
     qbuilds = [builds.get_build(v) for v in versions]
@@ -43,11 +52,12 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
 
         def record(res: migration.MigrationResult) -> None:
             data: dict[str, Any] = res.to_json()
-            report.add(data, opts)
+            verdict, expected = matrix.judge_result(res, incompat, scenario=op)
+            report.add(matrix.record_verdict(data, verdict, expected), opts)
 
         results = migration.back_to_back(vm, op, cycles, builds=dests, on_cycle=record,
-                                          until_fail=opts.until_fail)  # fmt: skip
-        run.failed = any(not r.ok for r in results)
+                                          until_fail=opts.until_fail, verify_ram=verify_ram)  # fmt: skip
+        run.failed = any(not r.ok for r in results)  # an expected failure keeps its artifacts too
     report.duration_s = time.monotonic() - t0
     return report
 

@@ -6,11 +6,12 @@ missing mode (cpr-exec itself: test_cpr_exec.py)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
-from harness import migration, state
+from harness import matrix, migration, state
 from harness.factory import MachineFactory
 from harness.inventory import builds
 from harness.spec import VmSpec
@@ -20,12 +21,24 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("version", ["10.0.2", "7.2"])
 def test_live_migration_same_build(version: str) -> None:
+    """Live migration with the guests' RAM compared at the switchover.  A source older than
+    9.0 may lose dirty pages under TCG (an intermittent entry of the expected
+    incompatibilities): then the comparison names them, the guest goes on on the source,
+    and the test is an expected failure with that entry's signature only."""
     with MachineFactory(VmSpec(qemu=version, name=f"live{version.replace('.', '')}"), fast=True) as factory:
         vm = factory()
         state.write_efivar(vm, "LiveTest", b"before-migration")
         before = state.snapshot(vm)
-        res = migration.live(vm)
-        assert res.ok and res.status == "completed", res.summary()
+        res = migration.live(vm, verify_ram=True, check=False)
+        if not res.ok:
+            verdict, expected = matrix.judge_result(res, matrix.load_incompatibilities())
+            assert verdict.expected_failure and expected is not None, f"{res.summary()}: {verdict.note}"
+            assert res.source_running, f"the guest did not go on on the source: {res.extra}"
+            state.assert_survived(before, state.snapshot(vm))
+            pytest.xfail(f"{res.summary()} ({expected.where}: {expected.reason[:160]})")
+        assert res.status == "completed", res.summary()
+        ram = res.extra["ram_check"]
+        assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram  # less the 256 KiB ROM hole
         assert res.downtime_ms is not None and res.transferred_bytes
         after = state.snapshot(vm)
         state.assert_survived(before, after)
@@ -147,3 +160,44 @@ def test_failed_restore_leaves_state_file_untouched(tmp_path: Path) -> None:
         # the intact file still restores
         assert migration.restore(vm, path).ok
         assert vm.ssh.run("true").rc == 0
+
+
+def _memfd_of(pid: int, size: int) -> Path:
+    """The memfd that holds a QEMU process's guest RAM (memory-backend-memfd)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:memory-backend-memfd") and fd.stat().st_size == size:
+            return fd
+    raise AssertionError(f"no memfd of {size} bytes among QEMU {pid}'s descriptors")
+
+
+def test_verify_ram_names_the_page_the_destination_did_not_get() -> None:
+    """The RAM comparison is real: one page of the stopped source changed after the stream
+    ended (written from the host into its memfd RAM) is the one page it reports, the hop
+    fails with ``guest-ram-differs`` and the guest goes on on the source."""
+    spec = VmSpec(qemu="10.0.2", name="ramdiff", memory_backend="memfd")
+    with MachineFactory(spec, fast=True) as factory:
+        vm = factory()
+        before = state.snapshot(vm)
+        src = vm.current
+        addr = 0x2000_0000  # 512 MiB: guest-physical = RAM offset below the PCI hole
+
+        def change_source_page(info: dict[str, object]) -> None:
+            assert info.get("status") == "completed", info
+            with _memfd_of(src.process.pid, spec.memory_mb << 20).open("r+b") as ram:
+                ram.seek(addr + 0x123)
+                old = ram.read(8)
+                ram.seek(addr + 0x123)
+                ram.write(bytes(b ^ 0xFF for b in old))
+
+        res = migration.live(vm, verify_ram=True, check=False,
+                             hooks=migration.Hooks(on_settled=change_source_page))  # fmt: skip
+        assert not res.ok and res.signature == "guest-ram-differs", res.summary()
+        ram = res.extra["ram_check"]
+        assert ram["differing"] == 1 and ram["first"] == [f"{addr:#x}"], ram
+        assert res.source_running and vm.current is src, res.extra
+        state.assert_survived(before, state.snapshot(vm))
