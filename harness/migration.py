@@ -330,8 +330,9 @@ def wait_running(ep: Endpoint, timeout: float, *, min_interval: float = 0.0) -> 
     return f"destination not running after {timeout:.0f} s (status {status})"
 
 
-def wait_loaded(ep: Endpoint, timeout: float) -> str | None:
-    """Wait for an incoming load to finish and the guest to run (resuming it if needed)."""
+def wait_loaded(ep: Endpoint, timeout: float, *, resume: bool = True) -> str | None:
+    """Wait for an incoming load to finish and the guest to run (resuming it if needed;
+    ``resume=False``: only for the load to finish, the guest staying paused)."""
     since = time.monotonic()
     deadline = since + timeout
     while time.monotonic() < deadline:
@@ -349,6 +350,8 @@ def wait_loaded(ep: Endpoint, timeout: float) -> str | None:
         if mig.get("status") == "failed":
             return str(mig.get("error-desc") or "incoming migration failed")
         if st.get("status") in ("paused", "postmigrate", "prelaunch") and mig.get("status") == "completed":
+            if not resume:
+                return None
             ep.qmp("cont")
         _nap(since, ep=ep)
     return f"incoming load did not finish within {timeout:.0f} s"
@@ -669,8 +672,14 @@ def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult) ->
     try:
         if settled_runstate(src.process) != "postmigrate":
             return f"RAM check: the source did not stop ({settled_runstate(src.process)})"
+        # the source is done once it has sent the stream; the destination may still load it
+        why = wait_loaded(dest.process, 60, resume=False)
+        if why is not None:
+            return f"RAM check: {why}"
+        loaded = time.monotonic() - t0
         cmp = ramcheck.compare(src.process, dest.process)
-        result.extra["ram_check"] = {**cmp.to_json(), "seconds": round(time.monotonic() - t0, 3)}
+        result.extra["ram_check"] = {**cmp.to_json(), "seconds": round(time.monotonic() - t0, 3),
+                                     "load_wait_s": round(loaded, 3)}  # fmt: skip
         if not cmp.ok:
             return cmp.problem()
         dest.process.qmp("cont")

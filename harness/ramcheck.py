@@ -4,10 +4,11 @@ A precopy migration sends every page once, then again each page the guest wrote 
 was sent, as the source's dirty tracking reports them.  A write that tracking misses leaves
 the destination with a stale page: nothing in QEMU notices, and the guest finds out later
 (a corrupted timer list, a crash) or never.  With ``verify_ram`` the destination is started
-paused (``-S``); once the source has stopped for good (``postmigrate``) both QEMUs dump the
-guest's RAM (QMP ``pmemsave``, the RAM regions of the system address space as ``info mtree
--f`` lists them) and the dumps are compared page by page.  Both guests stand still then, so
-any difference is a page the destination did not get.
+paused (``-S``); once the source has stopped for good (``postmigrate``) and the destination
+has loaded the whole stream, both QEMUs dump the guest's RAM (QMP ``pmemsave``, the RAM
+regions of the system address space as ``info mtree -f`` lists them) and the dumps are
+compared page by page.  Both guests stand still then, so any difference is a page the
+destination did not get.
 
 The dumps go to a private directory in ``/dev/shm`` (twice the guest's RAM, for a moment)
 and are removed whatever happens.
