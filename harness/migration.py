@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.errors import HarnessError, LaunchError, MigrationError, UnsupportedError
+from harness.errors import ConfigError, HarnessError, LaunchError, MigrationError, UnsupportedError
 from harness.guest.qemu_process import unix_listening
 from harness.inventory.builds import QemuBuild
 from harness.machine import Incarnation, Machine
@@ -564,6 +564,9 @@ def live(
     page (:mod:`harness.ramcheck`, ``extra['ram_check']``); a page the destination did not
     get fails the hop (signature ``guest-ram-differs``) and the guest goes on on the
     source."""
+    if verify_ram and postcopy:
+        raise ConfigError("verify_ram compares RAM at a precopy switchover; with postcopy the "
+                          "destination runs before it has every page")  # fmt: skip
     src = vm.current
     dest_build = to or vm.build
     mtype = machine_type(vm)
@@ -670,8 +673,9 @@ def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult) ->
 
     t0 = time.monotonic()
     try:
-        if settled_runstate(src.process) != "postmigrate":
-            return f"RAM check: the source did not stop ({settled_runstate(src.process)})"
+        runstate = settled_runstate(src.process)
+        if runstate != "postmigrate":
+            return f"RAM check: the source did not stop ({runstate})"
         # the source is done once it has sent the stream; the destination may still load it
         why = wait_loaded(dest.process, 60, resume=False)
         if why is not None:
@@ -1135,8 +1139,6 @@ def operation(name: str) -> Operation:
         Op.CPR_TRANSFER: cpr_transfer, Op.CPR_EXEC: cpr_exec,
     }  # fmt: skip
     if name not in ops:
-        from harness.errors import ConfigError
-
         raise ConfigError(f"unknown migration operation {name!r}; known: {', '.join(ops)}")
     return ops[name]
 

@@ -77,3 +77,16 @@ def test_problem_line_is_the_signatures() -> None:
     sig = signatures.classify(line)
     assert sig is not None and sig.name == "guest-ram-differs"
     assert bad.to_json()["differing"] == 11 and len(bad.to_json()["first"]) == ramcheck.SHOWN
+
+
+
+def test_verify_ram_with_postcopy_is_refused_before_the_guest_is_touched() -> None:
+    from harness import migration
+    from harness.errors import ConfigError
+
+    class NoGuest:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"live() touched the guest ({name}) before refusing")
+
+    with pytest.raises(ConfigError, match="verify_ram compares RAM at a precopy switchover"):
+        migration.live(NoGuest(), verify_ram=True, postcopy=True)  # type: ignore[arg-type]
