@@ -666,9 +666,11 @@ def live(
     return _check(result, check)
 
 
-def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult) -> str | None:
-    """Compare the stopped source's RAM with the paused destination's, then let the
-    destination run (it was started with -S): None, or why the hop failed."""
+def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult,
+                timeout: float = 60.0) -> str | None:
+    """Compare the stopped source's RAM with the paused destination's once it has loaded
+    the stream (within ``timeout``), then let the destination run (it was started with
+    -S): None, or why the hop failed."""
     from harness import ramcheck
 
     t0 = time.monotonic()
@@ -677,7 +679,7 @@ def _verify_ram(src: Incarnation, dest: Incarnation, result: MigrationResult) ->
         if runstate != "postmigrate":
             return f"RAM check: the source did not stop ({runstate})"
         # the source is done once it has sent the stream; the destination may still load it
-        why = wait_loaded(dest.process, 60, resume=False)
+        why = wait_loaded(dest.process, timeout, resume=False)
         if why is not None:
             return f"RAM check: {why}"
         loaded = time.monotonic() - t0
@@ -813,16 +815,23 @@ def _load_into_new_qemu(
     timeout: float,
     t0: float,
     check: bool,
+    verify_against: Incarnation | None = None,
 ) -> MigrationResult:
-    """Start a QEMU with ``-incoming defer``, load ``path`` (only read) and adopt it."""
-    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"])
+    """Start a QEMU with ``-incoming defer``, load ``path`` (only read) and adopt it.
+    ``verify_against``: the saved source, still there and stopped; the new QEMU starts
+    paused and runs the guest only once its RAM equals the source's (:func:`_verify_ram`)."""
+    dest = _spawn_dest(vm, result, build=dest_build, machine=mtype, incoming=["defer"],
+                       extra_args=("-S",) if verify_against is not None else ())  # fmt: skip
     if dest is None:
         result.wall_s = time.monotonic() - t0
         return _check(result, check)
     try:
         _set_up(dest, caps, params)
         incoming(dest.process, incoming_uri(dest_build, path))
-        why = wait_loaded(dest.process, timeout)
+        if verify_against is not None:
+            why = _verify_ram(verify_against, dest, result, timeout) or wait_running(dest.process, 60)
+        else:
+            why = wait_loaded(dest.process, timeout)
     except HarnessError as exc:
         why = str(exc)
     result.wall_s = time.monotonic() - t0
@@ -843,18 +852,24 @@ def save_restore(
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
     keep_source_until_loaded: bool = False,
+    verify_ram: bool = False,
 ) -> MigrationResult:
     """Save to a file, quit, and restore into a new QEMU (``to``, default the same build).
 
     ``keep_source_until_loaded``: as for :func:`cpr_reboot`, the saved QEMU quits only
-    once the new one runs the guest, and resumes it if the load is refused."""
+    once the new one runs the guest, and resumes it if the load is refused.
+    ``verify_ram``: the saved QEMU also stays until the new one has loaded the file, and
+    the guests' RAM is compared page by page before the new one runs it (as for
+    :func:`live`); a difference fails the hop and the guest goes on in the saved QEMU."""
     path = path or vm.workdir / f"state-{time.monotonic_ns()}.bin"
     return _save_and_load(vm, "save-restore", "normal", [], to or vm.build, path,
-                          keep_source_until_loaded, timeout, check)  # fmt: skip
+                          keep_source_until_loaded or verify_ram, timeout, check,
+                          verify_ram=verify_ram)  # fmt: skip
 
 
 def _save_and_load(vm: Machine, op: str, mode: str, caps: list[str], dest_build: QemuBuild,
-                   path: Path, keep_source: bool, timeout: float, check: bool) -> MigrationResult:
+                   path: Path, keep_source: bool, timeout: float, check: bool, *,
+                   verify_ram: bool = False) -> MigrationResult:
     """Save the guest to ``path`` and load it into a new QEMU of ``dest_build``: the old
     QEMU quits before the load, or (``keep_source``) only once the new one runs the guest,
     and is resumed if the load is refused."""
@@ -872,8 +887,8 @@ def _save_and_load(vm: Machine, op: str, mode: str, caps: list[str], dest_build:
         return _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, params,
                                    timeout=timeout, t0=t0, check=check)  # fmt: skip
     result.extra["source_kept_until_loaded"] = True
-    _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, params,
-                        timeout=timeout, t0=t0, check=False)  # fmt: skip
+    _load_into_new_qemu(vm, result, dest_build, mtype, path, caps, params, timeout=timeout, t0=t0,
+                        check=False, verify_against=src if verify_ram else None)  # fmt: skip
     if result.status != "completed":  # the new QEMU never ran the guest: RAM is as saved
         recover_source(src, result, was_running=was_running, reset_caps=caps)
     return _check(result, check)
@@ -1175,14 +1190,15 @@ def back_to_back(
     destination build per cycle (10.0 -> 7.2 -> 10.0 ...).  After every cycle the guest is
     checked: same boot, heartbeat advanced, memory checksum intact, and an EFI variable
     rewritten before the cycle reads back in the guest and in the host-side varstore.
-    ``verify_ram`` (live only): every hop also compares the guests' RAM at the switchover."""
+    ``verify_ram`` (live and save-restore): every hop also compares the guests' RAM before
+    the new QEMU runs the guest."""
     from harness import state
 
     fn = operation(op)
     kw: dict[str, Any] = {}
     if verify_ram:
-        if op != Op.LIVE:
-            raise UnsupportedError("verify_ram", f"{op}", "the RAM comparison is made at a live migration's switchover")
+        if op not in (Op.LIVE, Op.SAVE_RESTORE):
+            raise UnsupportedError("verify_ram", f"{op}", "the RAM comparison is made for live and save-restore hops")
         kw["verify_ram"] = True
     results: list[MigrationResult] = []
     for i in range(1, cycles + 1):

@@ -25,13 +25,14 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     alternating destination builds over all ``--qemu`` values (10.0 -> 10.0 ... by default).
     Each cycle is judged against the expected incompatibilities (an intermittent entry
     for the builds makes its signature an expected failure).  ``--set verify_ram=1``
-    (live): every hop also compares the guests' RAM at the switchover."""
+    (live, save-restore): every hop also compares the guests' RAM before the new QEMU runs
+    the guest."""
     report = ScenarioReport(op)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
     verify_ram = str(opts.extra.get("verify_ram", "")).lower() in ("1", "true", "yes")
-    if verify_ram and op != "live":
-        raise ConfigError(f"--set verify_ram=1: only the live scenario compares the guests' RAM "
-                          f"(at its switchover), not {op}")  # fmt: skip
+    if verify_ram and op not in ("live", "save-restore"):
+        raise ConfigError(f"--set verify_ram=1: the live and save-restore scenarios compare the guests' "
+                          f"RAM, not {op}")  # fmt: skip
     t0 = time.monotonic()
     versions = opts.qemu or [DEFAULT_QEMU]
     qbuilds = [builds.get_build(v) for v in versions]

@@ -60,6 +60,23 @@ def test_save_restore(version: str) -> None:
         state.assert_survived(before, state.snapshot(vm))
 
 
+def test_save_restore_with_verify_ram_runs_the_guest_only_after_the_compare() -> None:
+    """save-restore with the RAM comparison: the saved QEMU stays until the new one has
+    loaded the file, every page of RAM is compared, then the new QEMU runs the guest and
+    the saved one is reaped (the comparison's own test is the changed page below)."""
+    with MachineFactory(VmSpec(qemu="10.0.2", name="srverify"), fast=True) as factory:
+        vm = factory()
+        before = state.snapshot(vm)
+        saved = vm.current
+        res = migration.save_restore(vm, verify_ram=True)
+        assert res.ok, res.summary()
+        ram = res.extra["ram_check"]
+        assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram
+        assert res.extra.get("source_kept_until_loaded") and not saved.process.running
+        assert vm.current is not saved and migration.guest_running(vm.current)
+        state.assert_survived(before, state.snapshot(vm))
+
+
 @pytest.mark.requires(mode="cpr-reboot")
 @pytest.mark.parametrize("op", ["cpr-reboot", "cpr-transfer"])
 def test_cpr_back_to_back_five_cycles(op: str) -> None:
