@@ -298,6 +298,20 @@ SIGNATURES: tuple[Signature, ...] = (
         "0x3e01f000-0x3e039000 and 0x3e76a000, the per-CPU area where the guest's kernel, "
         "left to run, crashed in its timer code",
     ),
+    signature(
+        "guest-tpm-driver-failed",
+        [r"the guest's TPM driver failed at boot \(\S+: tpm"],
+        "The guest's kernel gave up on its TPM while booting (for example 'tpm tpm0: "
+        "Operation Timed out': the vTPM, swtpm behind QEMU, answered a command later than "
+        "the driver waits), so the guest has no /dev/tpm and every PCR and NV check after "
+        "that boot fails. The TPM's state is not the suspect: the host did not run swtpm "
+        "and QEMU in time (seen under half the CPU share, whose quota stops every process "
+        "of the run for tens of milliseconds at a time).",
+        "real run here: harness throttle --cpu-share 0.5 -- harness nightly --night "
+        "2026-12-01, 2026-11-30 (entry secure-boot-qemu11.1.3-ovmf2022.11): after five hops "
+        "the guest was restarted in a new QEMU 11.1.3 and its kernel printed 'tpm tpm0: "
+        "Operation Timed out' 4.2 s into the boot",
+    ),
     # --- the firmware's own text ---------------------------------------------------------
     signature(
         "secure-boot-image-refused",

@@ -15,7 +15,9 @@ subcommand; the image has no tpm2-tools).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,6 +25,10 @@ if TYPE_CHECKING:
 
 PCRS = tuple(range(24))
 NV_INDEX = 0x01500016
+# what the guest's kernel prints when its TPM driver gives up on the device at boot (the
+# chip then has no /dev/tpm*): a command the vTPM answered later than the kernel waits
+DRIVER_FAILURE_RE = re.compile(r"\]\s+(tpm\w* \S+: (?:Operation Timed out|A TPM error \(\d+\) occurred[^\n]*|"
+                               r"[^\n]*(?:failed|timed out)[^\n]*))")  # fmt: skip
 
 
 # --- the guest's view ---------------------------------------------------------------------
@@ -71,3 +77,22 @@ def problems(before: TpmView, after: TpmView, where: str = "after the hop", *, s
         out.append(f"{where}: the TPM NV index {NV_INDEX:#x} reads {after.nv or '(nothing)'}, "
                    f"it held {before.nv or '(nothing)'}")  # fmt: skip
     return out
+
+
+def driver_failures(console: Path) -> list[str]:
+    """The TPM driver's failure lines on one console (``tpm tpm0: Operation Timed out``)."""
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return []
+    return [m.group(1).strip()[:200] for m in DRIVER_FAILURE_RE.finditer(text)]
+
+
+def driver_problems(vm: Machine, where: str) -> list[str]:
+    """When the guest sees no TPM: why, from the console of the process running it (the
+    kernel's TPM driver gave up during boot), as problems naming that console."""
+    console = vm.current.resolved.serial_log
+    if console is None:
+        return []
+    return [f"{where}: the guest's TPM driver failed at boot ({console.name}: {line}), so the guest "
+            "has no TPM device" for line in driver_failures(console)]  # fmt: skip

@@ -156,6 +156,16 @@ def _firmware_upgrade(vm: Any, index: int, new_fw: str, initial: secureboot.SbVi
                         dest_firmware=new_fw, arch=arch)  # fmt: skip
 
 
+def _tpm_problems(vm: Any, before: tpm.TpmView, where: str, *, same_boot: bool = True) -> list[str]:
+    """The vTPM's differences (:func:`tpm.problems`), and when the guest sees no TPM at all,
+    what its kernel said about the device at boot."""
+    now = tpm.observe(vm)
+    out = tpm.problems(before, now, where, same_boot=same_boot)
+    if out and not now.pcrs:
+        out += tpm.driver_problems(vm, where)
+    return out
+
+
 def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firmware: str,
              arch: str) -> dict[str, Any]:
     """Power off and boot again in a new QEMU with the same varstore and vTPM state: the
@@ -169,7 +179,7 @@ def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firm
         problems += secureboot.problems(initial, after, where)
         problems += secureboot.auth_round(vm, where)
         if initial.tpm is not None:
-            problems += tpm.problems(initial.tpm, tpm.observe(vm), where, same_boot=False)
+            problems += _tpm_problems(vm, initial.tpm, where, same_boot=False)
     except HarnessError as exc:
         problems.append(f"{where}: {exc}")
     return _step_record(vm, index, "restart", problems, machine=machine, firmware=firmware, arch=arch)
@@ -187,7 +197,7 @@ def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbVie
             where = f"after {op} {source.label} -> {dest.label}"
             problems += secureboot.problems(before, after, where)
             if before.tpm is not None:
-                problems += tpm.problems(before.tpm, tpm.observe(vm), where)
+                problems += _tpm_problems(vm, before.tpm, where)
             problems += secureboot.auth_round(vm, f"after {op}")
         except HarnessError as exc:
             problems.append(f"checking after the hop: {exc}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from harness import secureboot, tpm
+from pathlib import Path
+
+from harness import secureboot, signatures, tpm
 from harness.secureboot import SbView
 
 KEYS = {"PK": "aa", "KEK": "bb", "db": "cc", "dbx": "dd"}
@@ -58,3 +60,18 @@ def test_memory_tree_lines_compare_across_versions() -> None:
     assert secureboot.normalize_mtree(old) == [
         "0000000000000000-00000000ffffffff (prio 0): smram",
         "0000000000030000-000000000004ffff (prio 1): smbase-blackhole"]
+
+
+def test_tpm_driver_failures_are_read_from_the_console(tmp_path: Path) -> None:
+    console = tmp_path / "qemu-6.serial.log"
+    console.write_text(
+        "[    1.002000] tpm_tis MSFT0101:00: 2.0 TPM (device-id 0x1, rev-id 1)\n"  # a good probe
+        "[    4.246433] tpm tpm0: Operation Timed out\n"  # recorded: the nightly of 2026-11-30
+        "[    5.281343] ima: No suitable TPM algorithm for boot aggregate\n"
+        "[    6.000000] tpm tpm0: A TPM error (256) occurred attempting the self test\n")
+    assert tpm.driver_failures(console) == ["tpm tpm0: Operation Timed out",
+                                            "tpm tpm0: A TPM error (256) occurred attempting the self test"]
+    assert tpm.driver_failures(tmp_path / "missing.log") == []
+    line = f"after a restart on 11.1.3: the guest's TPM driver failed at boot ({console.name}: {tpm.driver_failures(console)[0]})"
+    sig = signatures.classify("after a restart on 11.1.3: sha256 PCR(s) 0 changed\n" + line)
+    assert sig is not None and sig.name == "guest-tpm-driver-failed"
