@@ -33,7 +33,8 @@ leaves nothing behind.
 xdist: each worker works in its own private directory (named after the worker id); the
 caches (provisioned builds, images) are guarded by file locks in the library.  At the end
 of a session the plugin kills any QEMU this session started and did not reap; QEMU is
-also started with a parent-death signal, so a killed worker leaves no orphan.
+also started with a parent-death signal, so a killed worker leaves no orphan.  SIGTERM and
+SIGHUP stop a session as Ctrl-C does, so its fixtures' teardown still runs.
 """
 
 from __future__ import annotations
@@ -103,12 +104,30 @@ def pytest_configure(config: pytest.Config) -> None:
         "(qemu='>=8.2', mode='cpr-transfer', accel='kvm', nested=True, capability='multifd', "
         "file_uri=True, kvm_host=True)",
     )
+    _terminate_as_interrupt()
     _open_speed_log(config)
     # A session that names none of the harness's options pays nothing here: the catalogue
     # is read and KVM probed when a test first needs a guest (_checked).  Options given
     # explicitly are checked now, so a typo stops the run before anything is collected.
     if _asked(config):
         _checked(config)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM and SIGHUP (a job runner stopping the job, ``kill``, a closed terminal) stop
+    the session as Ctrl-C does, in the controller and in every xdist worker: pytest then
+    tears down every fixture, so guests are reaped and private directories and the speed
+    log removed, where the default action would end the process with none of it.  A
+    handler someone else installed is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _interrupted)
 
 
 _SPEED_KEY = pytest.StashKey[Path]()
@@ -282,15 +301,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _die_with_controller()
 
 
+_ORPHAN_GRACE = 20.0
+
+
 def _die_with_controller() -> None:
-    """An xdist worker whose controller is gone (SIGKILLed with everything above it) kills
-    itself; its QEMUs and swtpms die with it (their parent-death signal), and the next
-    run sweeps its directories."""
+    """An xdist worker whose controller is gone (SIGKILLed with everything above it) stops
+    as on SIGTERM, tearing down its guests and directories, and is SIGKILLed if that
+    takes longer than ``_ORPHAN_GRACE``; then its QEMUs and swtpms die with it (their
+    parent-death signal), and the next run sweeps its directories."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # the session's teardown runs (see above)
+        time.sleep(_ORPHAN_GRACE)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness import faults
+from harness.guest import speed
 from harness.machine import Machine, sweep_orphan_dirs, sweep_orphan_ram_dirs
 from harness.spec import VmSpec
 
@@ -38,14 +40,15 @@ class Child:
     happened, killed with every process that inherited its environment token (a soak's
     pieces run in sessions of their own, out of reach of the child's group)."""
 
-    def __init__(self, cmd: list[str], rundir: Path, out: Path) -> None:
+    def __init__(self, cmd: list[str], rundir: Path, out: Path, env: dict[str, str] | None = None) -> None:
         self.out = out
         self._fh = out.open("w")
-        self.token = out.parent.name + "-" + out.stem
+        # unique across xdist workers too (each numbers its tmp_path names from 0)
+        self.token = f"{out.parent.name}-{out.stem}-{secrets.token_hex(4)}"
         self.proc = subprocess.Popen(
             cmd, stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             env={**os.environ, "HARNESS_RUNDIR": str(rundir), "PYTHONUNBUFFERED": "1",
-                 "HARNESS_TEST_CHILD": self.token},
+                 "HARNESS_TEST_CHILD": self.token, **(env or {})},
         )  # fmt: skip
 
     def assert_interruptible(self) -> None:
@@ -218,9 +221,9 @@ def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
     child = Child(cmd, rundir, tmp_path / "inner.out")
     child_factory.append(child)
     # the restored guest, not the snapshot's template boot (its work dir is "<n>-orphan")
-    _wait_for(lambda: bool(faults.find_qemu("-orphan/")), BOOT_WAIT, "the worker's guest", child)
+    _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the worker's guest", child)
     time.sleep(3)  # the restore has finished and the test sleeps
-    (qemu,) = faults.find_qemu("-orphan/")
+    (qemu,) = _guests_in(rundir)
     assert faults.find_qemu(rundir) == [qemu]
     worker = int(Path(f"/proc/{qemu}/stat").read_text().rsplit(")", 1)[1].split()[1])
     controller = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -232,6 +235,36 @@ def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
     rc = child.wait(180)
     assert rc is not None and rc != 0, "the controller should report the crashed worker"
     assert faults.find_qemu(rundir) == []
+
+
+def test_sigterm_to_a_pytest_run_tears_its_workers_guests_down(rundir: Path, tmp_path: Path,
+                                                               child_factory: list[Child]) -> None:
+    # a job runner stopping `make test` sends SIGTERM to the whole process group: the
+    # controller and its worker must stop as on Ctrl-C, reaping the guest and removing the
+    # worker's and the guest's directories and the session's speed log
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "test_inner.py").write_text(INNER)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cmd = [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-s",
+           "--rootdir", str(inner), str(inner / "test_inner.py")]  # fmt: skip
+    child = Child(cmd, rundir, tmp_path / "inner.out", env={"TMPDIR": str(tmp), speed.ENV_VAR: ""})  # its own log
+    child_factory.append(child)
+    _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the worker's guest", child)
+    time.sleep(3)
+    ours = sorted(p.name for p in rundir.iterdir() if p.name.startswith(("hv-", "hvk-")))
+    assert any(n.startswith("hv-") for n in ours) and any(n.startswith("hvk-") for n in ours), ours
+    assert list(tmp.glob("hv-speed-*")), "the session's speed log should exist while it runs"
+    os.killpg(child.proc.pid, signal.SIGTERM)
+    rc = child.wait(120)
+    assert rc is not None and rc != 0, f"pytest exited {rc} after SIGTERM:\n{child.text()[-2000:]}"
+    assert "KeyboardInterrupt" in child.text(), child.text()[-2000:]
+    assert faults.wait_gone(faults.find_qemu(rundir), timeout=15) == []
+    assert _tree_gone(child, rundir, 30) == []
+    left = sorted(p.name for p in rundir.iterdir() if p.name.startswith(("hv-", "hvk-")))
+    assert left == [], f"left behind after SIGTERM: {left}"
+    assert list(tmp.glob("hv-speed-*")) == [], "the speed log was left behind"
 
 
 def _guests_in(rundir: Path) -> list[int]:
