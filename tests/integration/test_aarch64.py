@@ -148,6 +148,18 @@ def _step(vm: Any, what: str, run: Any, order: tuple[int, ...]) -> None:
                          "downtime_ms", "pause_s")})  # fmt: skip
 
 
+def _ok_or_expected(vm: Any, result: Any) -> Any:
+    """The result of a hop that succeeded; for one that failed as an entry of the expected
+    incompatibilities says it may, after checking the guest went on on the source, the
+    test is an expected failure naming the entry; any other failure fails the test."""
+    if result.ok:
+        return result
+    verdict, expected = matrix.judge_result(result, matrix.load_incompatibilities())
+    assert verdict.expected_failure and expected is not None, f"{result.summary()}: {verdict.note}"
+    assert migration.source_still_running(vm), f"{result.summary()}: the guest did not go on on the source"
+    pytest.xfail(f"{result.summary()} ({expected.where}: {expected.reason[:160]})")
+
+
 def test_os_state_persists_across_reboot_migration_save_restore_cpr(vm_factory: MachineFactory) -> None:
     build = builds.get_build("10.0.2", ARCH)
     if not build.capabilities.has_mode("cpr-reboot"):
@@ -268,7 +280,9 @@ def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: Machi
     state.assert_survived(before, after)
     _assert_persisted(vm, order, "on the source after the refused migration")
 
-    _step(vm, "live 7.2 -> 7.2", lambda: migration.live(vm, to=old, check=True), order)
+    # a source older than 9.0 may lose dirty pages under TCG (an intermittent data entry):
+    # then the hop is an expected failure with that entry's signature, the guest on the source
+    _step(vm, "live 7.2 -> 7.2", lambda: _ok_or_expected(vm, migration.live(vm, to=old, check=False)), order)
     assert migration.machine_type(vm) == machine
 
 

@@ -110,14 +110,21 @@ def test_registered_qemu_migrates_to_and_from_the_reference(
     )  # fmt: skip
     hops = [(r["source"], r["destination"]) for r in report.records]
     assert hops == [(qlabel, REFERENCE), (REFERENCE, qlabel)], report.records
+    expected = [rec for rec in report.records if rec.get("expected_failure")]
     for rec in report.records:
         assert rec["machine"] == "pc-q35-7.2", rec
-        assert rec["ok"] and not rec.get("expected_failure"), (
+        if rec.get("expected_failure"):  # a finding the data names (an entry may name several)
+            assert rec["signature"] in rec["expected_signature"].split("|") and rec["reason"], rec
+            continue
+        assert rec["ok"], (
             f"{rec['source']} -> {rec['destination']}: {rec.get('status')} "
             f"{rec.get('error')} {rec.get('problems')}; artifacts: {report.artifacts}")
         assert rec["status"] == "completed" and rec["problems"] == []
         assert rec["downtime_ms"] is not None and rec["boot_order"]
     assert report.ok
+    if expected:  # e.g. a source older than 9.0 losing dirty pages under TCG
+        pytest.xfail("; ".join(f"{r['source']} -> {r['destination']}: {r['signature']} ({r['reason'][:120]})"
+                               for r in expected))
 
 
 def test_registered_ovmf_boots_an_older_firmwares_varstore(
