@@ -1049,11 +1049,12 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     result.state_file = str(path)
     result.extra["exec_argv0"] = argv[0]
     pid = proc.pid
-    marker = str(qmp_path)
     t0 = time.monotonic()
 
     def exec_seen() -> bool:
-        return any(marker in a for a in proc.cmdline_now())
+        # only the new image creates its QMP socket (a stat; the argv in /proc would say
+        # it a moment earlier, at a read of the whole command line)
+        return os.path.lexists(qmp_path)
 
     def give_up(why: str) -> MigrationResult:
         new.console.close()
@@ -1080,6 +1081,9 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     deadline = t0 + timeout
     completed_at: float | None = None
     since = time.monotonic()
+    looked = since
+    with contextlib.suppress(FileNotFoundError):
+        qmp_path.unlink()  # (none should be there: each image's socket has its own name)
     with _quiet_qmp_library():
         while not exec_seen():
             if not proc.running:
@@ -1088,9 +1092,16 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
             if time.monotonic() > deadline:
                 return give_up(f"cpr-exec: no exec within {timeout:.0f} s "
                                f"({'completed' if completed_at else 'not completed'})")  # fmt: skip
-            # before 'completed', the event itself ends the wait; after it, the exec is
-            # a moment away and looked for every 2 ms (a read of /proc/PID/cmdline)
-            ev = proc.poll_event("MIGRATION", (0.02 if completed_at is None else 0.002) if events else 0.0)
+            # before 'completed', the event itself ends the wait; after it, the new image
+            # is a moment away: its socket is looked for every millisecond, and the events
+            # (a failed exec turns completed into failed) read every 10 ms (a wait of 0
+            # would not read the socket at all)
+            if completed_at is None or time.monotonic() - looked >= 0.01:
+                looked = time.monotonic()
+                ev = proc.poll_event("MIGRATION", (0.02 if completed_at is None else 0.001) if events else 0.0)
+            else:
+                ev = None
+                time.sleep(0.001)
             status = ((ev or {}).get("data") or {}).get("status")
             if status == "completed" and completed_at is None:
                 completed_at = time.monotonic()
@@ -1105,14 +1116,14 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
                                + _tail(proc.output()))  # fmt: skip
             if not events:
                 _nap(since)
-    result.extra["pid_kept"] = proc.pid == pid
-    try:
-        with _quiet_qmp_library():
+        result.extra["pid_kept"] = proc.pid == pid
+        try:
             proc.reexeced(dest_build, argv, qmp_path, timeout=60)
-        why = wait_running(new.process, 60)
-    except HarnessError as exc:
-        why = str(exc)
+            why = wait_running(new.process, 60)
+        except HarnessError as exc:
+            why = str(exc)
     result.wall_s = time.monotonic() - t0
+    proc.record_exec()
     if why:
         # after the exec there is no old image to go back to: the guest is lost
         result.source_running = False

@@ -258,8 +258,10 @@ class QemuProcess(Generic[BuildT]):
         return self
 
     def _set_qmp_timeout(self) -> None:
+        """A new QMP connection's settings: its answer timeout, and its message log."""
         with contextlib.suppress(Exception):  # the connection may be deferred
             self._vm._qmp.settimeout(self._qmp_timeout)
+            _format_only_when_logged(self._vm._qmp._qmp)
 
     def connect_qmp(self) -> None:
         """Connect a deferred QMP monitor (cpr-transfer destinations)."""
@@ -288,31 +290,42 @@ class QemuProcess(Generic[BuildT]):
                  timeout: float = 60.0) -> None:
         """The process exec'd a new QEMU image in place (cpr-exec): same pid, same owner,
         now running ``build`` with ``argv`` and answering QMP on the unix socket
-        ``qmp_path``.  Waits for that socket to listen, connects, and drops the old
-        connection (its peer is gone)."""
+        ``qmp_path``.  Waits for that socket to accept, connects, and drops the old
+        connection (its peer is gone).  The command-line file and the transcript line are
+        :meth:`record_exec`'s, for after the guest runs again."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         deadline = time.monotonic() + timeout
-        while not unix_listening(qmp_path):
+        while True:
+            # the socket file appears at QEMU's bind(), listen() follows at once: a refused
+            # connect is retried (cheaper than reading the kernel's socket table first)
+            if os.path.lexists(qmp_path):
+                new = QEMUMonitorProtocol(str(qmp_path))
+                try:
+                    new.connect(negotiate=True)
+                    break
+                except (ConnectionRefusedError, FileNotFoundError) as exc:
+                    with contextlib.suppress(Exception):
+                        new.close()
+                    refused: Exception | None = exc
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        new.close()
+                    raise MachineError(
+                        f"{self.name}: QMP of the new QEMU image ({qmp_path}) failed: {exc!r}; "
+                        f"log: {self.log_path}"
+                    ) from exc
+            else:
+                refused = None
             if not self.running:
                 raise MachineError(
                     f"{self.name}: the new QEMU image exited (code {self.exitcode}) before its "
                     f"QMP socket listened; log: {self.log_path}"
                 )
             if time.monotonic() > deadline:
-                raise GuestTimeout(f"{self.name}: QMP socket {qmp_path} of the new QEMU image",
-                                   timeout)  # fmt: skip
-            time.sleep(0.002)
-        new = QEMUMonitorProtocol(str(qmp_path))
-        try:
-            new.connect(negotiate=True)
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                new.close()
-            raise MachineError(
-                f"{self.name}: QMP of the new QEMU image ({qmp_path}) failed: {exc!r}; "
-                f"log: {self.log_path}"
-            ) from exc
+                raise GuestTimeout(f"{self.name}: QMP socket {qmp_path} of the new QEMU image"
+                                   + (f" ({refused!r})" if refused else ""), timeout)  # fmt: skip
+            time.sleep(0.001)
         old = self._vm._qmp_connection
         self._vm._qmp_connection = new
         if old is not None:
@@ -322,8 +335,12 @@ class QemuProcess(Generic[BuildT]):
         self.args = list(argv)
         self._vm._qemu_full_args = tuple(argv)
         self._set_qmp_timeout()
+
+    def record_exec(self) -> None:
+        """Write down the exec :meth:`reexeced` took in: the command-line file names the
+        new image's argv, the QMP transcript the exec."""
         self._write_cmdline()
-        self._transcript("(exec)", {"argv": list(argv)}, {"pid": self.pid}, time.monotonic())
+        self._transcript("(exec)", {"argv": list(self.args)}, {"pid": self.pid}, time.monotonic())
 
     def _write_cmdline(self) -> None:
         try:
@@ -512,6 +529,25 @@ class QemuProcess(Generic[BuildT]):
 
     def __repr__(self) -> str:
         return f"<QemuProcess {self.name} {self.build.label} launched={self._launched}>"
+
+
+def _format_only_when_logged(client: Any) -> None:
+    """qemu.qmp formats every message in and out for its debug log (a JSON encoding each)
+    whether or not that log is on; this client's hooks format only when it is.  Per
+    connection, not a patch of the library."""
+    logger = client.logger
+
+    def outbound(msg: Any) -> Any:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("--> %s", msg)
+        return msg
+
+    def inbound(msg: Any) -> Any:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("<-- %s", msg)
+        return msg
+
+    client._cb_outbound, client._cb_inbound = outbound, inbound
 
 
 def unix_listening(path: Path, table: str = "/proc/net/unix") -> bool:

@@ -117,6 +117,36 @@ def test_unix_listening_reads_the_socket_table_defensively(tmp_path: Path) -> No
     assert migration.unix_listening(table, table=str(tmp_path / "missing")) is True
 
 
+def test_qmp_messages_are_formatted_only_when_their_log_is_on() -> None:
+    import logging
+
+    from harness.guest import qemu_process
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise AssertionError("formatted for a log that is off")
+
+    class Client:
+        logger = logging.getLogger("qemu.qmp.test-hooks")
+
+    client = Client()
+    qemu_process._format_only_when_logged(client)
+    msg = Unprintable()
+    client.logger.setLevel(logging.WARNING)
+    assert client._cb_outbound(msg) is msg and client._cb_inbound(msg) is msg  # type: ignore[attr-defined]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    client.logger.addHandler(handler)
+    client.logger.setLevel(logging.DEBUG)
+    try:
+        assert client._cb_inbound("{'return': {}}") == "{'return': {}}"  # type: ignore[attr-defined]
+        assert [r.getMessage() for r in records] == ["<-- {'return': {}}"]
+    finally:
+        client.logger.removeHandler(handler)
+        client.logger.setLevel(logging.NOTSET)
+
+
 # --- the driver's watch phase and its hooks (QMP faked) -------------------------------------
 
 
