@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -293,39 +293,20 @@ class QemuProcess(Generic[BuildT]):
         ``qmp_path``.  Waits for that socket to accept, connects, and drops the old
         connection (its peer is gone).  The command-line file and the transcript line are
         :meth:`record_exec`'s, for after the guest runs again."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        deadline = time.monotonic() + timeout
-        while True:
-            # the socket file appears at QEMU's bind(), listen() follows at once: a refused
-            # connect is retried (cheaper than reading the kernel's socket table first)
-            if os.path.lexists(qmp_path):
-                new = QEMUMonitorProtocol(str(qmp_path))
-                try:
-                    new.connect(negotiate=True)
-                    break
-                except (ConnectionRefusedError, FileNotFoundError) as exc:
-                    with contextlib.suppress(Exception):
-                        new.close()
-                    refused: Exception | None = exc
-                except Exception as exc:
-                    with contextlib.suppress(Exception):
-                        new.close()
-                    raise MachineError(
-                        f"{self.name}: QMP of the new QEMU image ({qmp_path}) failed: {exc!r}; "
-                        f"log: {self.log_path}"
-                    ) from exc
-            else:
-                refused = None
-            if not self.running:
-                raise MachineError(
-                    f"{self.name}: the new QEMU image exited (code {self.exitcode}) before its "
-                    f"QMP socket listened; log: {self.log_path}"
-                )
-            if time.monotonic() > deadline:
-                raise GuestTimeout(f"{self.name}: QMP socket {qmp_path} of the new QEMU image"
-                                   + (f" ({refused!r})" if refused else ""), timeout)  # fmt: skip
-            time.sleep(0.001)
+        try:
+            new = connect_when_listening(qmp_path, timeout=timeout, alive=lambda: self.running)
+        except GuestTimeout:
+            raise
+        except ProcessGone as exc:
+            raise MachineError(
+                f"{self.name}: the new QEMU image exited (code {self.exitcode}) before its "
+                f"QMP socket listened ({exc}); log: {self.log_path}"
+            ) from exc
+        except Exception as exc:
+            raise MachineError(
+                f"{self.name}: QMP of the new QEMU image ({qmp_path}) failed: {exc!r}; "
+                f"log: {self.log_path}"
+            ) from exc
         old = self._vm._qmp_connection
         self._vm._qmp_connection = new
         if old is not None:
@@ -529,6 +510,43 @@ class QemuProcess(Generic[BuildT]):
 
     def __repr__(self) -> str:
         return f"<QemuProcess {self.name} {self.build.label} launched={self._launched}>"
+
+
+class ProcessGone(MachineError):
+    """The process that was to listen on a socket exited first."""
+
+
+def connect_when_listening(path: Path, *, timeout: float, alive: Callable[[], bool],
+                           interval: float = 0.001) -> Any:
+    """A negotiated QMP connection (qemu.qmp's legacy client) to the unix socket ``path``
+    as soon as a QEMU listens there.  The socket file appears at QEMU's bind() and listen()
+    follows: a refused connect (or a file not there yet) is retried every ``interval``,
+    which costs less than reading the kernel's socket table before each try.  Raises
+    :class:`ProcessGone` when ``alive()`` turns false first, :class:`GuestTimeout` after
+    ``timeout``, and what the client raised for any other failure."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        if os.path.lexists(path):
+            conn = QEMUMonitorProtocol(str(path))
+            try:
+                conn.connect(negotiate=True)
+                return conn
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                cause = getattr(exc, "exc", exc)  # qemu.qmp wraps it in a ConnectError
+                if not isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
+                    raise
+                last = cause
+        if not alive():
+            raise ProcessGone(f"nothing listens on {path} and its process is gone")
+        if time.monotonic() > deadline:
+            what = f"QMP socket {path}" + (f" ({last!r})" if last else "")
+            raise GuestTimeout(what, timeout)
+        time.sleep(interval)
 
 
 def _format_only_when_logged(client: Any) -> None:

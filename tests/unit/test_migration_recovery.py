@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from harness import migration
+from harness.errors import GuestTimeout
 from harness.guest.qemu_process import QmpError
 
 
@@ -115,6 +118,49 @@ def test_unix_listening_reads_the_socket_table_defensively(tmp_path: Path) -> No
     assert migration.unix_listening(path, table=str(table))
     # no table (not Linux, /proc not mounted): the path's existence is all there is
     assert migration.unix_listening(table, table=str(tmp_path / "missing")) is True
+
+
+def _stub_qmp_server(sock: Any, listen_after: float) -> None:
+    """A QMP peer on a socket already bound: listens after ``listen_after`` seconds (the
+    gap between QEMU's bind() and listen()), greets, and answers qmp_capabilities."""
+    import json
+    import time
+
+    time.sleep(listen_after)
+    sock.listen(1)
+    conn, _ = sock.accept()
+    with conn:
+        conn.sendall(json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\r\n")
+        buf = b""
+        while b"\n" not in buf and b"}" not in buf:
+            buf += conn.recv(4096)
+        conn.sendall(b'{"return": {}}\r\n')
+        conn.recv(4096)  # until the client closes
+
+
+def test_a_refused_connect_between_bind_and_listen_is_retried(tmp_path: Path) -> None:
+    # cpr-exec: the new image's QMP socket file exists from bind(); a connect before its
+    # listen() is refused (qemu.qmp wraps that in a ConnectError) and must be retried
+    import socket
+    import threading
+
+    from harness.guest import qemu_process
+
+    path = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(path))
+        t = threading.Thread(target=_stub_qmp_server, args=(srv, 0.05), daemon=True)
+        t.start()
+        conn = qemu_process.connect_when_listening(path, timeout=10, alive=lambda: True)
+        conn.close()
+        t.join(5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:  # bound, never listening
+        (tmp_path / "dead.sock").unlink(missing_ok=True)
+        srv.bind(str(tmp_path / "dead.sock"))
+        with pytest.raises(qemu_process.ProcessGone):
+            qemu_process.connect_when_listening(tmp_path / "dead.sock", timeout=10, alive=lambda: False)
+        with pytest.raises(GuestTimeout, match="ConnectionRefusedError"):
+            qemu_process.connect_when_listening(tmp_path / "dead.sock", timeout=0.05, alive=lambda: True)
 
 
 def test_qmp_messages_are_formatted_only_when_their_log_is_on() -> None:
