@@ -437,10 +437,10 @@ def bench_overhead(b: Bench, results: dict[str, Any]) -> None:
     the two interleaved (each round restores a fresh guest, hops it once uncounted, ``k``
     times with the harness, then ``k`` times with the script), so a drift of the machine's
     speed during the run falls on both sides alike.  A CPR hop takes 50-80 ms, where a
-    few ms of noise is 5%: those get 5 rounds of 10 (a second each)."""
+    few ms of noise is 5%: those get 10 rounds of 10 (a second each)."""
     out: dict[str, Any] = {}
     for op in OPS:
-        rounds, k = (1, 3) if b.quick else ((5, 10) if op.startswith("cpr-") else (3, 5))
+        rounds, k = (1, 3) if b.quick else ((10, 10) if op.startswith("cpr-") else (3, 5))
         spec = VmSpec(name=f"bo{op.replace('-', '')}", **migration.spec_fields_for(op), **OP_SPECS.get(op, {}))
         harness_t: list[float] = []
         raw_t: list[float] = []
