@@ -1117,13 +1117,16 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
             if not events:
                 _nap(since)
         result.extra["pid_kept"] = proc.pid == pid
+        taken_in = False
         try:
             proc.reexeced(dest_build, argv, qmp_path, timeout=60)
+            taken_in = True
             why = wait_running(new.process, 60)
         except HarnessError as exc:
             why = str(exc)
     result.wall_s = time.monotonic() - t0
-    proc.record_exec()
+    if taken_in:
+        proc.record_exec()
     if why:
         # after the exec there is no old image to go back to: the guest is lost
         result.source_running = False

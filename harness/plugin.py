@@ -104,7 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "(qemu='>=8.2', mode='cpr-transfer', accel='kvm', nested=True, capability='multifd', "
         "file_uri=True, kvm_host=True)",
     )
-    _terminate_as_interrupt()
+    _terminate_as_interrupt(config)
     _open_speed_log(config)
     # A session that names none of the harness's options pays nothing here: the catalogue
     # is read and KVM probed when a test first needs a guest (_checked).  Options given
@@ -117,17 +117,29 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _terminate_as_interrupt() -> None:
+_SIGNALS_KEY = pytest.StashKey[list[signal.Signals]]()
+
+
+def _terminate_as_interrupt(config: pytest.Config) -> None:
     """SIGTERM and SIGHUP (a job runner stopping the job, ``kill``, a closed terminal) stop
     the session as Ctrl-C does, in the controller and in every xdist worker: pytest then
     tears down every fixture, so guests are reaped and private directories and the speed
     log removed, where the default action would end the process with none of it.  A
-    handler someone else installed is left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is signal.SIG_DFL:
-            signal.signal(sig, _interrupted)
+    handler someone else installed is left alone; ours are undone at unconfigure."""
+    taken: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _interrupted)
+                taken.append(sig)
+    config.stash[_SIGNALS_KEY] = taken
+
+
+def _restore_signals(config: pytest.Config) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in config.stash.get(_SIGNALS_KEY, []):
+            if signal.getsignal(sig) is _interrupted:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 _SPEED_KEY = pytest.StashKey[Path]()
@@ -174,6 +186,7 @@ def _checked(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _restore_signals(config)
     speed_log = config.stash.get(_SPEED_KEY, None)
     if speed_log is not None:
         speed_log.unlink(missing_ok=True)

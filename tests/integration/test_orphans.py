@@ -211,18 +211,25 @@ def test_sleeps_with_a_guest(vm_factory, tmp_path):
 """
 
 
-def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
-                                            child_factory: list[Child]) -> None:
+def _pytest_with_a_sleeping_guest(rundir: Path, tmp_path: Path, child_factory: list[Child],
+                                  env: dict[str, str] | None = None) -> Child:
+    """``pytest -n 1`` of INNER, returned once its worker's guest runs and the test sleeps."""
     inner = tmp_path / "inner"
     inner.mkdir()
     (inner / "test_inner.py").write_text(INNER)
     cmd = [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-s",
            "--rootdir", str(inner), str(inner / "test_inner.py")]  # fmt: skip
-    child = Child(cmd, rundir, tmp_path / "inner.out")
+    child = Child(cmd, rundir, tmp_path / "inner.out", env=env)
     child_factory.append(child)
     # the restored guest, not the snapshot's template boot (its work dir is "<n>-orphan")
     _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the worker's guest", child)
     time.sleep(3)  # the restore has finished and the test sleeps
+    return child
+
+
+def test_killed_xdist_worker_leaves_no_qemu(rundir: Path, tmp_path: Path,
+                                            child_factory: list[Child]) -> None:
+    child = _pytest_with_a_sleeping_guest(rundir, tmp_path, child_factory)
     (qemu,) = _guests_in(rundir)
     assert faults.find_qemu(rundir) == [qemu]
     worker = int(Path(f"/proc/{qemu}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -242,17 +249,10 @@ def test_sigterm_to_a_pytest_run_tears_its_workers_guests_down(rundir: Path, tmp
     # a job runner stopping `make test` sends SIGTERM to the whole process group: the
     # controller and its worker must stop as on Ctrl-C, reaping the guest and removing the
     # worker's and the guest's directories and the session's speed log
-    inner = tmp_path / "inner"
-    inner.mkdir()
-    (inner / "test_inner.py").write_text(INNER)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    cmd = [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-s",
-           "--rootdir", str(inner), str(inner / "test_inner.py")]  # fmt: skip
-    child = Child(cmd, rundir, tmp_path / "inner.out", env={"TMPDIR": str(tmp), speed.ENV_VAR: ""})  # its own log
-    child_factory.append(child)
-    _wait_for(lambda: bool(_guests_in(rundir)), BOOT_WAIT, "the worker's guest", child)
-    time.sleep(3)
+    child = _pytest_with_a_sleeping_guest(rundir, tmp_path, child_factory,
+                                          env={"TMPDIR": str(tmp), speed.ENV_VAR: ""})  # its own log
     ours = sorted(p.name for p in rundir.iterdir() if p.name.startswith(("hv-", "hvk-")))
     assert any(n.startswith("hv-") for n in ours) and any(n.startswith("hvk-") for n in ours), ours
     assert list(tmp.glob("hv-speed-*")), "the session's speed log should exist while it runs"
