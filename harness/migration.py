@@ -1243,8 +1243,8 @@ def back_to_back(
                         )
                     res.problems += _host_varstore_problems(vm, value)
             except HarnessError as exc:
-                res.extra["diagnosis"], problem = state.check_failure(vm, exc)
-                res.problems.append(problem)
+                res.extra["diagnosis"], problems = state.failed_check_problems(vm, exc)
+                res.problems += problems
         if res.problems and res.signature is None:
             _classify_problems(res)
         results.append(res)

@@ -287,8 +287,7 @@ class Runner:
             if plan.reboot_checks and hop.dest_firmware:
                 problems += self._firmware_checks(vm, hop, before, images, rec)
         except HarnessError as exc:
-            rec["diagnosis"], problem = state.check_failure(vm, exc)
-            problems = [problem]
+            rec["diagnosis"], problems = state.failed_check_problems(vm, exc, before.crashes)
         rec["problems"] = problems
         if problems and not rec.get("signature"):
             from harness import signatures

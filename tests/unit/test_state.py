@@ -429,3 +429,32 @@ def test_a_rebooted_guest_after_a_hop_carries_its_consoles_crash_and_signature(
     assert not res.ok and res.signature == "guest-kernel-panic"
     assert any(p.startswith("guest rebooted: boot id") for p in res.problems)
     assert "the guest's kernel crashed: qemu-1.serial.log: BUG: unable to handle page fault" in "\n".join(res.problems)
+
+
+def test_a_failed_check_of_a_crashed_guest_carries_its_console_crash(tmp_path: Path) -> None:
+    # real console of make test-halved 2026-12-01 (distro 7.2 -> 10.0.2): the guest's kernel
+    # oopsed in its timer code and killed sshd without rebooting, so SSH timed out; the
+    # problems must name the crash (guest-kernel-panic), not only the timeout
+    from types import SimpleNamespace
+
+    from harness import signatures
+    from harness.errors import GuestTimeout
+
+    (tmp_path / "qemu-0.serial.log").write_text("HARNESS-READY {}\n")
+    (tmp_path / "qemu-1.serial.log").write_text(
+        "[   10.208493] general protection fault, probably for non-canonical address "
+        "0x8024948700000010: 0000 [#1] PREEMPT SMP NOPTI\n[   10.209831] RIP: 0010:rb_next+0x14/0x50\n")
+
+    def unreachable(*a: object, **k: object) -> None:
+        raise GuestTimeout("SSH to xv1", 60)
+
+    vm = SimpleNamespace(workdir=tmp_path, qmp=unreachable,
+                         console=SimpleNamespace(read_log=lambda: "console"))
+    diag, problems = state.failed_check_problems(vm, GuestTimeout("SSH to xv1", 60))  # type: ignore[arg-type]
+    assert problems[0].startswith("guest check failed: ") and "diagnosis incomplete" in problems[0]
+    assert problems[1:] == ["the guest's kernel crashed: qemu-1.serial.log: general protection fault, "
+                            "probably for non-canonical address 0x8024948700000010: 0000 [#1] PREEMPT SMP NOPTI"]
+    sig = signatures.classify("\n".join(problems))
+    assert sig is not None and sig.name == "guest-kernel-panic"
+    seen = [line.removeprefix("the guest's kernel crashed: ") for line in problems[1:]]
+    assert state.failed_check_problems(vm, GuestTimeout("SSH to xv1", 60), seen)[1] == problems[:1]  # type: ignore[arg-type]
