@@ -575,6 +575,7 @@ def record_verdict(rec: dict[str, Any], verdict: Verdict, expected: Incompatibil
     rec["ok"], rec["expected_failure"] = verdict.ok, verdict.expected_failure
     if expected is not None:
         rec["expected_signature"], rec["reason"] = expected.signature, expected.reason
+        rec["expected_signatures"] = list(_expected_signatures(expected))  # "a|b" above, as a list
     if verdict.note:
         rec["note"] = verdict.note
     return rec

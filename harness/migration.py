@@ -1051,11 +1051,6 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     pid = proc.pid
     t0 = time.monotonic()
 
-    def exec_seen() -> bool:
-        # only the new image creates its QMP socket (a stat; the argv in /proc would say
-        # it a moment earlier, at a read of the whole command line)
-        return os.path.lexists(qmp_path)
-
     def give_up(why: str) -> MigrationResult:
         new.console.close()
         if new.tpm is not None:
@@ -1067,6 +1062,8 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     events = vm.build.capabilities.has_capability("events")  # (on from the start, or by _set_up)
     caps: list[str] = []
     proc.events()  # earlier operations' MIGRATION events: only this one's count here
+    with contextlib.suppress(FileNotFoundError):  # its appearing says the exec happened:
+        qmp_path.unlink()  # none before the migration starts (each image's has its own name)
     try:
         _set_up(src, caps, {"mode": mode, "cpr-exec-command": argv})
         start(proc, uri=f"file:{path}")
@@ -1082,10 +1079,10 @@ def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAU
     completed_at: float | None = None
     since = time.monotonic()
     looked = since
-    with contextlib.suppress(FileNotFoundError):
-        qmp_path.unlink()  # (none should be there: each image's socket has its own name)
     with _quiet_qmp_library():
-        while not exec_seen():
+        # only the new image creates its QMP socket: its appearing is the exec (a stat; the
+        # argv in /proc would say it a moment earlier, at a read of the whole command line)
+        while not os.path.lexists(qmp_path):
             if not proc.running:
                 return give_up(f"QEMU exited during cpr-exec (code {proc.exitcode})"
                                + _tail(proc.output()))  # fmt: skip

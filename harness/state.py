@@ -379,17 +379,11 @@ def describe_diagnosis(diag: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def check_failure(vm: Machine, exc: Exception) -> tuple[dict[str, Any], str]:
-    """A guest check that raised: the :func:`diagnose` record and the problem line."""
-    diag = diagnose(vm)
-    return diag, f"guest check failed: {exc} [{describe_diagnosis(diag)}]"
-
-
 def failed_check_problems(vm: Machine, exc: Exception,
                           seen: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
     """A guest check that raised: the :func:`diagnose` record, its problem line, and the
     console's kernel crash lines not in ``seen`` (a guest that crashed without rebooting -
     an oops that killed sshd, a hang with interrupts off - answers no check; its console
     says why)."""
-    diag, problem = check_failure(vm, exc)
-    return diag, [problem, *kernel_crash_problems(vm, seen)]
+    diag = diagnose(vm)
+    return diag, [f"guest check failed: {exc} [{describe_diagnosis(diag)}]", *kernel_crash_problems(vm, seen)]
