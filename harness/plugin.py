@@ -143,6 +143,7 @@ def _restore_signals(config: pytest.Config) -> None:
 
 
 _SPEED_KEY = pytest.StashKey[Path]()
+_COLD_BOOT_ROWS = 12
 
 
 def _open_speed_log(config: pytest.Config) -> None:
@@ -161,6 +162,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     index = speed.read_index(path) if path is not None else None
     if index is not None:
         terminalreporter.write_line(f"harness speed index: {index}")
+    rows = speed.cold_boots_by_test(path) if path is not None else []
+    if rows:
+        total = sum(r.seconds for r in rows)
+        terminalreporter.write_line(f"harness cold boots: {sum(r.boots for r in rows)} in {len(rows)} tests, "
+                                    f"{total:.0f} s; the most (a test that checks no boot could start fast):")  # fmt: skip
+        for r in rows[:_COLD_BOOT_ROWS]:
+            terminalreporter.write_line(f"  {r.seconds:7.1f} s  {r.boots:2d}  {r.test}")
 
 
 def _asked(config: pytest.Config) -> bool:

@@ -114,3 +114,16 @@ def test_boots_are_noted_only_when_the_run_keeps_a_log(tmp_path: Path, monkeypat
     speed.note_boot(dict(speed.REFERENCE), 1.25)
     speed.note_boot(dict(speed.REFERENCE), 2.5)
     assert speed.read_index(log) == speed.SpeedIndex(1.875, 2)
+
+
+def test_cold_boots_are_summed_per_test_the_costliest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "speed.jsonl"
+    monkeypatch.setenv(speed.ENV_VAR, str(log))
+    for test, seconds in (("t.py::a", 10.0), ("t.py::b[x]", 4.0), ("t.py::a", 5.5), (None, 99.0)):
+        if test is None:
+            monkeypatch.delenv("PYTEST_CURRENT_TEST")  # a boot outside any test: not a row
+        else:
+            monkeypatch.setenv("PYTEST_CURRENT_TEST", f"{test} (call)")
+        speed.note_boot(dict(speed.REFERENCE, arch="aarch64"), seconds)
+    assert speed.cold_boots_by_test(log) == [speed.ColdBoots("t.py::a", 2, 15.5), speed.ColdBoots("t.py::b[x]", 1, 4.0)]
+    assert speed.cold_boots_by_test(tmp_path / "absent") == []
