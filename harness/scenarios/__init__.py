@@ -37,6 +37,25 @@ class ScenarioOptions:
     on_record: Callable[[dict[str, Any]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def flag(self, key: str, default: bool = False) -> bool:
+        """The yes/no setting ``--set KEY=...`` (1/true/yes/on or 0/false/no/off); any
+        other value is refused, naming it, rather than read as a yes."""
+        value = self.extra.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _YES:
+            return True
+        if text in _NO:
+            return False
+        raise ConfigError(f"--set {key}={value}: expected one of {', '.join(_YES + _NO)}")
+
+
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
+
 
 @dataclass
 class ScenarioReport:

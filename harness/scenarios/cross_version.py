@@ -478,7 +478,7 @@ def run_cross_version(opts: ScenarioOptions, plans: Sequence[Plan] | None = None
     failed = False
     # fast=1 restores each fresh guest from a saved boot of its (build, machine type,
     # firmware) instead of booting it: what the hops check happens after the start
-    fast = str(opts.extra.get("fast", "")).lower() in ("1", "true", "yes")
+    fast = opts.flag("fast")
     with MachineFactory(spec, base=opts.workdir, fast=fast) as factory:
         runner = Runner(factory, spec, incompat, versions, lambda r: report.add(r, opts))
         try:

@@ -48,13 +48,13 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
     setup = hop_setup(opts)
     arch, qbuilds, wanted, machine = setup.arch, setup.qbuilds, setup.wanted, setup.machine
     fields, firmware = setup.fields, setup.firmware
-    with_tpm = str(opts.extra.get("tpm", "1")) not in ("0", "no", "false")
+    with_tpm = opts.flag("tpm", default=True)
     tpm_note = ""
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch, secure_boot=True,
                   tpm=with_tpm, name="secure-boot", **fields)  # fmt: skip
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
     with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, "secure-boot") as run:
-        vm = factory(fast=bool(opts.extra.get("fast")))
+        vm = factory(fast=opts.flag("fast"))
         before = secureboot.observe(vm)
         first = secureboot.auth_round(vm, "before the first hop")
         if with_tpm and arch != "x86_64":
@@ -104,7 +104,7 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
             plan.append(("firmware-upgrade", vm.build))
             if initial.tpm is not None and last_status == "completed":
                 initial.tpm = tpm.observe(vm)  # the PCRs measure the new firmware from here
-        if last_status == "completed" and str(opts.extra.get("restart", "1")) not in ("0", "no", "false"):
+        if last_status == "completed" and opts.flag("restart", default=True):
             rec = _restart(vm, len(plan) + 1, initial, machine, firmware, arch)
             if tpm_note:
                 rec["tpm"] = tpm_note

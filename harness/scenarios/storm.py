@@ -130,7 +130,7 @@ def run_storm(opts: ScenarioOptions) -> ScenarioReport:
     hops = plan(qbuilds, max(1, opts.cycles), wanted, reboot, shared)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
     with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, "storm") as run:
-        vm = factory(fast=bool(opts.extra.get("fast")))
+        vm = factory(fast=opts.flag("fast"))
 
         def record(hop: storm.StormHop) -> None:
             rec = hop.to_json()

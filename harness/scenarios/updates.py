@@ -26,10 +26,11 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     Each cycle is judged against the expected incompatibilities (an intermittent entry
     for the builds makes its signature an expected failure).  ``--set verify_ram=1``
     (live, save-restore): every hop also compares the guests' RAM before the new QEMU runs
-    the guest."""
+    the guest.  ``--set fast=1`` restores the guest from a saved boot of the same inputs
+    (:mod:`harness.snapshots`) instead of booting it cold."""
     report = ScenarioReport(op)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
-    verify_ram = str(opts.extra.get("verify_ram", "")).lower() in ("1", "true", "yes")
+    verify_ram = opts.flag("verify_ram")
     if verify_ram and op not in ("live", "save-restore"):
         raise ConfigError(f"--set verify_ram=1: the live and save-restore scenarios compare the guests' "
                           f"RAM, not {op}")  # fmt: skip
@@ -48,7 +49,7 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     spec = spec.replace(machine=machine)
     dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
     with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, op) as run:
-        vm = factory()
+        vm = factory(fast=opts.flag("fast"))
         report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}")
 
         def record(res: migration.MigrationResult) -> None:

@@ -163,3 +163,23 @@ def test_every_bad_input_error_is_a_harness_error() -> None:
     for cls in (CatalogError, ConfigError, FirmwareError, ProvisionError, SpecError,
                 UnknownVersionError, UnsupportedError, VarstoreError):  # fmt: skip
         assert issubclass(cls, HarnessError)
+
+
+# --- scenario settings (`harness repro ... --set KEY=VALUE`) ------------------------------
+
+
+@pytest.mark.parametrize(("value", "expect"), [("1", True), ("yes", True), ("On", True), (True, True),
+                                               ("0", False), ("no", False), ("false", False), (False, False)])
+def test_yes_no_settings_read_both_ways(value: object, expect: bool) -> None:
+    from harness.scenarios import ScenarioOptions
+
+    assert ScenarioOptions(extra={"fast": value}).flag("fast") is expect
+    assert ScenarioOptions().flag("fast") is False and ScenarioOptions().flag("tpm", default=True) is True
+
+
+def test_a_yes_no_setting_that_is_neither_is_refused() -> None:
+    from harness.scenarios import ScenarioOptions
+
+    # before, "--set fast=0" read as a yes (any non-empty string was true)
+    with pytest.raises(ConfigError, match=r"--set fast=maybe: expected one of 1, true, yes, on, 0"):
+        ScenarioOptions(extra={"fast": "maybe"}).flag("fast")
