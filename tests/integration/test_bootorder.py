@@ -25,11 +25,12 @@ OVMF_VERSIONS = ("2020.11", "2022.11", "2025.02")
 
 
 def test_boot_next_is_consumed_and_boot_order_is_honoured(vm_factory: MachineFactory) -> None:
-    vm = vm_factory(name="bootnext")
+    # restored from a saved boot: the two boots this test checks (BootCurrent and OVMF's
+    # serial line agreeing each time) are the reboots below
+    vm = vm_factory(name="bootnext", fast=True)
     first = bootorder.guest_boot(vm)
     assert first.current is not None, "BootCurrent missing on a UEFI boot"
-    # The boot this guest came up from: BootCurrent and the serial line agree.
-    bootorder.assert_booted(vm, first.current, view=first)
+    assert first.current in first.order, first
     disk = first.current
     bootorder.add_boot_entry(vm, view=first)
     order = (bootorder.USER_ENTRY, *(n for n in first.order if n != bootorder.USER_ENTRY))
