@@ -101,6 +101,7 @@ EXHAUSTIVE_TESTS = tuple(f"tests/integration/{t}" for t in (
     "test_boot.py::test_uefi_split_pflash_boot_and_ssh",
     "test_images_boot.py::test_nested_l1_runs_l2_with_kvm",
     "test_cross_version.py::test_upgrade_and_rollback_chains",
+    "test_distro_validation.py::test_nightly_runs_trixies_own_packages_against_the_reference",
     "test_nested.py::test_live_migrate_l1_twice",
     "test_nested.py::test_cross_version_l1_migration_7_2_to_10_0_2",
     "test_secure_boot.py::test_aarch64_secure_boot_and_vtpm_live_and_cpr_transfer",

@@ -5,7 +5,9 @@ guest state, varstore and boot order checked after every hop.
 
 Each ordered pair (A, B) boots one guest on A and runs live A -> B, then save-restore
 B -> A on the same guest (guests restored from saved boots; `make nightly` boots them cold,
-and crosses every build with the newest; `harness nightly --full` every ordered pair).  A hop that fails must be listed in firmware/expected-incompatibilities.toml
+and crosses every build with the newest; `harness nightly --full` every ordered pair).
+`make test` runs the pairs of the default build; the other neighbours are ``exhaustive``:
+the nightly's cross-version row runs them.  A hop that fails must be listed in firmware/expected-incompatibilities.toml
 with the signature it showed.
 """
 
@@ -20,6 +22,7 @@ import pytest
 
 from harness import matrix
 from harness.factory import MachineFactory
+from harness.inventory.catalog import DEFAULT_QEMU
 from harness.matrix import Plan
 from harness.scenarios import ScenarioOptions
 from harness.scenarios import cross_version as xv
@@ -36,14 +39,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pair_plan" in metafunc.fixturenames:
         eps = matrix.endpoints(_versions(metafunc.config))
         plans = matrix.pair_plans(eps)
+        params: list[Any] = plans
         if not _versions(metafunc.config):
-            # the catalogue's builds: neighbours in version order, both ways (every ordered
-            # pair is the nightly's, `harness nightly --full`); the chains walk them all
+            # the catalogue's builds: neighbours in version order, both ways, as the
+            # nightly's cross-version row crosses them (every ordered pair: `harness nightly
+            # --full`); make test keeps the default build's pairs, the others are exhaustive
             order = [e.label for e in eps]
             plans = [p for p in plans
                      if abs(order.index(p.hops[0].source) - order.index(p.hops[0].destination)) == 1]
-        metafunc.parametrize("pair_plan", plans, ids=[p.name.replace("pair ", "").replace(" -> ", "-to-")
-                                                      for p in plans])  # fmt: skip
+            params = [p if DEFAULT_QEMU in (p.hops[0].source, p.hops[0].destination)
+                      else pytest.param(p, marks=pytest.mark.exhaustive) for p in plans]  # fmt: skip
+        metafunc.parametrize("pair_plan", params, ids=[pair_id(p) for p in plans])
+
+
+def pair_id(plan: Plan) -> str:
+    """``A-to-B``: a pair's test id (the nightly's row of the pair is ``cross-version-qemuA-to-qemuB``)."""
+    return plan.name.replace("pair ", "").replace(" -> ", "-to-")
 
 
 def run(tmp_path: Path, artifacts: Path, plans: list[Plan], **extra: Any) -> list[dict[str, Any]]:
