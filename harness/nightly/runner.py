@@ -137,7 +137,7 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     Kind("boot-order", "pytest", "tests", cost_s=165, tests=("tests/integration/test_bootorder.py",)),
     # what `make test` deselects as `exhaustive`: more variants of capabilities it checks
     # once (tests/integration/test_exhaustive_in_nightly.py keeps this list complete)
-    Kind("exhaustive", "pytest", "tests", cost_s=560, tests=EXHAUSTIVE_TESTS),
+    Kind("exhaustive", "pytest", "tests", cost_s=640, tests=EXHAUSTIVE_TESTS),
     Kind("nested", "scenario", "newest", target="nested", modes=("live",), cost_s=30),
 )  # fmt: skip
 
