@@ -9,7 +9,8 @@ tests do), e.g.::
 
 Parameters (``-p NAME=VALUE``): ``qemu`` (a build: catalogue version, registered label such
 as ``src:10.0.2+1a2b3c4d``, or a path; default 10.0.2), ``peer`` (the migration destination,
-default: the same build), ``ovmf`` (default 2022.11), ``cycles`` (default 3).  Builds
+default: the same build), ``ovmf`` (default 2022.11), ``cycles`` (default 3), ``fast``
+(1: the scenario's guest is restored from a saved boot instead of booting cold; default 0).  Builds
 registered by ``harness nightly --qemu-deb`` are visible through ``$HARNESS_REGISTRY``.
 Avocado writes its own results (``results.json``, ``results.xml``, per-test logs) under the
 job results directory; the scenario records go to the test's log and its ``whiteboard``.
@@ -42,6 +43,7 @@ class Scenarios(Test):  # type: ignore[misc]
         opts = scenarios.ScenarioOptions(
             qemu=qemu, ovmf=[self._param("ovmf", "2022.11")], cycles=cycles,
             workdir=None, artifacts=Path(self.logdir) / "harness-artifacts",
+            extra={"fast": self._param("fast", "0")},
             on_record=lambda rec: self.log.info("record: %s", json.dumps(rec, default=str)),
         )  # fmt: skip
         report = scenarios.get(name)(opts)

@@ -49,7 +49,7 @@ def test_soak_counts_cycles_and_suite_runs_of_real_guests(tmp_path: Path) -> Non
     suite = tmp_path / "test_booting_suite.py"
     suite.write_text(BOOTING_SUITE)
     rc, summary = soak(tmp_path, "--cycles", "2", "--op", "cpr-transfer", "--suite-runs", "1",
-                       "--suite", str(suite))
+                       "--suite", str(suite), "--fast")  # fmt: skip
     assert rc == 0, summary
     cpr, run = summary["pieces"]
     assert cpr["piece"] == "cpr-transfer" and cpr["cycles_done"] == 2 and cpr["failures"] == 0

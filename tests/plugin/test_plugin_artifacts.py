@@ -1,5 +1,5 @@
-"""Artifacts of a failed test, through a pytester inner session that boots two real guests
-(TCG, ~20-45 s each): the failing test keeps its command line, QEMU log, serial log, QMP
+"""Artifacts of a failed test, through a pytester inner session with two real guests (one
+booted, TCG, ~15-30 s; one restored from a saved boot): the failing test keeps its command line, QEMU log, serial log, QMP
 transcript and varstore before/after under ``DIR/<test id>/``, and the failure report names
 that directory; the passing test leaves nothing behind."""
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 INNER = """
 from harness import state
 
-def test_passes(vm):
+def test_passes(vm_factory):  # restored from a saved boot: its guest checks no boot
+    vm = vm_factory(fast=True)
     assert vm.ssh.run("true").rc == 0
 
 def test_fails(vm):

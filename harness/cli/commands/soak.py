@@ -44,6 +44,8 @@ def _parser(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "2")),
                    help="xdist workers for the suite runs")
     p.add_argument("--qemu", default=None, metavar="VERSION", help="QEMU build for the CPR cycles")
+    p.add_argument("--fast", action="store_true",
+                   help="restore the CPR pieces' guests from a saved boot instead of booting them cold")
     p.add_argument("--out", type=Path, default=Path("results/soak"),
                    help="where the per-piece JSON, junit files and logs go")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -106,6 +108,8 @@ def _cpr_piece(op: str, args: argparse.Namespace) -> dict[str, Any]:
            "--out", str(out_json), "--artifacts", str(args.out / f"{op}-artifacts")]  # fmt: skip
     if args.qemu:
         cmd += ["--qemu", args.qemu]
+    if args.fast:
+        cmd += ["--set", "fast=1"]
     shm_before = _shm_orphans()
     rc, wall = _run(cmd, rundir, args.out / f"{op}.log", args.timeout)
     leaks = _leaks(rundir, shm_before)
