@@ -126,8 +126,9 @@ def _digest(path: Path) -> str:
         return f"unreadable ({exc.strerror})"
 
 
-def guest_problems(vm: Machine, before: Before) -> list[str]:
-    """Everything that did not survive the hop, checked in the guest and on the host."""
+def guest_problems(vm: Machine, before: Before, settle_s: float = 10.0) -> list[str]:
+    """Everything that did not survive the hop, checked in the guest and on the host (the
+    host's varstore file given ``settle_s`` to show the migrated flash)."""
     after = state.snapshot(vm)
     problems = state.survival_problems(before.state, after)
     got = state.read_efivar(vm, XV_VAR)
@@ -137,7 +138,7 @@ def guest_problems(vm: Machine, before: Before) -> list[str]:
     order = _guest_boot_order(vm)
     if order != before.boot_order:
         problems.append(f"BootOrder in the guest changed: {_fmt(before.boot_order)} -> {_fmt(order)}")
-    problems += varstore_problems(vm, before.value, before.varstore, before.boot_order)
+    problems += varstore_problems(vm, before.value, before.varstore, before.boot_order, timeout=settle_s)
     # a guest that crashed and rebooted shows a new boot id above; its console says why
     problems += state.kernel_crash_problems(vm, before.crashes)
     return problems
