@@ -29,7 +29,8 @@ def _parser(sub: Any) -> None:
                    help="keep cycling until a cycle fails (up to --cycles if given)")
     p.add_argument("--mode", default=None, help="scenario mode (nested: live|save-restore|cpr-reboot|cpr-transfer)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-                   help="scenario-specific setting (e.g. cpu=qemu64, parts=pairs,chains)")
+                   help="scenario-specific setting (e.g. cpu=qemu64, parts=pairs,chains; fast=1: the guest "
+                        "restored from a saved boot instead of booting cold)")
     p.add_argument("--json", action="store_true",
                    help="print the report as JSON on stdout (progress goes to stderr)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
