@@ -148,7 +148,8 @@ def bench_fast_start(b: Bench, results: dict[str, Any]) -> None:
         restores.append(dt)
         restored_hwm.append(vm_hwm_kib(vm.process.pid))
         vm.stop()
-        raws.append(raw_restore(b.machine(spec), snap))
+        with b.machine(spec) as script_vm:  # its private directories go with it
+            raws.append(raw_restore(script_vm, snap))
     cold, rest, raw = statistics.median(colds), statistics.median(restores), statistics.median(raws)
     results["fast_start"] = {"cold_boot_s": colds, "restore_s": restores, "cold_median_s": cold,
                              "restore_median_s": rest, "speedup": cold / rest, "target": 40.0,
