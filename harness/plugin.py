@@ -159,10 +159,12 @@ def _open_speed_log(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     path = config.stash.get(_SPEED_KEY, None)
-    index = speed.read_index(path) if path is not None else None
+    if path is None:  # an xdist worker, or a session inside another's log
+        return
+    index = speed.read_index(path)
     if index is not None:
         terminalreporter.write_line(f"harness speed index: {index}")
-    rows = speed.cold_boots_by_test(path) if path is not None else []
+    rows = speed.cold_boots_by_test(path)
     if rows:
         total = sum(r.seconds for r in rows)
         terminalreporter.write_line(f"harness cold boots: {sum(r.boots for r in rows)} in {len(rows)} tests, "

@@ -49,7 +49,7 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
     report.notes.append(plan.reason)
     # fast start restores L1 with L2 running from a saved pair (HARNESS_NESTED_COLD=1 or
     # extra["cold"] boots both instead)
-    fast = not (opts.extra.get("cold") or os.environ.get("HARNESS_NESTED_COLD") == "1")
+    fast = not (opts.flag("cold") or os.environ.get("HARNESS_NESTED_COLD") == "1")
     with (MachineFactory(plan.spec, base=opts.workdir) as factory,
           keeping_artifacts(report, opts, factory, mode) as run,
           nested.nested_pair(factory, plan, fast=fast) as (l1, l2, timings)):

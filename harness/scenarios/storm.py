@@ -125,7 +125,7 @@ def run_storm(opts: ScenarioOptions) -> ScenarioReport:
     shared, fields, firmware = setup.shared, setup.fields, setup.firmware
     spec = VmSpec(qemu=qbuilds[0].label, firmware=firmware, machine=machine, arch=arch,
                   name="storm", **fields)  # fmt: skip
-    reboot = str(opts.extra.get("reboot", "1")) not in ("0", "no", "false")
+    reboot = opts.flag("reboot", default=True)
     bandwidth = parse_bandwidth(opts.extra.get("bandwidth"))
     hops = plan(qbuilds, max(1, opts.cycles), wanted, reboot, shared)
     incompat = matrix.load_incompatibilities(opts.extra.get("incompatibilities", matrix.INCOMPATIBILITIES))
