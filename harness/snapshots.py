@@ -20,7 +20,13 @@ start"):
   restored guest a fresh ``instance_id`` (``Machine.ready.info``);
 - the heartbeat counter and ``/proc/uptime`` continue from the snapshot's values;
 - the wall clock would be stale: it is set to the host's time;
-- the RNG would replay the snapshot's pool: it is reseeded with 64 fresh host bytes.
+- the RNG would replay the snapshot's pool: 24 fresh host bytes are written to
+  ``/dev/urandom``, stirred into the input pool (the kernel's generator takes them at its
+  next reseed; dropbear mixes the clock and /proc counters into every connection's keys).
+
+A snapshot is saved once the guest is quiet (:func:`await_quiet`), and a restore skips
+QEMU's self-announce (:func:`restore_params`): what a restored guest runs before its first
+SSH login, in a QEMU whose translation cache is empty, is most of a restore's time.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ log = logging.getLogger(__name__)
 
 #: 2: a plain-RAM guest's RAM is a RAM image beside a state of its devices
 #: 3: saved once the guest has closed the harness's SSH connection (no stray session)
-SNAPSHOT_FORMAT = 3
+#: 4: saved once the guest is quiet (await_quiet; meta "quiet", "quiet_s")
+SNAPSHOT_FORMAT = 4
 STATE = "state.bin"
 RAM = "ram.img"
 IGNORE_SHARED = "x-ignore-shared"
@@ -179,6 +186,9 @@ def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[s
             ready = template.ready
             template.ssh.close()  # the saved guest holds no half-open connection
             await_connections_closed(template)
+            t_quiet = time.monotonic()
+            quiet = await_quiet(template)
+            quiet_s = time.monotonic() - t_quiet
             caps = [IGNORE_SHARED] if image is not None else []
             res = migration.save(template, tmp / STATE, capabilities=caps, check=True)
             has_vars = template.varstore_template is not None and template.spec.firmware_mode == "split"
@@ -192,6 +202,8 @@ def create(key: str, template: Machine, boot: Callable[[RamImage | None], dict[s
                 "created": time.time(),
                 "boot_s": ready.seconds if ready else None,
                 "save_s": res.wall_s,
+                "quiet": quiet,  # await_quiet: the guest ran no new code when it was saved
+                "quiet_s": round(quiet_s, 3),
                 "boot_id": ready.boot_id if ready else None,
                 "ready_info": ready.info if ready else {},
                 "machine": migration.machine_type(template),
@@ -241,6 +253,38 @@ def await_connections_closed(machine: Machine, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+_TB_COUNT = re.compile(r"TB count\s+(\d+)")
+
+
+def await_quiet(machine: Machine, *, still_s: float = 0.2, timeout: float = 5.0) -> bool:
+    """Wait until the guest runs no code it has not run before: under TCG, until QEMU's
+    count of translated blocks (``info jit``) stays the same for ``still_s``.  Whatever
+    a guest is still doing when it is saved - its last SSH session's process exiting, a
+    worker the session woke - every guest restored from it does again first, in a QEMU
+    whose translation cache is empty: a freshly restored guest translates every path it
+    takes (30 000 blocks before its first SSH login, 15 000 of them for the work it
+    resumed), and that, not the load, is most of a restore's time.  The heartbeat's
+    10 Hz loop runs code already translated.  Returns whether the guest went quiet
+    (False after ``timeout``, logged; True at once where there is no translator, KVM)."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        text = str(machine.qmp("human-monitor-command", **{"command-line": "info jit"}))
+        m = _TB_COUNT.search(text)
+        if m is None:
+            return True  # not TCG: nothing is translated
+        now, count = time.monotonic(), int(m.group(1))
+        if count != last:
+            last, since = count, now
+        elif now - since >= still_s:
+            return True
+        if now > deadline:
+            log.warning("%s: the guest still ran new code %.0f s after its last session closed "
+                        "(%d translated blocks); saved anyway", machine.spec.name, timeout, count)  # fmt: skip
+            return False
+        time.sleep(0.02)
+
+
 def _seal(path: Path) -> dict[str, Any]:
     """Make a finished RAM image durable and read-only; what :func:`valid` checks of it
     (an image changed since - written, truncated, a hole punched - is a different one)."""
@@ -281,7 +325,12 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
                         ram_image=image)  # fmt: skip
     caps = [IGNORE_SHARED] if image is not None else []
     try:
-        migration.configure(inc.process, caps, {})  # the stream's RAM list carries addresses
+        # the stream's RAM list carries addresses; no self-announce (restore_params), and
+        # QEMU's own values back once the guest runs, for the hops that follow
+        params = restore_params(machine)
+        current = inc.process.qmp("query-migrate-parameters") if params else {}
+        before = {k: current[k] for k in params if k in current}
+        migration.configure(inc.process, caps, params)
         migration.incoming(inc.process, migration.incoming_uri(machine.build, snap.state))
         why = migration.wait_loaded(inc.process, timeout)
         if why:
@@ -297,12 +346,29 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
         machine.ssh.connect(timeout=60)
         # later migrations start plain; while the guest still works on its refresh
         migration.reset(inc.process, caps, mode_param=False)
+        if before:
+            inc.process.qmp("migrate-set-parameters", **before)
         await_refresh(machine, nonce)
     except BaseException:
         machine.stop(hard=True)
         raise
     machine.ready.seconds = time.monotonic() - t0
     return machine
+
+
+def restore_params(machine: Machine) -> dict[str, Any]:
+    """Migration parameters for loading a snapshot: ``announce-rounds`` 0.  After an
+    incoming migration QEMU announces the guest's MAC address (a RARP from QEMU, and a
+    virtio-net guest asked to send its own gratuitous ARP and neighbour advertisements) so
+    that switches learn where the guest moved; a restored guest did not move, and on the
+    harness's user-mode network (SLIRP) nothing learns from it.  A spec whose extra
+    arguments bring another network keeps QEMU's default."""
+    extra = machine.spec.extra_args
+    if "-netdev" in extra or "-nic" in extra:
+        return {}
+    if "announce-rounds" not in machine.build.capabilities.migration_parameters:
+        return {}
+    return {"announce-rounds": 0}
 
 
 REFRESHED_RE = r"HARNESS-REFRESH(ED|-FAILED) {nonce}\b"

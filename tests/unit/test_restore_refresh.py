@@ -58,3 +58,50 @@ def test_a_guest_that_could_not_refresh_fails_the_restore(machine: Any) -> None:
         fh.write(f"HARNESS-REFRESH-FAILED {nonce}\n")
     with pytest.raises(MachineError, match="could not set its clock"):
         snapshots.await_refresh(machine, nonce, timeout=1)
+
+
+class FakeQmp:
+    """``info jit`` answers from a list of translated-block counts (the last repeats)."""
+
+    def __init__(self, counts: list[int] | None, params: tuple[str, ...] = ("announce-rounds",)) -> None:
+        self.counts = counts
+        self.asked = 0
+        self.spec = type("Spec", (), {"name": "fake", "extra_args": ()})()
+        caps = type("Caps", (), {"migration_parameters": params})()
+        self.build = type("Build", (), {"capabilities": caps})()
+
+    def qmp(self, cmd: str, **args: Any) -> str:
+        assert cmd == "human-monitor-command" and args == {"command-line": "info jit"}
+        self.asked += 1
+        if self.counts is None:
+            return "JIT information is only available with accel=tcg\r\n"
+        n = self.counts[min(self.asked - 1, len(self.counts) - 1)]
+        return f"Translation buffer state:\r\ngen code size       1/2\r\nTB count            {n}\r\n"
+
+
+def test_a_guest_is_quiet_once_it_translates_nothing_new() -> None:
+    m = FakeQmp([100, 250, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400, 400])
+    t0 = time.monotonic()
+    assert snapshots.await_quiet(m, still_s=0.05, timeout=5) is True  # type: ignore[arg-type]
+    assert m.asked >= 4 and time.monotonic() - t0 < 2
+
+
+def test_a_guest_that_keeps_running_new_code_is_saved_anyway_and_says_so(caplog: Any) -> None:
+    m = FakeQmp(list(range(1000)))
+    assert snapshots.await_quiet(m, still_s=0.05, timeout=0.2) is False  # type: ignore[arg-type]
+    assert "still ran new code" in caplog.text
+
+
+def test_without_a_translator_there_is_nothing_to_wait_for() -> None:
+    m = FakeQmp(None)
+    assert snapshots.await_quiet(m) is True  # type: ignore[arg-type]
+    assert m.asked == 1
+
+
+def test_a_restore_skips_the_self_announce_only_on_the_harness_network() -> None:
+    m = FakeQmp(None)
+    assert snapshots.restore_params(m) == {"announce-rounds": 0}  # type: ignore[arg-type]
+    m.spec.extra_args = ("-netdev", "tap,id=t0")
+    assert snapshots.restore_params(m) == {}  # type: ignore[arg-type]
+    old = FakeQmp(None, params=())  # a build without the parameter
+    assert snapshots.restore_params(old) == {}  # type: ignore[arg-type]
