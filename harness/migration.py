@@ -786,8 +786,10 @@ def restore(
     capabilities: Sequence[str] = (),
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
+    params: dict[str, Any] | None = None,
 ) -> MigrationResult:
-    """Load the guest's state from ``path`` into a new QEMU (the file is only read)."""
+    """Load the guest's state from ``path`` into a new QEMU (the file is only read).
+    ``params``: more migration parameters for the load (``announce-rounds``, ...)."""
     dest_build = to or vm.build
     prev = vm._current
     mtype = machine_type(vm) if prev is not None else vm.spec.machine
@@ -798,7 +800,8 @@ def restore(
         return _check(result.fail(f"state file {path} does not exist"), check)
     result.state_file_size = path.stat().st_size
     t0 = time.monotonic()
-    params = {"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}
+    params = {**({"mode": mode} if "mode" in dest_build.capabilities.migration_parameters else {}),
+              **(params or {})}
     return _load_into_new_qemu(vm, result, dest_build, mtype, path, capabilities, params,
                                timeout=timeout, t0=t0, check=check)  # fmt: skip
 

@@ -336,6 +336,19 @@ SIGNATURES: tuple[Signature, ...] = (
         "secboot, q35 smm=on)",
     ),
     signature(
+        "announce-timer-freed",
+        [r"died \(signal 11\) resetting the guest after a load with announce-rounds 0\b"],
+        "QEMU crashed (SIGSEGV) on the guest's first reset after an incoming migration with "
+        "the migration parameter announce-rounds 0. With no rounds, virtio-net's post-load "
+        "frees its announce timer (qemu_announce_timer_del) instead of arming it, and "
+        "virtio_net_reset then calls timer_del() on the freed, NULL timer. Any later guest "
+        "reboot or system_reset kills the guest. Use announce-rounds 1 or more (the harness's "
+        "restores use 1). No upstream fix known as of 2026-12-01.",
+        "real run here: harness repro announce-reset --qemu 10.0.2 (and 7.2, 10.0.13, "
+        "11.1.3), 2026-12-01; first seen as test_bootorder.py's BootNext reboot of a restored "
+        "guest killing QEMU 10.0.2",
+    ),
+    signature(
         "varstore-file-lost-writes",
         [r"the varstore file \S+: HarnessStorm\d+ (?:is missing|holds other data|exists, but "
          r"its last completed write deleted it)",

@@ -24,9 +24,10 @@ start"):
   ``/dev/urandom``, stirred into the input pool (the kernel's generator takes them at its
   next reseed; dropbear mixes the clock and /proc counters into every connection's keys).
 
-A snapshot is saved once the guest is quiet (:func:`await_quiet`), and a restore skips
-QEMU's self-announce (:func:`restore_params`): what a restored guest runs before its first
-SSH login, in a QEMU whose translation cache is empty, is most of a restore's time.
+A snapshot is saved once the guest is quiet (:func:`await_quiet`), and a restore makes one
+round of QEMU's self-announce instead of five (:func:`restore_params`): what a restored
+guest runs before its first SSH login, in a QEMU whose translation cache is empty, is most
+of a restore's time.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
                         ram_image=image)  # fmt: skip
     caps = [IGNORE_SHARED] if image is not None else []
     try:
-        # the stream's RAM list carries addresses; no self-announce (restore_params), and
+        # the stream's RAM list carries addresses; one self-announce round (restore_params), and
         # QEMU's own values back once the guest runs, for the hops that follow
         params = restore_params(machine)
         current = inc.process.qmp("query-migrate-parameters") if params else {}
@@ -357,18 +358,21 @@ def restore_machine(machine: Machine, snap: Snapshot, timeout: float = 120.0) ->
 
 
 def restore_params(machine: Machine) -> dict[str, Any]:
-    """Migration parameters for loading a snapshot: ``announce-rounds`` 0.  After an
+    """Migration parameters for loading a snapshot: ``announce-rounds`` 1.  After an
     incoming migration QEMU announces the guest's MAC address (a RARP from QEMU, and a
-    virtio-net guest asked to send its own gratuitous ARP and neighbour advertisements) so
-    that switches learn where the guest moved; a restored guest did not move, and on the
-    harness's user-mode network (SLIRP) nothing learns from it.  A spec whose extra
-    arguments bring another network keeps QEMU's default."""
+    virtio-net guest asked to send its own gratuitous ARP) so that switches learn where the
+    guest moved, five rounds by default over the first second - each one an interrupt the
+    freshly restored guest serves while its first login runs.  A restored guest did not
+    move, and on the harness's user-mode network (SLIRP) one round is plenty (its ARP tells
+    SLIRP the guest's address).  Not 0: QEMU then frees virtio-net's announce timer and
+    crashes on the guest's next reset (the announce-timer-freed finding).  A spec whose
+    extra arguments bring another network keeps QEMU's default."""
     extra = machine.spec.extra_args
     if "-netdev" in extra or "-nic" in extra:
         return {}
     if "announce-rounds" not in machine.build.capabilities.migration_parameters:
         return {}
-    return {"announce-rounds": 0}
+    return {"announce-rounds": 1}
 
 
 REFRESHED_RE = r"HARNESS-REFRESH(ED|-FAILED) {nonce}\b"

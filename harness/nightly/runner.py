@@ -139,6 +139,8 @@ DEFAULT_KINDS: tuple[Kind, ...] = (
     # once (tests/integration/test_exhaustive_in_nightly.py keeps this list complete)
     Kind("exhaustive", "pytest", "tests", cost_s=640, tests=EXHAUSTIVE_TESTS),
     Kind("nested", "scenario", "newest", target="nested", modes=("live",), cost_s=30),
+    # the announce-timer-freed finding: a guest reset after a load with announce-rounds 0
+    Kind("announce-reset", "scenario", "qemu", target="announce-reset", cost_s=8),
 )  # fmt: skip
 
 

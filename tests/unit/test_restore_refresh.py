@@ -98,9 +98,9 @@ def test_without_a_translator_there_is_nothing_to_wait_for() -> None:
     assert m.asked == 1
 
 
-def test_a_restore_skips_the_self_announce_only_on_the_harness_network() -> None:
+def test_a_restore_announces_once_only_on_the_harness_network() -> None:
     m = FakeQmp(None)
-    assert snapshots.restore_params(m) == {"announce-rounds": 0}  # type: ignore[arg-type]
+    assert snapshots.restore_params(m) == {"announce-rounds": 1}  # type: ignore[arg-type]
     m.spec.extra_args = ("-netdev", "tap,id=t0")
     assert snapshots.restore_params(m) == {}  # type: ignore[arg-type]
     old = FakeQmp(None, params=())  # a build without the parameter
