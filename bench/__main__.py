@@ -109,7 +109,7 @@ def raw_restore(vm: Machine, snap: snapshots.Snapshot) -> float:
         q = raw_qmp(qsock)
         if image is not None:
             q.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        params = snapshots.restore_params(vm)  # no self-announce, as the harness's restore
+        params = snapshots.restore_params(vm)  # one self-announce round, as the harness's restore
         if params:
             q.cmd("migrate-set-parameters", **params)
         q.cmd("migrate-incoming", uri=migration.incoming_uri(vm.build, snap.state))

@@ -34,7 +34,7 @@ NAME = "announce-reset"
 
 def _rounds(opts: ScenarioOptions) -> int:
     raw = str(opts.extra.get("rounds", "0"))
-    if not raw.isdigit():
+    if not raw.isdigit() or int(raw) > 1000:
         raise ConfigError(f"--set rounds={raw}: expected a whole number of announce rounds (0 to 1000)")
     return int(raw)
 
