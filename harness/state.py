@@ -161,13 +161,19 @@ def survival_problems(before: GuestState, after: GuestState, max_pause: float | 
                 f"({after.heartbeat - before.heartbeat:+d} ticks while guest time advanced "
                 f"{after.uptime - before.uptime:.2f} s and host time {host_dt:.2f} s)"
             )
+    # The region's reference is what the guest wrote (``mem_expected``); a ``before`` taken
+    # without the memory (``snapshot(memory=False)``, as the harness's cycles take theirs)
+    # leaves that comparison as the whole check: it catches everything the before/after
+    # one does, and a changed region is then reported as different from what was written.
     if before.mem_checksum is not None or after.mem_checksum is not None:
-        if after.mem_checksum != before.mem_checksum:
+        if before.mem_checksum is not None and after.mem_checksum != before.mem_checksum:
             problems.append(f"memory region checksum changed: {before.mem_checksum} -> {after.mem_checksum}")
         if after.mem_expected is not None and after.mem_checksum != after.mem_expected:
             problems.append(
                 f"memory region differs from what was written: {after.mem_checksum} != {after.mem_expected}"
             )
+        elif after.mem_expected is None and before.mem_checksum is None:
+            problems.append("memory region: no checksum before and no record of what was written to compare with")
     for path, digest in before.files.items():
         now = after.files.get(path)
         if now is None:

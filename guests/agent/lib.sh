@@ -11,6 +11,15 @@ jstr() {
 	printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/\\t/g' | tr -d '\000-\037')"
 }
 
+# jstr without a subshell when $1 needs no escaping (letters, digits, ._:/@+,= and space
+# and -), else jstr.  For callers that would otherwise fork for "$(jstr ...)".
+jstr_plain() {
+	case $1 in
+	*[!A-Za-z0-9._:/@+,=\ -]*) jstr "$1" ;;
+	*) printf '"%s"' "$1" ;;
+	esac
+}
+
 # Print {"error": MSG} on stdout and exit with status ${2:-1}.
 fail() {
 	printf '{"error": %s}\n' "$(jstr "$1")"

@@ -54,6 +54,18 @@ def test_survived_passes_when_everything_advanced() -> None:
     assert state.survival_problems(b, later(b)) == []
 
 
+def test_a_before_without_memory_is_judged_by_what_was_written() -> None:
+    b = gs(mem_checksum=None)
+    assert state.survival_problems(b, later(b, mem_checksum="aa")) == []
+    problems = state.survival_problems(b, later(b, mem_checksum="cc"))
+    assert problems == ["memory region differs from what was written: cc != aa"]
+    problems = state.survival_problems(b, later(b, mem_checksum="cc", mem_expected=None))
+    assert problems == ["memory region: no checksum before and no record of what was written to compare with"]
+    # and an after without the memory is still a change from a before with it
+    full = gs()
+    assert any("checksum changed: aa -> None" in p for p in state.survival_problems(full, later(full, mem_checksum=None)))
+
+
 def test_reboot_is_reported_with_both_boot_ids_and_uptimes() -> None:
     b = gs()
     a = later(b, boot_id="b-2", uptime=4.5)
