@@ -426,7 +426,7 @@ def test_a_rebooted_guest_after_a_hop_carries_its_consoles_crash_and_signature(
     before = gs()
     after = later(before, seconds=23.4, boot_id="new-boot", uptime=10.1)
     snaps = iter([before, after])
-    monkeypatch.setattr(state, "snapshot", lambda vm: next(snaps))
+    monkeypatch.setattr(state, "snapshot", lambda vm, **kw: next(snaps))
     monkeypatch.setattr(state, "kernel_crashes", lambda vm: [
         "qemu-1.serial.log: BUG: unable to handle page fault for address: ff7bd84fc05c7dc8",
         "qemu-1.serial.log: Kernel panic - not syncing: Attempted to kill the idle task!"])
