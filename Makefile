@@ -9,7 +9,7 @@ HARNESS := $(VENV)/bin/harness
 PYTEST := $(VENV)/bin/pytest
 # Host tools the harness runs (apt packages); `harness doctor` says which one is missing.
 HOST_PACKAGES := apt dpkg xz-utils zstd cpio binutils dosfstools mtools e2fsprogs chromium gcc libc6-dev \
-  sbsigntool swtpm swtpm-tools
+  sbsigntool swtpm swtpm-tools make flex bison bc libelf-dev libssl-dev lz4
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 JOBS ?= 2
 

@@ -457,7 +457,7 @@ class Builder:
         self._rootfs(root, pkgs, kver, out, context.get("tools"))
         initrd = out / INITRD
         self._initramfs(root, initrd)
-        shutil.copy2(vmlinuz, out / KERNEL)
+        shutil.copy2(self._kernel_image(vmlinuz, pkgs / "boot" / f"config-{kver}", debs), out / KERNEL)
         self._uki(pkgs / r.stub, out / KERNEL, initrd, out / UKI, work, context.get("tools"))
         self._esp(out / UKI, out / ESP_IMG)
         data_disk = False
@@ -472,6 +472,7 @@ class Builder:
             "inputs_hash": digest,
             "host_key": host_key,
             "kernel_version": kver,
+            "kernel_repack": r.kernel_repack,
             "packages": debs.versions(),
             "data_disk": data_disk,
             "agent": AGENT_PROTOCOL,
@@ -479,6 +480,20 @@ class Builder:
         }
         (out / IMAGE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
         write_manifest(out, {"kind": "image", "name": r.name, "inputs_hash": digest})
+
+    def _kernel_image(self, vmlinuz: Path, config: Path, debs: DebSet) -> Path:
+        """The package's kernel, or the same kernel repacked as the recipe asks."""
+        if self.recipe.kernel_repack is None:
+            return vmlinuz
+        from harness.images.kernel import ensure_lz4
+        from harness.inventory import catalog
+        from harness.inventory.provision import Provisioner
+
+        if not config.is_file():
+            raise ImageBuildError(f"{debs.kernel_package} has no {config.name}: its config builds the wrapper")
+        archive = Provisioner(catalog.default()).archive()
+        version = debs.versions()[debs.kernel_package]
+        return ensure_lz4(vmlinuz, config, version, self.recipe.suite, archive, images_dir() / "kernels")
 
     def _tool(self, tools: Path | None, which: str) -> tuple[list[str | Path], dict[str, str] | None]:
         """argv prefix and environment of build tool ``which`` (objcopy, objdump, emulator):

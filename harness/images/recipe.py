@@ -72,6 +72,7 @@ class Recipe:
     loader: str = "lib64/ld-linux-x86-64.so.2"
     boot_file: str = "BOOTX64.EFI"
     tools: CrossTools | None = None  # None: the host's own tools build the image
+    kernel_repack: str | None = None  # "lz4": the kernel's payload recompressed (harness.images.kernel)
 
 
 def list_images(recipes_dir: Path = RECIPES_DIR) -> list[str]:
@@ -179,6 +180,11 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> Recipe:
     for key, value in layout.items():
         if not re.match(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$", value) or ".." in value:
             raise CatalogError(top, f"field {key!r} must be a relative path, got {value!r}")
+    repack = _get(top, data, "kernel.repack", str, default="none")
+    if repack not in ("none", "lz4"):
+        raise CatalogError(top, f"field 'kernel.repack' must be 'lz4' or 'none', got {repack!r}")
+    if repack != "none" and _get(top, data, "arch", str) != "x86_64":
+        raise CatalogError(top, f"field 'kernel.repack' = {repack!r} is for x86_64 kernels only")
     return Recipe(
         name=name,
         files=tuple(reversed(chain)),
@@ -198,6 +204,7 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> Recipe:
         esp_size_mb=esp_mb,
         nested=nested,
         tools=tools,
+        kernel_repack=None if repack == "none" else repack,
         **layout,
     )
 

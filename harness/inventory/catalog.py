@@ -81,9 +81,10 @@ class PackageRef:
 
     name: str
     suite: str
+    version: str | None = None  # that exact version (apt finds it in any suite it knows)
 
     def __str__(self) -> str:
-        return f"{self.name}/{self.suite}"
+        return f"{self.name}={self.version}" if self.version else f"{self.name}/{self.suite}"
 
 
 @dataclass(frozen=True)

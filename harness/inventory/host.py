@@ -35,6 +35,12 @@ HOST_TOOLS: dict[str, str] = {
     "cc": "gcc",  # a small static QMP client copied into nested L1 guests (harness.nested)
     "sbsign": "sbsigntool",  # Secure Boot: signed images
     "sbvarsign": "sbsigntool",  # Secure Boot: signed authenticated variable writes
+    # the x86 kernel's boot wrapper rebuilt around an LZ4 payload (harness.images.kernel)
+    "make": "make",
+    "flex": "flex",
+    "bison": "bison",
+    "bc": "bc",
+    "lz4": "lz4",
 }
 
 

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.guest.ssh import load_client_key
 from harness.images import Image, ensure_image, mem_region_checksum
+from harness.images.kernel import LZ4_LEGACY_MAGIC, read_bzimage
 from harness.inventory import catalog
 from harness.inventory.provision import Provisioner
 
@@ -186,6 +187,14 @@ def test_uefi_boot_split_pflash_ssh_agent(
             assert status["boot_id"] == ready["boot_id"]
             assert status["image"] == "minimal"
             assert status["uptime"] > 0
+            # the kernel that booted is Debian's own (its release and build string), and the
+            # image carries it repacked with LZ4 as the recipe asks (harness.images.kernel)
+            _, out, _ = client.exec_command("cat /proc/version")
+            proc_version = out.read().decode()
+            pkg_version = minimal.packages[f"linux-image-{minimal.kernel_version}"]
+            assert proc_version.startswith(f"Linux version {minimal.kernel_version} ("), proc_version
+            assert f" Debian {pkg_version} " in proc_version, proc_version
+            assert read_bzimage(minimal.kernel.read_bytes(), "minimal").payload.startswith(LZ4_LEGACY_MAGIC)
             hb1 = agent(client, "heartbeat")
             time.sleep(1.0)
             hb2 = agent(client, "heartbeat")

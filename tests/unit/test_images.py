@@ -79,6 +79,23 @@ def test_recipe_field_types_checked(tmp_path: Path) -> None:
         load_recipe("minimal", recipes)
 
 
+def test_kernel_repack_is_checked(tmp_path: Path) -> None:
+    assert load_recipe("minimal").kernel_repack == "lz4"
+    assert load_recipe("nested-l1").kernel_repack == "lz4"  # inherited: L1 and L2 alike
+    assert load_recipe("minimal-aarch64").kernel_repack is None
+    recipes = _copy_recipes(tmp_path)
+    text = (recipes / "minimal.toml").read_text()
+    (recipes / "minimal.toml").write_text(text.replace('repack = "lz4"', 'repack = "gzip"'))
+    with pytest.raises(CatalogError, match="'kernel.repack' must be 'lz4' or 'none', got 'gzip'"):
+        load_recipe("minimal", recipes)
+    (recipes / "minimal.toml").write_text(text.replace('repack = "lz4"', 'repack = "none"'))
+    assert load_recipe("minimal", recipes).kernel_repack is None
+    arm = (recipes / "minimal-aarch64.toml").read_text()
+    (recipes / "minimal-aarch64.toml").write_text(arm.replace('meta = "', 'repack = "lz4"\nmeta = "', 1))
+    with pytest.raises(CatalogError, match="for x86_64 kernels only"):
+        load_recipe("minimal-aarch64", recipes)
+
+
 # --- input hashing ---------------------------------------------------------------------
 
 
