@@ -663,7 +663,9 @@ class Builder:
             writer.add_chardev("dev/console", 5, 1)
             writer.add_chardev("dev/null", 1, 3, 0o666)
             writer.finish()
-        # zstd: the fastest of the kernel's decompressors, which matters under TCG.
+        # zstd: under TCG the kernel unpacks it in 0.6-0.7 s, about 0.3 s more than a plain
+        # cpio, but the larger UKI costs OVMF and the stubs that much again in reading and
+        # copying; lz4 (3.6 MB against 2.7) was no faster either (six interleaved boots).
         run_tool(["zstd", "-q", "-f", "-12", "-T0", "--no-check", raw, "-o", dest])
         raw.unlink()
 
