@@ -22,6 +22,7 @@ import hashlib
 import logging
 import lzma
 import os
+import platform
 import re
 import shutil
 import struct
@@ -240,8 +241,13 @@ def repack_lz4(vmlinuz: Path, config: Path, version: str, suite: str, archive: A
 
 def _build_wrapper(src: Path, config: Path, parts: Payload, kv: KernelVersion, work: Path) -> None:
     """kbuild, asked for ``arch/x86/boot/bzImage`` alone, around the given payload."""
-    env = {**os.environ, "LC_ALL": "C", "KBUILD_BUILD_TIMESTAMP": "", "KBUILD_BUILD_USER": kv.user,
-           "KBUILD_BUILD_HOST": kv.host}  # fmt: skip
+    if platform.machine() != "x86_64":
+        raise ImageBuildError(f"repacking an x86 kernel needs an x86_64 host compiler; this host is {platform.machine()}")
+    # a parent make's jobserver and an ARCH/CROSS_COMPILE of the caller's are not this build's
+    skip = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES", "ARCH", "CROSS_COMPILE", "O", "KBUILD_OUTPUT"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    env.update({"LC_ALL": "C", "KBUILD_BUILD_TIMESTAMP": "", "KBUILD_BUILD_USER": kv.user,
+                "KBUILD_BUILD_HOST": kv.host})  # fmt: skip
     jobs = f"-j{os.cpu_count() or 1}"
     make = ["make", "-s", jobs, f"KERNELRELEASE={kv.release}"]
 
