@@ -52,7 +52,6 @@ from harness.paths import ensure_dir, file_sha256
 log = logging.getLogger(__name__)
 
 BZIMAGE = "bzImage"
-REPACKS = ("lz4",)  # what a recipe's [kernel] repack may name
 BUILD_TIMEOUT = 1800.0
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 XZ_MAGIC = b"\xfd7zXZ\x00"

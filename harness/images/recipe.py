@@ -13,6 +13,9 @@ from typing import Any
 from harness.errors import CatalogError, ConfigError
 from harness.paths import GUESTS_DIR
 
+#: what a recipe's ``[kernel] repack`` may name besides "none" (harness.images.kernel builds it)
+REPACKS = ("lz4",)
+
 log = logging.getLogger(__name__)
 
 RECIPES_DIR = GUESTS_DIR / "recipes"
@@ -181,8 +184,8 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> Recipe:
         if not re.match(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$", value) or ".." in value:
             raise CatalogError(top, f"field {key!r} must be a relative path, got {value!r}")
     repack = _get(top, data, "kernel.repack", str, default="none")
-    if repack not in ("none", "lz4"):
-        raise CatalogError(top, f"field 'kernel.repack' must be 'lz4' or 'none', got {repack!r}")
+    if repack != "none" and repack not in REPACKS:
+        raise CatalogError(top, f"field 'kernel.repack' must be {' or '.join(map(repr, REPACKS))} or 'none', got {repack!r}")
     if repack != "none" and _get(top, data, "arch", str) != "x86_64":
         raise CatalogError(top, f"field 'kernel.repack' = {repack!r} is for x86_64 kernels only")
     return Recipe(
