@@ -26,7 +26,6 @@ import platform
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -107,22 +106,26 @@ class Payload:
     relocs: bytes
     sections: Mapping[str, tuple[int, int]]  # name -> (address, size)
 
-    def vo_symbols(self) -> dict[str, int]:
+    def vo_placements(self) -> dict[str, tuple[str, int]]:
         """The four addresses of the kernel the wrapper is built with (``voffset.h``), as
-        arch/x86/kernel/vmlinux.lds.S places them: ``_text`` and ``__start_rodata`` open
-        their sections, ``__bss_start`` opens ``.bss``, and ``_end`` is the page after
-        ``.brk``."""
+        (section, offset in it) the way arch/x86/kernel/vmlinux.lds.S places them:
+        ``_text``, ``__start_rodata`` and ``__bss_start`` open their sections, and
+        ``_end`` is the page after ``.brk``."""
         need = (".text", ".rodata", ".bss", ".brk")
         missing = [n for n in need if n not in self.sections]
         if missing:
             raise ImageBuildError(f"kernel payload has no {', '.join(missing)} section")
         brk, brk_size = self.sections[".brk"]
         return {
-            "_text": self.sections[".text"][0],
-            "__start_rodata": self.sections[".rodata"][0],
-            "__bss_start": self.sections[".bss"][0],
-            "_end": (brk + brk_size + 0xFFF) & ~0xFFF,
+            "_text": (".text", 0),
+            "__start_rodata": (".rodata", 0),
+            "__bss_start": (".bss", 0),
+            "_end": (".brk", ((brk + brk_size + 0xFFF) & ~0xFFF) - brk),
         }
+
+    def vo_symbols(self) -> dict[str, int]:
+        """:meth:`vo_placements` as absolute addresses."""
+        return {name: self.sections[sec][0] + off for name, (sec, off) in self.vo_placements().items()}
 
 
 def split_payload(payload: bytes) -> Payload:
@@ -273,11 +276,9 @@ def _build_wrapper(src: Path, config: Path, parts: Payload, kv: KernelVersion, w
     # the payload as kbuild's `vmlinux`: `objcopy -S` gives back the payload's ELF, and the
     # symbols voffset.h is made from are added (absolute addresses by section offsets)
     (work / "vmlinux.bin").write_bytes(parts.elf)
-    syms = parts.vo_symbols()
-    bases = {"_text": ".text", "__start_rodata": ".rodata", "__bss_start": ".bss", "_end": ".brk"}
     add: list[str] = []
-    for name, section in bases.items():
-        add += ["--add-symbol", f"{name}={section}:{syms[name] - parts.sections[section][0]:#x},global"]
+    for name, (section, offset) in parts.vo_placements().items():
+        add += ["--add-symbol", f"{name}={section}:{offset:#x},global"]
     step("objcopy", *add, work / "vmlinux.bin", src / "vmlinux")
     (work / "vmlinux.relocs").write_bytes(parts.relocs)
     relocs = work / "relocs"
@@ -294,13 +295,8 @@ def check_lz4(built: bytes, payload: bytes) -> None:
     image = read_bzimage(built, "the rebuilt bzImage")
     if not image.payload.startswith(LZ4_LEGACY_MAGIC):
         raise ImageBuildError(f"the rebuilt bzImage's payload is not LZ4 (starts {image.payload[:4].hex()})")
-    try:
-        proc = subprocess.run(["lz4", "-d", "-c"], input=image.payload[:-4], capture_output=True,
-                              timeout=300, check=False)  # fmt: skip
-    except FileNotFoundError as exc:
-        raise ImageBuildError("lz4 not found: install the host packages (`make host-packages`)") from exc
-    if proc.stdout != payload:
+    out = run_tool(["lz4", "-d", "-c"], stdin=image.payload[:-4], timeout=300)
+    if out != payload:
         raise ImageBuildError(
-            f"the rebuilt bzImage's payload unpacks to {len(proc.stdout)} bytes that differ from "
-            f"Debian's {len(payload)}: {proc.stderr.decode(errors='replace').strip()[-300:]}"
+            f"the rebuilt bzImage's payload unpacks to {len(out)} bytes that differ from Debian's {len(payload)}"
         )
