@@ -49,6 +49,25 @@ def _poweroff_and_check(vm: Machine, planted: survival.Planted) -> None:
     )
 
 
+def test_efivarfs_dump_in_one_process_reads_what_each_variable_holds(vm_factory: MachineFactory) -> None:
+    """The harness reads the guest's variables with stat, head and od over all of efivarfs
+    at once; the per-variable dump must read the same, and a file whose efivarfs size is
+    stale (after a write the firmware refused) must be read again on its own."""
+    vm = vm_factory(name="dump", fast=True)
+    state.write_efivar(vm, "HarnessDump", b"0123456789")
+    bulk, again = state.parse_efivar_bulk(vm.ssh.run(state.DUMP_VARS_BULK).stdout) or ({}, ["unparsed"])
+    each = state.parse_efivar_dump(vm.ssh.run(state.DUMP_VARS_EACH).stdout)
+    assert again == [] and len(bulk) > 20 and bulk == each, sorted(set(bulk) ^ set(each))
+    assert bulk[("HarnessDump", state.HARNESS_GUID)] == (7, b"0123456789")
+    fname = f"HarnessDump-{state.HARNESS_GUID}"
+    path = f"/sys/firmware/efi/efivars/{fname}"
+    refused = vm.ssh.run(f"chattr -i {path}; printf '\\006\\000\\000\\000abc' > {path}; echo $?; stat -c %s {path}")
+    assert refused.stdout.split() == ["1", "0"], refused.stdout  # other attributes: refused, size now 0
+    bulk, again = state.parse_efivar_bulk(vm.ssh.run(state.DUMP_VARS_BULK).stdout) or ({}, ["unparsed"])
+    assert again == [fname] and bulk == {k: v for k, v in each.items() if k[0] != "HarnessDump"}
+    assert state.guest_variables(vm) == each
+
+
 @pytest.mark.requires(mode="cpr-transfer")
 def test_live_save_restore_and_cpr_transfer_keep_the_varstore(vm_factory: MachineFactory) -> None:
     vm = vm_factory(name="surv-memfd", fast=True, **migration.spec_fields_for("cpr-transfer"))

@@ -221,6 +221,88 @@ def test_parse_efivar_dump_rejects_garbage(line: str) -> None:
         state.parse_efivar_dump(line)
 
 
+def _bulk(files: list[tuple[str, int, bytes]], sizes: dict[str, int] | None = None) -> str:
+    """The one-process dump of ``files`` (name, attributes, data): stat's sizes (or the
+    stale ``sizes`` given), "@@", od's hex of head's output with its headers."""
+    raws = [(n, struct.pack("<I", a) + d) for n, a, d in files]
+    listing = "".join(f"{(sizes or {}).get(n, len(r))} {n}\n" for n, r in raws)
+    stream = b"".join(((b"\n" if i else b"") + f"==> {n} <==\n".encode() if len(raws) > 1 else b"") + r
+                      for i, (n, r) in enumerate(raws))  # fmt: skip
+    lines = "".join(" " + " ".join(f"{b:02x}" for b in stream[i:i + 16]) + "\n"
+                    for i in range(0, len(stream), 16))  # fmt: skip
+    return listing + "@@\n" + lines
+
+
+BULK_FILES = [(f"Attempt 1-{GLOBAL}", 3, bytes(range(40))), (f"BootOrder-{GLOBAL}", 7, b"\x01\x00"),
+              (f"Empty-{GLOBAL}", 7, b"")]  # fmt: skip
+
+
+ATTEMPT, BOOTORDER, EMPTY = (("Attempt 1", GLOBAL), ("BootOrder", GLOBAL), ("Empty", GLOBAL))
+ALL = {ATTEMPT: (3, bytes(range(40))), BOOTORDER: (7, b"\x01\x00"), EMPTY: (7, b"")}
+
+
+def _fname(key: tuple[str, str]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+def test_parse_efivar_bulk_reads_every_file_between_the_headers() -> None:
+    assert state.parse_efivar_bulk(_bulk(BULK_FILES)) == (ALL, [])
+    one = state.parse_efivar_bulk(_bulk(BULK_FILES[1:2]))  # one file: head prints no header
+    assert one == ({BOOTORDER: (7, b"\x01\x00")}, [])
+    assert state.parse_efivar_bulk("") == ({}, [])
+
+
+@pytest.mark.parametrize(("sizes", "files", "again"), [
+    ({_fname(BOOTORDER): 0}, BULK_FILES, BOOTORDER),  # efivarfs's stale size after a refused write
+    ({_fname(ATTEMPT): 50}, BULK_FILES, ATTEMPT),  # larger than what head read
+    ({_fname(EMPTY): 9}, BULK_FILES, EMPTY),  # the last file: the end of the dump is its end
+    ({_fname(BOOTORDER): 5}, BULK_FILES[1:2], BOOTORDER),  # one file, no header
+])  # fmt: skip
+def test_parse_efivar_bulk_reads_again_what_its_size_does_not_fit(
+        sizes: dict[str, int], files: list[tuple[str, int, bytes]], again: tuple[str, str]) -> None:
+    found, reread = state.parse_efivar_bulk(_bulk(files, sizes=sizes)) or ({}, ["unparsed"])
+    assert reread == [_fname(again)]
+    assert found == {k: v for k, v in ALL.items() if k != again and _fname(k) in {f[0] for f in files}}
+
+
+@pytest.mark.parametrize("text", [
+    _bulk(BULK_FILES).replace("@@\n", ""),  # no separator
+    _bulk(BULK_FILES).replace(" 3d 3d 3e", " 3d 3d 3f", 1),  # a header that is not the listed file's
+    _bulk(BULK_FILES, sizes={_fname(ATTEMPT): 20}).replace(" 3d 3d 3e", " 3d 3d 3f", 2),  # no next header
+    "x y\n@@\n",  # a size that is not a number
+])  # fmt: skip
+def test_parse_efivar_bulk_refuses_a_dump_without_its_structure(text: str) -> None:
+    assert state.parse_efivar_bulk(text) is None
+
+
+def test_guest_variables_reads_one_by_one_only_what_the_bulk_dump_could_not() -> None:
+    calls = []
+    stale = _bulk(BULK_FILES, sizes={_fname(BOOTORDER): 0})
+
+    def handler(cmd: str) -> tuple[int, str]:
+        calls.append(cmd)
+        return 0, stale if "stat -c" in cmd else _dump_line("BootOrder", GLOBAL, 7, b"\x01\x00")
+
+    assert state.guest_variables(FakeVm(handler)) == ALL  # type: ignore[arg-type]
+    assert len(calls) == 2 and f"for f in {_fname(BOOTORDER)}; do" in calls[1]
+    calls.clear()
+
+    def whole(cmd: str) -> tuple[int, str]:
+        calls.append(cmd)
+        return 0, _bulk(BULK_FILES)
+
+    assert state.guest_variables(FakeVm(whole)) == ALL  # type: ignore[arg-type]
+    assert len(calls) == 1
+    calls.clear()
+
+    def unparsed(cmd: str) -> tuple[int, str]:  # stat failed: every variable one by one
+        calls.append(cmd)
+        return (4, "") if "stat -c" in cmd else (0, _dump_line("BootOrder", GLOBAL, 7, b"\x01\x00"))
+
+    assert state.guest_variables(FakeVm(unparsed)) == {BOOTORDER: (7, b"\x01\x00")}  # type: ignore[arg-type]
+    assert calls[1] == state.DUMP_VARS_EACH and "for f in *;" in calls[1]
+
+
 def test_guest_variables_without_efivarfs() -> None:
     vm = FakeVm(lambda cmd: (3, ""))
     with pytest.raises(StateError, match="no efivarfs in the guest"):
