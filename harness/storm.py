@@ -324,7 +324,7 @@ def wait_full(vm: Machine, timeout: float) -> bool:
     reclaims only at boot), at most ``timeout`` seconds; whether it filled."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(2.0)
+        time.sleep(1.0)
         if any(w.failed is not None for w in read_log(vm)):
             return True
     return False
@@ -337,17 +337,19 @@ def run(vm: Machine, hops: Sequence[tuple[str, QemuBuild | None]], *, variables:
     """Start the storm, make ``hops`` (operation, destination build) back to back while it
     writes (``warmup_s`` before the first, ``interval_s`` of writes between two), check
     after each, and at the end stop it and compare the flash with the file.  With
-    ``fill_first_s`` the first hop waits (that long at most) until the store is full, so a
-    slow machine still reaches the refused writes and a reboot's reclaim.  ``bandwidth``
+    ``fill_first_s`` the first hop waits (that long at most, instead of ``warmup_s``) until
+    the store is full, so a slow machine still reaches the refused writes and a reboot's
+    reclaim.  ``bandwidth``
     (bytes/s) caps the live hops' stream, so that the guest writes while precopy runs (the
     cut that makes ``varstore-file-lost-writes`` show on aarch64).  Stops at the first hop
     that fails (the guest cannot be trusted after it)."""
     out: list[StormHop] = []
     earlier: list[Write] = []  # the writes of earlier boots (a reboot restarts the storm)
     start(vm, variables)
-    time.sleep(warmup_s)  # let the writes get going (and the store fill) before the first cut
-    if fill_first_s > 0:
+    if fill_first_s > 0:  # a full store means the writes got going: no warmup on top
         wait_full(vm, fill_first_s)
+    else:
+        time.sleep(warmup_s)  # let the writes get going before the first cut
     used: int | None = None
     for i, (op, dest) in enumerate(hops, 1):
         if i > 1:
