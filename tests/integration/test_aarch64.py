@@ -163,11 +163,12 @@ def test_os_state_persists_across_reboot_migration_save_restore_cpr(vm_factory: 
     build = builds.get_build("10.0.2", ARCH)
     if not build.capabilities.has_mode("cpr-reboot"):
         pytest.fail(f"QEMU {build.label} lost cpr-reboot")
-    vm = vm_factory(arch=ARCH, qemu="10.0.2", cpu=CPU, firmware="2022.11", name="arm-persist",
+    # restored from a saved boot: the reboots below are the boots this test checks
+    vm = vm_factory(arch=ARCH, qemu="10.0.2", cpu=CPU, firmware="2022.11", name="arm-persist", fast=True,
                     **migration.spec_fields_for("cpr-reboot"))  # fmt: skip
     machine = migration.machine_type(vm)
     assert machine.startswith("virt-10.0"), machine
-    _note(step="boot-to-ssh", qemu="10.0.2", firmware="2022.11", cpu=CPU, machine=machine,
+    _note(step="restore-to-ssh", qemu="10.0.2", firmware="2022.11", cpu=CPU, machine=machine,
           ready_s=round(vm.ready.seconds if vm.ready else -1, 1))  # fmt: skip
     order = _set_os_state(vm)
 
