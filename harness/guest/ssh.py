@@ -287,6 +287,12 @@ class SshClient:
             result.check()
         return result
 
+    def converse(self, command: str, timeout: float = 30.0) -> Conversation:
+        """Start ``command``, which answers each line of input with one line of output,
+        for several exchanges over one channel (no new channel or process per question);
+        use as a context manager."""
+        return Conversation(self._start(command, min(10.0, timeout), timeout), command, self.name, timeout)
+
     def close(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):  # closing a dead transport
@@ -294,6 +300,51 @@ class SshClient:
             self._client = None
 
     def __enter__(self) -> SshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Conversation:
+    """A guest command that answers a line with a line (:meth:`SshClient.converse`)."""
+
+    def __init__(self, chan: paramiko.Channel, command: str, name: str, timeout: float) -> None:
+        self._chan = chan
+        self._buf = bytearray()
+        self.command = command
+        self.name = name
+        self.timeout = timeout
+
+    def ask(self, line: str = "") -> str:
+        """Send ``line`` and a newline; the next line the command prints."""
+        try:
+            self._chan.sendall(line.encode() + b"\n")
+            while b"\n" not in self._buf:
+                data = self._chan.recv(4096)
+                if not data:
+                    err = b""
+                    while self._chan.recv_stderr_ready():
+                        err += self._chan.recv_stderr(65536)
+                    raise MachineError(f"{self.name}: {self.command!r} ended before answering "
+                                       f"{line!r}: {err.decode('utf-8', 'replace')[-300:]!r}")  # fmt: skip
+                self._buf += data
+                if len(self._buf) > MAX_OUTPUT:
+                    raise MachineError(f"{self.name}: {self.command!r} printed more than {MAX_OUTPUT} bytes")
+        except TimeoutError as exc:
+            raise GuestTimeout(f"an answer of {self.command!r} in {self.name}", self.timeout) from exc
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise MachineError(f"{self.name}: {self.command!r}: {type(exc).__name__}: {exc}") from exc
+        answer, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return answer.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the channel or the connection may be gone
+            self._chan.shutdown_write()
+        self._chan.close()
+
+    def __enter__(self) -> Conversation:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,8 +1,10 @@
 """When SshClient.run reconnects and when it gives up (transport faked: the real paths
-run in every integration test, and the nested ones lose L1's connection for real)."""
+run in every integration test, and the nested ones lose L1's connection for real), and the
+one-channel conversation the clock samples use."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,85 @@ def test_client_key_loaded_once_per_file_version_and_bad_keys_named(tmp_path: Pa
     copy.unlink()
     with pytest.raises(MachineError, match=f"cannot read SSH client key {copy}"):
         load_client_key(copy)
+
+
+# --- a conversation over one channel (the clock samples) ------------------------------------
+
+
+class LineChannel:
+    """Answers each line with the next of ``answers``, in pieces of ``chunk`` bytes; an
+    empty answer list ends the command (EOF, with ``stderr``)."""
+
+    def __init__(self, answers: list[bytes], chunk: int = 3, stderr: bytes = b"") -> None:
+        self.answers, self.chunk, self.stderr = answers, chunk, stderr
+        self.sent: list[bytes] = []
+        self.pending = b""
+        self.closed = self.shut = False
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(data)
+        if self.answers:
+            self.pending += self.answers.pop(0)
+
+    def recv(self, n: int) -> bytes:
+        if not self.pending:
+            if self.answers or not self.sent:
+                raise TimeoutError("no answer")
+            return b""
+        out, self.pending = self.pending[:min(n, self.chunk)], self.pending[min(n, self.chunk):]
+        return out
+
+    def recv_stderr_ready(self) -> bool:
+        return bool(self.stderr)
+
+    def recv_stderr(self, n: int) -> bytes:
+        out, self.stderr = self.stderr, b""
+        return out
+
+    def shutdown_write(self) -> None:
+        self.shut = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_conversation_reads_one_line_per_question_across_pieces() -> None:
+    from harness.guest.ssh import Conversation
+
+    chan = LineChannel([b"12.50\n", b"12.75\n"])
+    with Conversation(chan, "loop", "fake", 5.0) as conv:  # type: ignore[arg-type]
+        assert conv.ask() == "12.50" and conv.ask() == "12.75"
+    assert chan.sent == [b"\n", b"\n"] and chan.shut and chan.closed
+
+
+def test_conversation_says_what_ended_and_what_timed_out() -> None:
+    from harness.errors import MachineError
+    from harness.guest.ssh import Conversation
+
+    ended = Conversation(LineChannel([], stderr=b"sh: read: bad"), "loop", "fake", 5.0)  # type: ignore[arg-type]
+    with pytest.raises(MachineError, match="'loop' ended before answering.*sh: read: bad"):
+        ended.ask()
+    silent = LineChannel([b"", b"12.5\n"])  # takes the question, answers only the next one
+    with pytest.raises(GuestTimeout, match="an answer of 'loop' in fake"):
+        Conversation(silent, "loop", "fake", 5.0).ask()  # type: ignore[arg-type]
+
+
+def test_clock_sample_keeps_the_shortest_round_trip_of_one_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import state
+    from harness.guest.ssh import Conversation
+
+    chan = LineChannel([b"100.00 50.0\n", b"100.50 50.0\n", b"101.00 50.0\n"])
+    ticks = iter([0.0, 0.4, 1.0, 1.01, 2.0, 2.2])  # round trips 0.4, 0.01, 0.2
+    monkeypatch.setattr(time, "monotonic", lambda: next(ticks))
+
+    class Ssh:
+        started: list[str] = []
+
+        def converse(self, command: str, timeout: float = 30.0) -> Conversation:
+            self.started.append(command)
+            return Conversation(chan, command, "fake", timeout)  # type: ignore[arg-type]
+
+    ssh = Ssh()
+    sample = state.clock_sample_over(ssh, 3)  # type: ignore[arg-type]
+    assert ssh.started == [state.UPTIME_LOOP] and len(chan.sent) == 3 and chan.closed
+    assert (sample.guest, sample.host, round(sample.rtt, 3)) == (100.5, 1.005, 0.01)
