@@ -116,6 +116,7 @@ def test_cpr_reboot_and_cpr_transfer_back_to_back(pair: Pair) -> None:
     assert len(pair.l1.history) >= 5  # one QEMU per cycle, plus the restore
 
 
+@pytest.mark.exhaustive  # one more nested mode (L1's own QEMU migrates L2); make test hops L1 itself
 def test_nested_migration_inside_l1(pair: Pair) -> None:
     """L1's QEMU 7.2 live-migrates L2 to a second QEMU inside L1, driven over L2's QMP."""
     old_pid = pair.l2.status()["pid"]
