@@ -26,7 +26,7 @@ from harness.errors import StateError
 from harness.guest.ssh import DETACHED
 
 if TYPE_CHECKING:
-    from harness.guest.ssh import SshClient
+    from harness.guest.ssh import CommandResult, SshClient
     from harness.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -381,18 +381,20 @@ def guest_variables(vm: Machine) -> dict[tuple[str, str], tuple[int, bytes]]:
     """Every EFI variable the guest can see: (name, guid) -> (attributes, data); one SSH
     round trip, and a second for the files whose size efivarfs does not tell right
     (:func:`dump_vars_each`).  The shape :func:`harness.varstore.compare_guest_view` takes."""
-    res = vm.ssh.run(DUMP_VARS_BULK, timeout=120)
-    if res.rc == 3:
-        raise StateError(f"{vm.spec.name}: no efivarfs in the guest (not booted through UEFI?)")
+    def run(command: str) -> CommandResult:
+        res = vm.ssh.run(command, timeout=120)
+        if res.rc == 3:
+            raise StateError(f"{vm.spec.name}: no efivarfs in the guest (not booted through UEFI?)")
+        return res
+
+    res = run(DUMP_VARS_BULK)
     parsed = parse_efivar_bulk(res.stdout) if res.rc == 0 else None
     if parsed is not None and not parsed[1]:
         return parsed[0]
     found, again = parsed if parsed is not None else ({}, None)
     log.debug("%s: the one-process efivarfs dump (rc %s) leaves %s to read one by one",
               vm.spec.name, res.rc, "every variable" if again is None else ", ".join(again))  # fmt: skip
-    res = vm.ssh.run(dump_vars_each(again), timeout=120)
-    if res.rc == 3:
-        raise StateError(f"{vm.spec.name}: no efivarfs in the guest (not booted through UEFI?)")
+    res = run(dump_vars_each(again))
     res.check()
     return {**found, **parse_efivar_dump(res.stdout)}
 

@@ -129,22 +129,18 @@ def read_log(vm: Machine) -> list[Write]:
 
 
 def guest_view(vm: Machine) -> dict[int, tuple[int, str]]:
-    """index -> (attributes, sha256 of the data) of the storm's variables in efivarfs."""
-    out = vm.ssh.run(
-        f"for f in /sys/firmware/efi/efivars/{NAME}*-{STORM_GUID}; do [ -e \"$f\" ] || continue; "
-        "a=$(head -c 4 \"$f\" | od -An -tu4 | tr -d ' '); "
-        "printf '%s %s %s\\n' \"${f##*/}\" \"$a\" \"$(tail -c +5 \"$f\" | sha256sum | cut -c1-64)\"; done",
-        timeout=60,
-    ).stdout  # fmt: skip
-    view: dict[int, tuple[int, str]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        index = int(parts[0][len(NAME):].split("-", 1)[0])
-        if len(parts) == 3 and parts[1].isdigit():
-            view[index] = (int(parts[1]), parts[2])
-        # else: an empty efivarfs file, left by a create the firmware refused (the store
-        # was full: edk2 reclaims only at boot); no variable stands behind it
-    return view
+    """index -> (attributes, sha256 of the data) of the storm's variables in efivarfs
+    (:func:`harness.state.guest_variables`, which reads again on its own any file whose
+    efivarfs size went stale after a refused write).  An empty file, left by a create the
+    firmware refused (the store was full: edk2 reclaims only at boot), is no variable."""
+    return {i: (attrs, _digest(data)) for (name, guid), (attrs, data) in state.guest_variables(vm).items()
+            if (i := _storm_index(name, guid)) is not None}  # fmt: skip
+
+
+def _storm_index(name: str, guid: str) -> int | None:
+    """N of a variable HarnessStormN of the storm's GUID; None for any other variable."""
+    digits = name[len(NAME):]
+    return int(digits) if guid == STORM_GUID and name.startswith(NAME) and digits.isdigit() else None
 
 
 # --- the checks ----------------------------------------------------------------------------
@@ -179,11 +175,8 @@ def file_view(path: Path) -> dict[int, tuple[int, str]]:
     """The storm's variables as the host-side varstore file holds them (as far as its store
     can be parsed: :func:`problems` reports a damaged structure on its own)."""
     model = varstore.read_varstore(path, strict=False)
-    out = {}
-    for (name, guid), var in model.variables.items():
-        if guid == STORM_GUID and name.startswith(NAME) and name[len(NAME):].isdigit():
-            out[int(name[len(NAME):])] = (var.attributes, _digest(var.data))
-    return out
+    return {i: (var.attributes, _digest(var.data)) for (name, guid), var in model.variables.items()
+            if (i := _storm_index(name, guid)) is not None}  # fmt: skip
 
 
 def console_errors(text: str) -> list[str]:
