@@ -203,9 +203,13 @@ def survival_problems(before: GuestState, after: GuestState, max_pause: float | 
     return problems
 
 
-def assert_survived(before: GuestState, after: GuestState, max_pause: float | None = None) -> None:
-    """Fail with every difference when the guest's state did not survive."""
+def assert_survived(before: GuestState, after: GuestState, max_pause: float | None = None,
+                    *, vm: Machine | None = None) -> None:
+    """Fail with every difference when the guest's state did not survive; given the
+    guest's ``vm``, also with its consoles' kernel crash lines (a reboot's oops)."""
     problems = survival_problems(before, after, max_pause)
+    if problems and vm is not None:
+        problems += kernel_crash_problems(vm)
     if problems:
         raise StateError("guest state did not survive:\n  - " + "\n  - ".join(problems))
 

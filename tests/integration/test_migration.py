@@ -8,56 +8,68 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from harness import matrix, migration, state
 from harness.factory import MachineFactory
 from harness.inventory import builds
+from harness.machine import Machine
 from harness.spec import VmSpec
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("version", ["10.0.2", "7.2"])
-def test_live_migration_same_build(version: str) -> None:
+def test_live_migration_same_build(vm_factory: MachineFactory, version: str) -> None:
     """Live migration with the guests' RAM compared at the switchover.  A source older than
     9.0 may lose dirty pages under TCG (an intermittent entry of the expected
     incompatibilities): then the comparison names them, the guest goes on on the source,
     and the test is an expected failure with that entry's signature only."""
-    with MachineFactory(VmSpec(qemu=version, name=f"live{version.replace('.', '')}"), fast=True) as factory:
-        vm = factory()
-        state.write_efivar(vm, "LiveTest", b"before-migration")
-        before = state.snapshot(vm)
-        res = migration.live(vm, verify_ram=True, check=False)
-        if not res.ok:
-            verdict, expected = matrix.judge_result(res, matrix.load_incompatibilities())
-            assert verdict.expected_failure and expected is not None, f"{res.summary()}: {verdict.note}"
-            assert res.source_running, f"the guest did not go on on the source: {res.extra}"
-            state.assert_survived(before, state.snapshot(vm))
-            pytest.xfail(f"{res.summary()} ({expected.where}: {expected.reason[:160]})")
-        assert res.status == "completed", res.summary()
-        ram = res.extra["ram_check"]
-        assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram  # less the 256 KiB ROM hole
-        assert res.downtime_ms is not None and res.transferred_bytes
-        after = state.snapshot(vm)
-        state.assert_survived(before, after)
-        state.assert_efivar(vm, "LiveTest", b"before-migration")
-        assert len(vm.history) == 2 and vm.history[1]["incoming"] == ["defer"]
+    vm = vm_factory(qemu=version, name=f"live{version.replace('.', '')}", fast=True)
+    state.write_efivar(vm, "LiveTest", b"before-migration")
+    before = state.snapshot(vm)
+    res = migration.live(vm, verify_ram=True, check=False)
+    if not res.ok:
+        _expected_loss(vm, res, before)
+    assert res.status == "completed", res.summary()
+    ram = res.extra["ram_check"]
+    assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram  # less the 256 KiB ROM hole
+    assert res.downtime_ms is not None and res.transferred_bytes
+    after = state.snapshot(vm)
+    state.assert_survived(before, after, vm=vm)
+    state.assert_efivar(vm, "LiveTest", b"before-migration")
+    assert len(vm.history) == 2 and vm.history[1]["incoming"] == ["defer"]
+
+
+def _expected_loss(vm: Machine, res: migration.MigrationResult, before: state.GuestState) -> NoReturn:
+    """A hop the RAM comparison refused: an expected failure only by a data entry's
+    signature, with the guest gone on on the source and its state intact."""
+    verdict, expected = matrix.judge_result(res, matrix.load_incompatibilities())
+    assert verdict.expected_failure and expected is not None, f"{res.summary()}: {verdict.note}"
+    assert res.source_running, f"the guest did not go on on the source: {res.extra}"
+    state.assert_survived(before, state.snapshot(vm), vm=vm)
+    pytest.xfail(f"{res.summary()} ({expected.where}: {expected.reason[:160]})")
 
 
 @pytest.mark.parametrize("version", ["5.2", "7.2", "10.0.2"])
-def test_save_restore(version: str) -> None:
-    with MachineFactory(VmSpec(qemu=version, name=f"sr{version.replace('.', '')}"), fast=True) as factory:
-        vm = factory()
-        before = state.snapshot(vm)
-        res = migration.save_restore(vm)
-        assert res.ok, res.summary()
-        assert res.state_file_size and res.state_file_size > 1 << 20
-        uses_file = vm.build.capabilities.file_uri
-        qmp_log = "".join(p.read_text() for p in vm.workdir.glob("qemu-0.qmp.log"))
-        assert ("file:" in qmp_log) == uses_file and ("exec:cat" in qmp_log) == (not uses_file)
-        state.assert_survived(before, state.snapshot(vm))
+def test_save_restore(vm_factory: MachineFactory, version: str) -> None:
+    """Save-restore of a running guest with its RAM compared before the new QEMU runs it:
+    a save of a running guest is precopy into a file, so a source before 9.0 may lose
+    dirty pages here as on a live hop (docs/findings.md: seen once, the guest rebooted)."""
+    vm = vm_factory(qemu=version, name=f"sr{version.replace('.', '')}", fast=True)
+    before = state.snapshot(vm)
+    res = migration.save_restore(vm, verify_ram=True, check=False)
+    if not res.ok:
+        _expected_loss(vm, res, before)
+    assert res.state_file_size and res.state_file_size > 1 << 20
+    ram = res.extra["ram_check"]
+    assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram
+    uses_file = vm.build.capabilities.file_uri
+    qmp_log = "".join(p.read_text() for p in vm.workdir.glob("qemu-0.qmp.log"))
+    assert ("file:" in qmp_log) == uses_file and ("exec:cat" in qmp_log) == (not uses_file)
+    state.assert_survived(before, state.snapshot(vm), vm=vm)
 
 
 def test_save_restore_with_verify_ram_runs_the_guest_only_after_the_compare() -> None:

@@ -122,6 +122,19 @@ def test_assert_survived_lists_every_problem() -> None:
     assert str(exc.value).count("\n  - ") == 5
 
 
+
+def test_assert_survived_with_the_guest_names_its_consoles_crash(tmp_path: Path) -> None:
+    """A reboot seen by the checks comes with the oops that caused it; a guest that
+    survived is not failed for an old crash line alone."""
+    (tmp_path / "qemu-1.serial.log").write_text("[   12.5] BUG: kernel NULL pointer dereference, address: 08\n")
+    vm: Any = SimpleNamespace(workdir=tmp_path)
+    b = gs()
+    with pytest.raises(StateError) as exc:
+        state.assert_survived(b, later(b, boot_id="b-2", uptime=3.0), vm=vm)
+    assert "guest rebooted" in str(exc.value)
+    assert "the guest's kernel crashed: qemu-1.serial.log: BUG: kernel NULL pointer dereference" in str(exc.value)
+    state.assert_survived(b, later(b), vm=vm)
+
 # --- fakes of a guest ------------------------------------------------------------------
 
 
