@@ -85,6 +85,8 @@ def test_vtpm_is_owned_and_reaped_with_its_qemu(vm_factory: MachineFactory) -> N
     assert not new.running
 
 
+@pytest.mark.exhaustive  # the finding's reproduction across builds; the nightly's secure-boot rows (every
+# build, and the chains' live hops 10.0.2 -> 10.0.13) meet and judge it too
 def test_smbase_lock_lost_on_10_0_2_and_kept_across_to_10_0_13(tmp_path: Path, harness_artifacts: Path) -> None:
     """The finding smbase-lock-lost: a live migration on 10.0.2 drops the SMBASE lock (an
     expected failure from the data); after the reboot that re-locks it, a cross-version
