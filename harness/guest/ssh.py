@@ -56,6 +56,18 @@ class CommandResult:
                     break
         raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
 
+    def json_lines(self) -> list[Any]:
+        """Every JSON line of stdout, in order (several agent answers from one command)."""
+        out: list[Any] = []
+        for line in self.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{") or line.startswith("["):
+                try:
+                    out.append(json.loads(line))
+                except (ValueError, RecursionError) as exc:
+                    raise GuestCommandError(self.command, self.rc, self.stdout, f"a line is not JSON: {exc}") from None
+        return out
+
 
 def parse_host_key(line: str) -> paramiko.PKey:
     """A public key from an OpenSSH ``type base64 [comment]`` line."""

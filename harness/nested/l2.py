@@ -141,8 +141,7 @@ class L2:
 
     def snapshot(self, memory: bool = True) -> state.GuestState:
         """L2's state now (the same record as :func:`harness.state.snapshot` of L1)."""
-        status = self.agent("status")
-        mem: dict[str, Any] = self.agent("mem-checksum") if memory else {}
+        status, mem = state.agent_status(self.ssh, memory)
         clock = self.clock_sample()
         try:
             return state.GuestState(
