@@ -80,7 +80,7 @@ def before_hop(vm: Machine, tag: str) -> Before:
     """Write a fresh EFI variable from inside the guest and record what must survive."""
     value = f"{tag}-{time.time_ns()}".encode()
     state.write_efivar(vm, XV_VAR, value)
-    return Before(state.snapshot(vm), value, _guest_boot_order(vm), vm.varstore_path,
+    return Before(state.snapshot(vm, memory=False), value, _guest_boot_order(vm), vm.varstore_path,
                   state.kernel_crashes(vm))
 
 

@@ -136,7 +136,7 @@ def _set_os_state(vm: Any) -> tuple[int, ...]:
 
 
 def _step(vm: Any, what: str, run: Any, order: tuple[int, ...]) -> None:
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     result = run()
     result.extra["arch"] = ARCH
     after = state.snapshot(vm)
@@ -226,7 +226,7 @@ def test_new_releases_migrate_and_cpr_exec_on_aarch64(vm_factory: MachineFactory
     vm = vm_factory(arch=ARCH, qemu="11.1.3", machine=machine, cpu=CPU, firmware="2026.08",
                     name="arm-new", fast=True, **migration.spec_fields_for("cpr-exec"))  # fmt: skip
     order = _set_os_state(vm)
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     back = migration.live(vm, to=old, check=False)
     expected = matrix.load_incompatibilities().lookup(
         new.version, old.version, "live", machine, arch=ARCH, signature=None if back.ok else back.signature)
@@ -263,7 +263,7 @@ def test_cross_version_virt_7_2_is_an_expected_incompatibility(vm_factory: Machi
           ready_s=round(vm.ready.seconds if vm.ready else -1, 1))  # fmt: skip
     order = _set_os_state(vm)
 
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     result = migration.live(vm, to=new, check=False)
     result.extra["arch"] = ARCH
     expected = matrix.load_incompatibilities().lookup(

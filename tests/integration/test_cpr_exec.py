@@ -69,7 +69,7 @@ def test_failed_exec_leaves_the_old_qemu_running_the_guest() -> None:
     with MachineFactory(_spec("cprexecf"), fast=True) as factory:
         vm = factory()
         state.write_efivar(vm, "ExecFails", b"kept")
-        before = state.snapshot(vm)
+        before = state.snapshot(vm, memory=False)
         proc, pid = vm.process, vm.process.pid
         res = migration.cpr_exec(vm, check=False, command=["/nonexistent/qemu-system-x86_64"])
         assert not res.ok and res.extra.get("exec_failed") is True, res.summary()

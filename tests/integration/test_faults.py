@@ -93,7 +93,7 @@ def cpr_vm(pool: GuestPool) -> Machine:
 
 @pytest.mark.parametrize("phase", faults.LIVE_PHASES)
 def test_cancel_at_each_phase_keeps_the_source_running(live_vm: Machine, phase: str) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     pid = live_vm.process.pid
     res = faults.live_fault(live_vm, phase=phase, fault="cancel", timeout=60)
     assert res.extra["reached"] == phase, res.extra
@@ -106,7 +106,7 @@ def test_cancel_at_each_phase_keeps_the_source_running(live_vm: Machine, phase: 
 
 
 def test_destination_killed_mid_migration(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     res = faults.live_fault(live_vm, phase="active", fault="kill-destination", timeout=60)
     assert res.extra["reached"] == "active"
     assert res.extra["destination_exit"] == -9
@@ -119,7 +119,7 @@ def test_destination_killed_before_switchover(live_vm: Machine) -> None:
     # QEMU 10.0.2: paused before switchover (the guest is stopped), the source waits for
     # migrate-continue and does not notice a dead destination (no return path): it stays
     # in pre-switchover until cancelled, then resumes the guest.
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     res = faults.live_fault(live_vm, phase="pre-switchover", fault="kill-destination", timeout=8)
     assert res.extra["reached"] == "pre-switchover"
     assert res.extra["final"].get("stuck_in") == "pre-switchover", res.extra
@@ -132,7 +132,7 @@ def test_destination_vanishing_after_the_source_completed(live_vm: Machine) -> N
     # 7.2 -> 10.0.2 refusal in CI): the source reports 'completed' and sits in
     # 'postmigrate', then the destination is gone.  The harness resumes the source with
     # 'cont'; the guest's disk and varstore (inactivated at completion) work again.
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     pid = live_vm.process.pid
     res = faults.live_to_vanishing_destination(live_vm, timeout=120)
     assert res.extra["final"].get("status") == "completed", res.extra
@@ -147,7 +147,7 @@ def test_destination_vanishing_after_the_source_completed(live_vm: Machine) -> N
 
 
 def test_bad_destination(live_vm: Machine, tmp_path: Path) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     res = faults.migrate_to_uri(live_vm, f"unix:{tmp_path / 'nobody-listens.sock'}")
     assert res.status == "failed" and res.signature == "destination-unreachable", res.summary()
     assert "nobody-listens.sock" in res.error
@@ -156,7 +156,7 @@ def test_bad_destination(live_vm: Machine, tmp_path: Path) -> None:
 
 
 def test_uuid_mismatch_with_validate_uuid(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     pid = live_vm.process.pid
     spec = live_vm.spec
     live_vm.spec = spec.replace(uuid=UUID_B)  # the destination is started with another -uuid
@@ -174,7 +174,7 @@ def test_uuid_mismatch_with_validate_uuid(live_vm: Machine) -> None:
 
 
 def test_guest_still_migrates_after_the_faults(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     res = migration.live(live_vm, check=False)
     assert res.ok, res.summary()
     state.assert_survived(before, state.snapshot(live_vm))
@@ -186,7 +186,7 @@ def test_guest_still_migrates_after_the_faults(live_vm: Machine) -> None:
 @pytest.mark.requires(mode="cpr-transfer")
 def test_destination_killed_mid_cpr_transfer(cpr_vm: Machine) -> None:
     state.write_efivar(cpr_vm, "FaultCpr", b"kept")
-    before = state.snapshot(cpr_vm)
+    before = state.snapshot(cpr_vm, memory=False)
     pid = cpr_vm.process.pid
     res = faults.cpr_transfer_kill_destination(cpr_vm, timeout=60)
     # the source sent its CPR state and waits in setup for the destination to hang up
@@ -234,7 +234,7 @@ def test_corrupted_state_file_fails_classified_and_untouched(
     digest, mtime = faults.sha256(bad), bad.stat().st_mtime_ns
     good_digest = faults.sha256(saved_state)
     pid = live_vm.process.pid
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     res = migration.restore(live_vm, bad, check=False)
     assert not res.ok and res.status == "failed", res.summary()
     assert res.signature in expected, f"{res.signature}: {res.error[-600:]}"
@@ -246,7 +246,7 @@ def test_corrupted_state_file_fails_classified_and_untouched(
 
 @pytest.mark.skipif(faults.can_mount() is not None, reason=str(faults.can_mount()))
 def test_no_space_left_while_saving(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     with faults.small_tmpfs("16M") as fs:
         assert faults.is_mountpoint(fs) and (fs.stat().st_mode & 0o777) == 0o700
         previous = fs / "state.bin"
@@ -266,7 +266,7 @@ def test_no_space_left_while_saving(live_vm: Machine) -> None:
 
 
 def test_paused_guest_waits_are_bounded(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     live_vm.qmp("stop")
     try:
         t0 = time.monotonic()
@@ -282,7 +282,7 @@ def test_paused_guest_waits_are_bounded(live_vm: Machine) -> None:
 
 
 def test_frozen_qemu_waits_are_bounded(live_vm: Machine) -> None:
-    before = state.snapshot(live_vm)
+    before = state.snapshot(live_vm, memory=False)
     with faults.frozen(live_vm.current):
         t0 = time.monotonic()
         with pytest.raises(GuestTimeout):

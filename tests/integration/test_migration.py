@@ -29,7 +29,7 @@ def test_live_migration_same_build(vm_factory: MachineFactory, version: str) -> 
     and the test is an expected failure with that entry's signature only."""
     vm = vm_factory(qemu=version, name=f"live{version.replace('.', '')}", fast=True)
     state.write_efivar(vm, "LiveTest", b"before-migration")
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     res = migration.live(vm, verify_ram=True, check=False)
     if not res.ok:
         _expected_loss(vm, res, before)
@@ -61,7 +61,7 @@ def test_save_restore(vm_factory: MachineFactory, version: str) -> None:
     save of a running guest is precopy into a file, so a source before 9.0 may lose dirty
     pages here as on a live hop (docs/findings.md): an expected failure by the data."""
     vm = vm_factory(qemu=version, name=f"sr{version.replace('.', '')}", fast=True)
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     saved = vm.current
     res = migration.save_restore(vm, verify_ram=True, check=False)
     if not res.ok:
@@ -103,7 +103,7 @@ def test_failed_live_migration_leaves_source_running() -> None:
     # a guest on QEMU 10.0's newest machine type cannot go to 7.2, which lacks pc-q35-10.0
     with MachineFactory(VmSpec(name="failsrc"), fast=True) as factory:
         vm = factory()
-        before = state.snapshot(vm)
+        before = state.snapshot(vm, memory=False)
         res = migration.live(vm, to=builds.get_build("7.2"), check=False)
         assert not res.ok and res.signature == "machine-type-not-found", res.error
         assert res.source_running is True
@@ -120,7 +120,7 @@ def test_refused_load_with_the_source_kept_resumes_the_guest() -> None:
     with MachineFactory(spec, fast=True) as factory:
         vm = factory()
         state.write_efivar(vm, "KeptSource", b"kept")
-        before = state.snapshot(vm)
+        before = state.snapshot(vm, memory=False)
         pid = vm.process.pid
         vm.spec = spec.replace(extra_args=())  # the new QEMU is started without the device
         try:
@@ -199,7 +199,7 @@ def test_verify_ram_names_the_page_the_destination_did_not_get() -> None:
     spec = VmSpec(qemu="10.0.2", name="ramdiff", memory_backend="memfd")
     with MachineFactory(spec, fast=True) as factory:
         vm = factory()
-        before = state.snapshot(vm)
+        before = state.snapshot(vm, memory=False)
         src = vm.current
         addr = 0x2000_0000  # 512 MiB: guest-physical = RAM offset below the PCI hole
 

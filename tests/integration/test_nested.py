@@ -76,7 +76,7 @@ def test_restored_pair_has_a_responsive_l2(pair: Pair) -> None:
     # L2's own split pflash varstore inside L1, written by its firmware
     model = l2.varstore_model()
     assert model.boot_order, "L2's varstore has no BootOrder"
-    before = l2.snapshot()
+    before = l2.snapshot(memory=False)
     time.sleep(1.0)
     state.assert_survived(before, l2.snapshot())
 
@@ -135,12 +135,12 @@ def test_nested_migration_inside_l1(pair: Pair) -> None:
 
 def test_l2_checks_fail_when_l2_is_paused_or_its_variable_is_wrong(pair: Pair) -> None:
     l2 = pair.l2
-    before = l2.snapshot()
+    before = l2.snapshot(memory=False)
     with l2.qmp() as q:
         q.execute("stop")
         time.sleep(3.0)
         q.execute("cont")
-    after = l2.snapshot()
+    after = l2.snapshot(memory=False)
     problems = state.survival_problems(before, after, max_pause=0.5)
     assert any("guest paused" in p for p in problems), problems
     assert state.guest_pause(before, after) > 2.0

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _move(vm: Machine, op: str, planted: survival.Planted) -> migration.MigrationResult:
     """One operation, then every survival check; the source's varstore is captured first."""
     src_vars = vm.varstore_path
-    before = state.snapshot(vm)
+    before = state.snapshot(vm, memory=False)
     result = migration.operation(op)(vm)  # check=True: raises MigrationError with the result
     after = state.snapshot(vm)
     state.assert_survived(before, after)
