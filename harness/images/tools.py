@@ -142,10 +142,11 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def mem_region_checksum(size_mb: int, seed: str) -> str:
-    """sha256 of the region ``agent mem-fill`` writes for ``size_mb`` and ``seed``."""
+    """MD5 of the region ``agent mem-fill`` writes for ``size_mb`` and ``seed`` (its
+    checksum detects changed pages; see ``agent mem-checksum``)."""
     digest = hashlib.sha256(seed.encode()).hexdigest()
     filler = (digest * 63).encode()
-    out = hashlib.sha256()
+    out = hashlib.md5(usedforsecurity=False)
     for page in range(size_mb * 256):
         header = f"harness-mem seed={seed} page={page}"[:63].ljust(63) + "\n"
         out.update(header.encode() + filler)
