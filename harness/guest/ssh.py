@@ -47,26 +47,24 @@ class CommandResult:
 
     def json(self) -> Any:
         """stdout parsed as JSON (the guest agent's answers); the last JSON line wins."""
-        for line in reversed(self.stdout.strip().splitlines()):
-            line = line.strip()
-            if line.startswith("{") or line.startswith("["):
-                try:
-                    return json.loads(line)
-                except (ValueError, RecursionError):  # untrusted: deep nesting too
-                    break
+        lines = [line for line in self.stdout.strip().splitlines() if _looks_json(line)]
+        if lines:
+            return self._parse(lines[-1], "stdout is not JSON")
         raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
 
     def json_lines(self) -> list[Any]:
         """Every JSON line of stdout, in order (several agent answers from one command)."""
-        out: list[Any] = []
-        for line in self.stdout.splitlines():
-            line = line.strip()
-            if line.startswith("{") or line.startswith("["):
-                try:
-                    out.append(json.loads(line))
-                except (ValueError, RecursionError) as exc:
-                    raise GuestCommandError(self.command, self.rc, self.stdout, f"a line is not JSON: {exc}") from None
-        return out
+        return [self._parse(line, "a line is not JSON") for line in self.stdout.splitlines() if _looks_json(line)]
+
+    def _parse(self, line: str, what: str) -> Any:
+        try:
+            return json.loads(line)
+        except (ValueError, RecursionError) as exc:  # untrusted: deep nesting too
+            raise GuestCommandError(self.command, self.rc, self.stdout, f"{what}: {exc}") from None
+
+
+def _looks_json(line: str) -> bool:
+    return line.strip().startswith(("{", "["))
 
 
 def parse_host_key(line: str) -> paramiko.PKey:

@@ -34,13 +34,17 @@ def test_live_migration_same_build(vm_factory: MachineFactory, version: str) -> 
     if not res.ok:
         _expected_loss(vm, res, before)
     assert res.status == "completed", res.summary()
-    ram = res.extra["ram_check"]
-    assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram  # less the 256 KiB ROM hole
+    _assert_every_page_equal(vm, res)
     assert res.downtime_ms is not None and res.transferred_bytes
     after = state.snapshot(vm)
     state.assert_survived(before, after, vm=vm)
     state.assert_efivar(vm, "LiveTest", b"before-migration")
     assert len(vm.history) == 2 and vm.history[1]["incoming"] == ["defer"]
+
+
+def _assert_every_page_equal(vm: Machine, res: migration.MigrationResult) -> None:
+    ram = res.extra["ram_check"]
+    assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram  # less the 256 KiB ROM hole
 
 
 def _expected_loss(vm: Machine, res: migration.MigrationResult, before: state.GuestState) -> NoReturn:
@@ -67,8 +71,7 @@ def test_save_restore(vm_factory: MachineFactory, version: str) -> None:
     if not res.ok:
         _expected_loss(vm, res, before)
     assert res.state_file_size and res.state_file_size > 1 << 20
-    ram = res.extra["ram_check"]
-    assert ram["differing"] == 0 and ram["pages"] == vm.spec.memory_mb * 256 - 64, ram
+    _assert_every_page_equal(vm, res)
     assert res.extra.get("source_kept_until_loaded") and not saved.process.running
     assert vm.current is not saved and migration.guest_running(vm.current)
     uses_file = vm.build.capabilities.file_uri
