@@ -228,8 +228,8 @@ def run_cycles(
     A cycle refused only because the vCPU was caught in L2 guest mode
     (:func:`guest_mode_limitation`) is recorded as its own result (``extra``:
     ``known_limitation``, ``expected_failure``), the source is resumed and both levels are
-    checked on it; if nothing was lost the cycle is tried again (:class:`Attempts`): with L2
-    running up to ``known_retries`` times in all (default: as many as there are cycles; it
+    checked on it; if nothing was lost the cycle is tried again (:class:`Attempts`, with the
+    EFI variable values the checks just found): with L2 running up to ``known_retries`` times in all (default: as many as there are cycles; it
     hit 3 of 18 cpr-transfer attempts here, and four cpr-reboot attempts in a row on a
     loaded CI machine), and after ``quiesce_after`` refusals of one cycle with L2's vCPUs
     paused for the cut (``extra["l2_quiesced"]``; L2's pause then includes it).  With a TCG
@@ -241,14 +241,19 @@ def run_cycles(
     results: list[MigrationResult] = []
     attempts = Attempts(max(3, cycles) if known_retries is None else known_retries,
                         None if op == "nested-live" else quiesce_after)  # fmt: skip
-    i = 1
+    i, written = 1, 0
+    values = (b"", b"")
     while i <= cycles:
         dest = builds[(i - 1) % len(builds)] if builds else None
-        stamp = time.time_ns()
-        values = (f"l1-cycle-{i}-{stamp}".encode(), f"l2-cycle-{i}-{stamp}".encode())
-        l2.write_efivar(L2_CYCLE_VAR, values[1])
-        if l1.spec.firmware_mode == "split" and op != "nested-live":
-            state.write_efivar(l1, L1_CYCLE_VAR, values[0])
+        if written != i:
+            # a retried cycle keeps its values: the refused attempt's checks found them in
+            # both guests and in L2's varstore, and an L2 variable write costs seconds
+            stamp = time.time_ns()
+            values = (f"l1-cycle-{i}-{stamp}".encode(), f"l2-cycle-{i}-{stamp}".encode())
+            l2.write_efivar(L2_CYCLE_VAR, values[1])
+            if l1.spec.firmware_mode == "split" and op != "nested-live":
+                state.write_efivar(l1, L1_CYCLE_VAR, values[0])
+            written = i
         running = l2_running(l2)
         sections: dict[str, list[str]] | None = None
         source = "none"

@@ -334,3 +334,44 @@ def test_attempts_with_quiesce_after_zero_always_pause_l2() -> None:
     a = nested.Attempts(retries=0, quiesce_after=0)
     assert a.quiesce()
     assert a.after(ok=True, known=False, quiesced=True) == "next" and a.quiesce()
+
+
+def test_a_refused_cycle_is_retried_with_the_variables_it_wrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_cycles with fakes: a cycle refused for guest mode is tried again without writing
+    its EFI variables again (the refused attempt's checks found them; an L2 write costs
+    seconds under TCG), and the retry is checked against the same values."""
+    from types import SimpleNamespace
+
+    from harness import migration
+    from harness.migration import MigrationResult
+    from harness.nested import cycles
+
+    refusal = "qemu: " + cycles.GUEST_MODE_LOAD_ERROR
+    statuses = iter([("failed", refusal), ("completed", ""), ("completed", "")])
+    writes: list[tuple[str, bytes]] = []
+    checked: list[tuple[bytes, bytes]] = []
+
+    def hop(l1: object, **kw: object) -> MigrationResult:
+        status, error = next(statuses)
+        return MigrationResult(op="cpr-reboot", mode="cpr-reboot", status=status, source="10.0.2",
+                               destination="10.0.2", machine="q35", error=error)  # fmt: skip
+
+    def check(l1: object, l2: object, op: str, befores: object, values: tuple[bytes, bytes],
+              cyc: object, res: MigrationResult, max_pause: object) -> None:
+        checked.append(values)
+
+    l1 = SimpleNamespace(accel="tcg", running=True, current=None, spec=SimpleNamespace(firmware_mode="split"))
+    l2 = SimpleNamespace(write_efivar=lambda name, value: writes.append(("L2", value)),
+                         snapshot=lambda memory=True: None)  # fmt: skip
+    monkeypatch.setattr(migration, "operation", lambda op: hop)
+    monkeypatch.setattr(migration, "recover_source", lambda current, res: True)
+    monkeypatch.setattr(cycles.state, "write_efivar", lambda vm, name, value: writes.append(("L1", value)))
+    monkeypatch.setattr(cycles.state, "snapshot", lambda vm, memory=True: None)
+    monkeypatch.setattr(cycles, "l2_running", lambda l2: True)
+    monkeypatch.setattr(cycles, "_check_pair", check)
+    results = cycles.run_cycles(l1, l2, "cpr-reboot", 2)  # type: ignore[arg-type]
+    assert [(r.cycle, r.ok, bool(r.extra.get("expected_failure"))) for r in results] == [
+        (1, False, True), (1, True, False), (2, True, False)]  # fmt: skip
+    assert [who for who, _ in writes] == ["L2", "L1", "L2", "L1"]  # once per cycle, not per attempt
+    assert checked[0] == checked[1] == (writes[1][1], writes[0][1]) and checked[2] == (writes[3][1], writes[2][1])
+    assert checked[2] != checked[0]
