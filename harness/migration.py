@@ -1228,15 +1228,17 @@ def back_to_back(
         res = fn(vm, to=dest, timeout=timeout, check=False, **kw)
         res.cycle = i
         if res.ok and check_guest and before is not None:
+            var = f"{CYCLE_VAR}-{state.HARNESS_GUID}"
+            split = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
             try:
-                after = state.snapshot(vm)
+                after = state.snapshot(vm, efivars=[var] if split else [])  # one command
                 res.pause_s = round(state.guest_pause(before, after), 4)
                 res.pause_uncertainty_s = round(state.pause_uncertainty(before, after), 4)
                 res.problems += state.survival_problems(before, after, max_pause)
                 if after.boot_id != before.boot_id:  # it crashed and rebooted: the console says why
                     res.problems += state.kernel_crash_problems(vm)
-                if vm.spec.firmware is not None and vm.spec.firmware_mode == "split":
-                    got = state.read_efivar(vm, CYCLE_VAR)
+                if split:
+                    got = after.efivars[var]
                     if got != value:
                         res.problems.append(
                             f"EFI variable {CYCLE_VAR} in the guest: expected {value.decode()}, "

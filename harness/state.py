@@ -14,6 +14,7 @@ half of that round trip (recorded in ``rtt``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -26,7 +27,7 @@ from harness.errors import StateError
 from harness.guest.ssh import DETACHED
 
 if TYPE_CHECKING:
-    from harness.guest.ssh import CommandResult, SshClient
+    from harness.guest.ssh import CommandResult, Conversation, SshClient
     from harness.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class GuestState:
     mem_expected: str | None
     clock: ClockSample
     files: Mapping[str, str] = field(default_factory=dict)
+    #: EFI variables read with the status (``NAME-GUID`` -> data, None when absent)
+    efivars: Mapping[str, bytes | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,43 +75,95 @@ def clock_sample_over(ssh: SshClient, tries: int = 3, *, timeout: float = 30.0,
     """:func:`clock_sample` over any SSH session (an L2's goes through its L1): ``tries``
     exchanges with :data:`UPTIME_LOOP` over one channel, the one with the shortest round
     trip kept (the first also waits for the shell to start)."""
-    best: ClockSample | None = None
     with ssh.converse(UPTIME_LOOP, timeout=timeout) as conv:
-        for _ in range(tries):
-            t0 = time.monotonic()
-            out = conv.ask()
-            t1 = time.monotonic()
-            try:
-                guest = float(out.split()[0])
-            except (IndexError, ValueError) as exc:
-                raise StateError(f"{who} /proc/uptime unreadable: {out[:100]!r}") from exc
-            sample = ClockSample(host=(t0 + t1) / 2, guest=guest, rtt=t1 - t0)
-            if best is None or sample.rtt < best.rtt:
-                best = sample
+        return _fastest_uptime(conv, tries, who)
+
+
+def _fastest_uptime(conv: Conversation, tries: int, who: str) -> ClockSample:
+    best: ClockSample | None = None
+    for _ in range(tries):
+        t0 = time.monotonic()
+        out = conv.ask()
+        t1 = time.monotonic()
+        try:
+            guest = float(out.split()[0])
+        except (IndexError, ValueError) as exc:
+            raise StateError(f"{who} /proc/uptime unreadable: {out[:100]!r}") from exc
+        sample = ClockSample(host=(t0 + t1) / 2, guest=guest, rtt=t1 - t0)
+        if best is None or sample.rtt < best.rtt:
+            best = sample
     assert best is not None
     return best
 
 
-def agent_status(ssh: SshClient, memory: bool = True) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """The agent's ``status`` and (``memory``) ``mem-checksum`` answers from one command:
-    one channel and one shell in the guest instead of two (a nested L2 pays about a second
-    for each under TCG)."""
-    res = ssh.run("agent status" + (" && agent mem-checksum" if memory else ""), timeout=120, check=True)
-    answers = res.json_lines()
-    if len(answers) != 1 + memory or not all(isinstance(a, dict) for a in answers):
-        raise StateError(f"{ssh.name}: {res.command!r} answered {res.stdout.strip()[-400:]!r} "
-                         f"(expected {1 + memory} JSON object lines)")  # fmt: skip
-    return answers[0], answers[1] if memory else {}
+#: ends each part of :func:`status_and_clock`'s answer, with the part's exit status
+PART_END = "HARNESS-PART-END"
 
 
-def snapshot(vm: Machine, files: Iterable[str] = (), memory: bool = True) -> GuestState:
-    """Record the guest's state now."""
-    status, mem = agent_status(vm.ssh, memory)
+@dataclass(frozen=True)
+class StatusAndClock:
+    status: Mapping[str, Any]
+    mem: Mapping[str, Any]  # empty without the memory
+    efivars: Mapping[str, bytes | None]
+    clock: ClockSample
+
+
+def status_and_clock(ssh: SshClient, memory: bool = True, efivars: Sequence[str] = (), *,
+                     tries: int = 3, timeout: float = 120.0, who: str = "guest") -> StatusAndClock:
+    """The agent's ``status``, (``memory``) its ``mem-checksum``, the EFI variables
+    ``efivars`` (``NAME-GUID``) and a clock sample (:func:`clock_sample_over`), all over one
+    SSH channel and one shell in the guest: a nested L2 pays about a second for each
+    command under TCG.  Each part's lines end with a :data:`PART_END` line carrying its
+    exit status; then the shell answers uptime questions."""
+    parts = ["agent status" + (" && agent mem-checksum" if memory else "")]
+    parts += [f"agent efivar get {shlex.quote(v)}" for v in efivars]
+    script = "".join(f"{p}; echo \"{PART_END} $?\"; " for p in parts) + UPTIME_LOOP
+    with ssh.converse(script, timeout=timeout) as conv:
+        answers = [_part(conv, p, who) for p in parts]
+        clock = _fastest_uptime(conv, tries, who)
+    (rc, lines), found = answers[0], {}
+    if rc != 0 or len(lines) != 1 + memory or not all(isinstance(a, dict) for a in lines):
+        raise StateError(f"{who} {parts[0]!r} answered {lines!r} with status {rc} "
+                         f"(expected {1 + memory} JSON object lines and 0)")  # fmt: skip
+    for var, (rc, out) in zip(efivars, answers[1:], strict=True):
+        try:
+            found[var] = bytes.fromhex(str(out[0]["data"])) if rc == 0 else None
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{who} agent efivar get {var} answered {out!r}") from exc
+    return StatusAndClock(lines[0], lines[1] if memory else {}, found, clock)
+
+
+def _part(conv: Conversation, command: str, who: str) -> tuple[int, list[Any]]:
+    """One part of :func:`status_and_clock`'s answer: its exit status and its JSON lines."""
+    lines: list[Any] = []
+    while True:
+        line = conv.read_line(command)
+        if line.startswith(PART_END + " "):
+            try:
+                return int(line.split()[1]), lines
+            except (IndexError, ValueError) as exc:
+                raise StateError(f"{who} {command!r}: malformed end line {line!r}") from exc
+        try:
+            lines.append(json.loads(line))
+        except ValueError as exc:
+            raise StateError(f"{who} {command!r} printed {line[:200]!r}, not JSON") from exc
+
+
+def snapshot(vm: Machine, files: Iterable[str] = (), memory: bool = True,
+             efivars: Sequence[str] = ()) -> GuestState:
+    """Record the guest's state now (``efivars``: ``NAME-GUID`` of EFI variables read with
+    it, into :attr:`GuestState.efivars`)."""
+    got = status_and_clock(vm.ssh, memory, efivars, timeout=120.0, who="guest")
     hashes: dict[str, str] = {}
     for path in files:
         out = vm.ssh.run(f"sha256sum {shlex.quote(path)}", timeout=60, check=True).stdout
         hashes[path] = out.split()[0] if out.split() else ""
-    clock = clock_sample(vm)
+    return guest_state(got, files=hashes, who="guest")
+
+
+def guest_state(got: StatusAndClock, files: Mapping[str, str] | None = None, who: str = "guest") -> GuestState:
+    """A :class:`GuestState` from what :func:`status_and_clock` read."""
+    status, mem = got.status, got.mem
     try:
         return GuestState(
             boot_id=str(status["boot_id"]),
@@ -116,11 +171,12 @@ def snapshot(vm: Machine, files: Iterable[str] = (), memory: bool = True) -> Gue
             heartbeat=int(status["heartbeat"]["count"]),
             mem_checksum=mem.get("checksum"),
             mem_expected=mem.get("expected"),
-            clock=clock,
-            files=hashes,
+            clock=got.clock,
+            files=dict(files or {}),
+            efivars=dict(got.efivars),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise StateError(f"guest agent status malformed: {status!r}") from exc
+        raise StateError(f"{who} agent status malformed: {status!r}") from exc
 
 
 def guest_pause(before: GuestState | ClockSample, after: GuestState | ClockSample) -> float:

@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,8 +329,13 @@ class Conversation:
 
     def ask(self, line: str = "") -> str:
         """Send ``line`` and a newline; the next line the command prints."""
-        try:
+        with self._errors():
             self._chan.sendall(line.encode() + b"\n")
+        return self.read_line(line)
+
+    def read_line(self, line: str = "") -> str:
+        """The next line the command prints (``line``: what it answers, for the error)."""
+        with self._errors():
             while b"\n" not in self._buf:
                 data = self._chan.recv(4096)
                 if not data:
@@ -341,13 +347,19 @@ class Conversation:
                 self._buf += data
                 if len(self._buf) > MAX_OUTPUT:
                     raise MachineError(f"{self.name}: {self.command!r} printed more than {MAX_OUTPUT} bytes")
+        answer, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return answer.decode("utf-8", "replace")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The channel's errors as the harness's: a timeout names the command."""
+        try:
+            yield
         except TimeoutError as exc:
             raise GuestTimeout(f"an answer of {self.command!r} in {self.name}", self.timeout) from exc
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise MachineError(f"{self.name}: {self.command!r}: {type(exc).__name__}: {exc}") from exc
-        answer, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        return answer.decode("utf-8", "replace")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # the channel or the connection may be gone

@@ -53,11 +53,11 @@ class NestedCycle:
         }
 
 
-def _l1_efivar_problems(l1: Machine, value: bytes) -> list[str]:
+def _l1_efivar_problems(l1: Machine, value: bytes, got: bytes | None) -> list[str]:
+    """L1's cycle variable as L1 read it (``got``) and in its host-side varstore file."""
     from harness import varstore
 
     problems = []
-    got = state.read_efivar(l1, L1_CYCLE_VAR)
     p = state.efivar_problem(L1_CYCLE_VAR, state.HARNESS_GUID, value, got, "L1")
     if p:
         problems.append(p)
@@ -153,23 +153,25 @@ def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, s
     """L1's and L2's survival after a cycle (or after a refused one): into ``res``/``cyc``."""
     l1_before, l2_before = befores
     v1, v2 = values
+    l1_var, l2_var = f"{L1_CYCLE_VAR}-{state.HARNESS_GUID}", f"{L2_CYCLE_VAR}-{state.HARNESS_GUID}"
     try:
-        l1_after = state.snapshot(l1)
+        with_var = l1.spec.firmware_mode == "split" and op != "nested-live"
+        l1_after = state.snapshot(l1, efivars=[l1_var] if with_var else [])
         res.pause_s = round(state.guest_pause(l1_before, l1_after), 4)
         res.pause_uncertainty_s = round(state.pause_uncertainty(l1_before, l1_after), 4)
         res.problems += [f"L1: {p}" for p in state.survival_problems(l1_before, l1_after)]
-        if l1.spec.firmware_mode == "split" and op != "nested-live":
-            res.problems += [f"L1: {p}" for p in _l1_efivar_problems(l1, v1)]
+        if with_var:
+            res.problems += [f"L1: {p}" for p in _l1_efivar_problems(l1, v1, l1_after.efivars[l1_var])]
     except HarnessError as exc:
         res.problems.append(f"L1 check failed: {exc}")
     try:
-        l2_after = l2.snapshot()
+        l2_after = l2.snapshot(efivars=[l2_var])  # the variable read in the same command
         cyc.pause_s = round(state.guest_pause(l2_before, l2_after), 4)
         cyc.pause_uncertainty_s = round(state.pause_uncertainty(l2_before, l2_after), 4)
         cyc.heartbeat = (l2_before.heartbeat, l2_after.heartbeat)
         cyc.boot_id = l2_after.boot_id
         cyc.problems += state.survival_problems(l2_before, l2_after, max_pause)
-        got = l2.read_efivar(L2_CYCLE_VAR)
+        got = l2_after.efivars[l2_var]
         p = state.efivar_problem(L2_CYCLE_VAR, state.HARNESS_GUID, v2, got, "L2")
         if p:
             cyc.problems.append(p)

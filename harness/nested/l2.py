@@ -139,18 +139,11 @@ class L2:
     def clock_sample(self, tries: int = 3) -> state.ClockSample:
         return state.clock_sample_over(self.ssh, tries, timeout=60.0, who=f"{self.name}:")
 
-    def snapshot(self, memory: bool = True) -> state.GuestState:
-        """L2's state now (the same record as :func:`harness.state.snapshot` of L1)."""
-        status, mem = state.agent_status(self.ssh, memory)
-        clock = self.clock_sample()
-        try:
-            return state.GuestState(
-                boot_id=str(status["boot_id"]), uptime=float(status["uptime"]),
-                heartbeat=int(status["heartbeat"]["count"]), mem_checksum=mem.get("checksum"),
-                mem_expected=mem.get("expected"), clock=clock,
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"{self.name}: agent status malformed: {status!r}") from exc
+    def snapshot(self, memory: bool = True, efivars: Sequence[str] = ()) -> state.GuestState:
+        """L2's state now (the same record as :func:`harness.state.snapshot` of L1), with
+        the EFI variables ``efivars`` (``NAME-GUID``) read in the same SSH command."""
+        got = state.status_and_clock(self.ssh, memory, efivars, timeout=120.0, who=f"{self.name}:")
+        return state.guest_state(got, who=self.name)
 
     def write_efivar(self, name: str, data: bytes, guid: str = state.HARNESS_GUID, attrs: int = 7) -> None:
         self.agent("efivar", "set", f"{name}-{guid}", data.hex(), str(attrs))

@@ -4,6 +4,7 @@ one-channel conversation the clock samples use."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,54 @@ def test_clock_sample_keeps_the_shortest_round_trip_of_one_channel(monkeypatch: 
     sample = state.clock_sample_over(ssh, 3)  # type: ignore[arg-type]
     assert ssh.started == [state.UPTIME_LOOP] and len(chan.sent) == 3 and chan.closed
     assert (sample.guest, sample.host, round(sample.rtt, 3)) == (100.5, 1.005, 0.01)
+
+
+def _status_ssh(chan: LineChannel) -> Any:
+    from harness.guest.ssh import Conversation
+
+    class Ssh:
+        started: list[str] = []
+
+        def converse(self, command: str, timeout: float = 30.0) -> Conversation:
+            self.started.append(command)
+            return Conversation(chan, command, "fake", timeout)  # type: ignore[arg-type]
+
+    return Ssh()
+
+
+def test_status_memory_variables_and_clock_come_over_one_channel() -> None:
+    """state.status_and_clock: one command prints each part's JSON lines and its exit
+    status, then answers uptime questions; an absent variable is None."""
+    from harness import state
+
+    status = {"boot_id": "b", "uptime": 1.5, "heartbeat": {"count": 3}}
+    mem = {"size_mb": 16, "seed": "s", "checksum": "aa", "expected": "aa"}
+    chan = LineChannel([b"100.00 50.0\n", b"100.50 50.0\n", b"101.00 50.0\n"])
+    chan.pending = "".join([json.dumps(status), "\n", json.dumps(mem), "\nHARNESS-PART-END 0\n",
+                            json.dumps({"data": b"hi".hex()}), "\nHARNESS-PART-END 0\n",
+                            '{"error": "no such variable"}\nHARNESS-PART-END 1\n']).encode()  # fmt: skip
+    ssh = _status_ssh(chan)
+    got = state.status_and_clock(ssh, True, ["A-1", "B-2"])
+    assert (got.status, got.mem, got.efivars) == (status, mem, {"A-1": b"hi", "B-2": None})
+    assert got.clock.guest in (100.0, 100.5, 101.0) and len(chan.sent) == 3 and chan.closed
+    (command,) = ssh.started
+    assert command.startswith("agent status && agent mem-checksum; echo \"HARNESS-PART-END $?\"; ")
+    assert "agent efivar get A-1; " in command and command.endswith(state.UPTIME_LOOP)
+    gs = state.guest_state(got)
+    assert (gs.boot_id, gs.heartbeat, gs.mem_checksum, gs.efivars["A-1"]) == ("b", 3, "aa", b"hi")
+
+
+@pytest.mark.parametrize(("preamble", "message"), [
+    ('{"error": "agent: no memory region"}\nHARNESS-PART-END 1\n', r"answered .*no memory region.* with status 1"),
+    ('{"boot_id": "b"}\nHARNESS-PART-END 0\n', r"expected 2 JSON object lines"),
+    ("sh: agent: not found\nHARNESS-PART-END 127\n", r"printed 'sh: agent: not found', not JSON"),
+    ('{"boot_id": "b"}\n{"checksum": "aa"}\nHARNESS-PART-END x\n', r"malformed end line"),
+])  # fmt: skip
+def test_status_and_clock_refuses_a_failed_or_malformed_answer(preamble: str, message: str) -> None:
+    from harness import state
+    from harness.errors import StateError
+
+    chan = LineChannel([b"100.00 50.0\n"] * 3)
+    chan.pending = preamble.encode()
+    with pytest.raises(StateError, match=message):
+        state.status_and_clock(_status_ssh(chan), True, who="fake")

@@ -169,19 +169,6 @@ class FakeVm:
         return self.agent_answers.get(args[0], {"ok": True})
 
 
-def test_agent_status_and_memory_come_from_one_command() -> None:
-    status = {"boot_id": "b", "uptime": 1.5, "heartbeat": {"count": 3}}
-    mem = {"size_mb": 16, "seed": "s", "checksum": "aa", "expected": "aa"}
-    ssh = FakeSsh(lambda cmd: (0, json.dumps(status) + "\n" + json.dumps(mem) + "\n"))
-    assert state.agent_status(ssh) == (status, mem)  # type: ignore[arg-type]
-    assert ssh.commands == ["agent status && agent mem-checksum"]
-    ssh = FakeSsh(lambda cmd: (0, json.dumps(status) + "\n"))
-    assert state.agent_status(ssh, memory=False) == (status, {})  # type: ignore[arg-type]
-    assert ssh.commands == ["agent status"]
-    with pytest.raises(StateError, match=r"fake: 'agent status && agent mem-checksum' answered .*expected 2 JSON"):
-        state.agent_status(ssh)  # type: ignore[arg-type]
-
-
 def efivar_answer(value: bytes | None) -> Callable[[str], tuple[int, str]]:
     def handler(cmd: str) -> tuple[int, str]:
         if value is None:
