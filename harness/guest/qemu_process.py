@@ -156,7 +156,18 @@ def _make_machine_class(base: Any) -> Any:
                 start_new_session=True,
             )
             self._launched = True
-            self._post_launch()
+            try:
+                self._post_launch()
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Interrupted (Ctrl-C, SIGTERM) while connecting QMP: qemu.machine's
+                    # launch() would wait 30 s for a QEMU that was never told to quit and
+                    # then raise AbnormalShutdown in the interrupt's place (a `harness
+                    # repro` interrupted so exited 70, not 130).  Reap it now; the
+                    # interrupt goes on.
+                    self._popen.kill()
+                    self._popen.wait()
+                raise
 
         def _post_launch(self) -> None:
             if self._defer_qmp:

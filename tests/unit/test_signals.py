@@ -78,3 +78,47 @@ def test_processes_are_found_by_an_inherited_environment_token() -> None:
         finally:
             faults.kill_pids(faults.processes_with_env("HARNESS_TEST_TOKEN", "tok-found"))
     assert faults.wait_gone(found, timeout=10) == []
+
+
+def test_an_interrupt_while_qemu_starts_stays_an_interrupt_and_reaps_it(tmp_path: Path) -> None:
+    """Ctrl-C while a QEMU's QMP connects (a cpr-reboot's new QEMU in `harness repro`):
+    the KeyboardInterrupt reaches the caller at once and the process is reaped - not a
+    30-s wait for a QEMU never told to quit and an AbnormalShutdown in its place (make
+    test's SIGINT test caught `harness repro` exiting 70).  In a child process, as a
+    user's Ctrl-C reaches one."""
+    pidfile = tmp_path / "stub.pid"
+    stub = tmp_path / "qemu-that-never-greets"
+    stub.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    stub.chmod(0o755)
+    script = (
+        "import pathlib, sys\n"
+        "from harness.guest.qemu_process import QemuProcess\n"
+        "class Build:\n"
+        "    label, binary, env = 'stub', pathlib.Path(sys.argv[1]), {}\n"
+        "    def data_args(self): return []\n"
+        "    def wrapper(self): return []\n"
+        "proc = QemuProcess(Build(), [], workdir=pathlib.Path(sys.argv[2]), qmp_timeout=30.0)\n"
+        "try:\n"
+        "    proc.launch()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted, reaped:', proc._vm._popen.poll() is not None, flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(stub), str(tmp_path / "w")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert child.poll() is None and time.monotonic() < deadline, "the stub QEMU never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the child is in QMP's connect now
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10, out
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130 and "interrupted, reaped: True" in out, out
+    assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()
