@@ -145,7 +145,7 @@ def _part(conv: Conversation, command: str, who: str) -> tuple[int, list[Any]]:
                 raise StateError(f"{who} {command!r}: malformed end line {line!r}") from exc
         try:
             lines.append(json.loads(line))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # untrusted: deep nesting too
             raise StateError(f"{who} {command!r} printed {line[:200]!r}, not JSON") from exc
 
 

@@ -53,10 +53,6 @@ class CommandResult:
             return self._parse(lines[-1], "stdout is not JSON")
         raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
 
-    def json_lines(self) -> list[Any]:
-        """Every JSON line of stdout, in order (several agent answers from one command)."""
-        return [self._parse(line, "a line is not JSON") for line in self.stdout.splitlines() if _looks_json(line)]
-
     def _parse(self, line: str, what: str) -> Any:
         try:
             return json.loads(line)

@@ -231,9 +231,9 @@ def run_cycles(
     (:func:`guest_mode_limitation`) is recorded as its own result (``extra``:
     ``known_limitation``, ``expected_failure``), the source is resumed and both levels are
     checked on it; if nothing was lost the cycle is tried again (:class:`Attempts`, with the
-    EFI variable values the checks just found): with L2 running up to ``known_retries`` times in all (default: as many as there are cycles; it
-    hit 3 of 18 cpr-transfer attempts here, and four cpr-reboot attempts in a row on a
-    loaded CI machine), and after ``quiesce_after`` refusals of one cycle with L2's vCPUs
+    EFI variable values the checks just found): with L2 running up to ``known_retries``
+    times in all (default: as many as there are cycles; it hit 3 of 18 cpr-transfer
+    attempts here, and four cpr-reboot attempts in a row on a loaded CI machine), and after ``quiesce_after`` refusals of one cycle with L2's vCPUs
     paused for the cut (``extra["l2_quiesced"]``; L2's pause then includes it).  With a TCG
     L1, cpr-reboot and save-restore keep the old QEMU until the new one runs
     (``keep_source_until_loaded``) so that such a refusal can be resumed too."""
