@@ -1215,12 +1215,13 @@ def back_to_back(
             raise UnsupportedError("verify_ram", f"{op}", "the RAM comparison is made for live and save-restore hops")
         kw["verify_ram"] = True
     results: list[MigrationResult] = []
+    has_vars = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
+    var = f"{CYCLE_VAR}-{state.HARNESS_GUID}"
     for i in range(1, cycles + 1):
         dest = builds[(i - 1) % len(builds)] if builds else None
         before = None
         value = f"cycle-{i}-{time.time_ns()}".encode()
         if check_guest:
-            has_vars = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
             if has_vars:
                 state.write_efivar(vm, CYCLE_VAR, value)
             # without the memory: the after's checksum is judged against what was written
@@ -1228,16 +1229,14 @@ def back_to_back(
         res = fn(vm, to=dest, timeout=timeout, check=False, **kw)
         res.cycle = i
         if res.ok and check_guest and before is not None:
-            var = f"{CYCLE_VAR}-{state.HARNESS_GUID}"
-            split = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
             try:
-                after = state.snapshot(vm, efivars=[var] if split else [])  # one command
+                after = state.snapshot(vm, efivars=[var] if has_vars else [])  # one command
                 res.pause_s = round(state.guest_pause(before, after), 4)
                 res.pause_uncertainty_s = round(state.pause_uncertainty(before, after), 4)
                 res.problems += state.survival_problems(before, after, max_pause)
                 if after.boot_id != before.boot_id:  # it crashed and rebooted: the console says why
                     res.problems += state.kernel_crash_problems(vm)
-                if split:
+                if has_vars:
                     got = after.efivars[var]
                     if got != value:
                         res.problems.append(

@@ -60,11 +60,6 @@ class GuestState:
         return asdict(self)
 
 
-def clock_sample(vm: Machine, tries: int = 3) -> ClockSample:
-    """The guest's uptime paired with the host time at the midpoint of the fastest try."""
-    return clock_sample_over(vm.ssh, tries, timeout=30.0, who="guest")
-
-
 #: Answers every line of input with the guest's uptime: builtins only (ash's ``read`` and
 #: ``echo``), so a sample costs the guest no process, and all of them one SSH channel.
 UPTIME_LOOP = 'while read -r _; do read -r u _ </proc/uptime && echo "$u"; done'
@@ -72,8 +67,8 @@ UPTIME_LOOP = 'while read -r _; do read -r u _ </proc/uptime && echo "$u"; done'
 
 def clock_sample_over(ssh: SshClient, tries: int = 3, *, timeout: float = 30.0,
                       who: str = "guest") -> ClockSample:
-    """:func:`clock_sample` over any SSH session (an L2's goes through its L1): ``tries``
-    exchanges with :data:`UPTIME_LOOP` over one channel, the one with the shortest round
+    """The guest's uptime paired with the host time at the midpoint of the fastest of
+    ``tries`` exchanges with :data:`UPTIME_LOOP` over one channel, the one with the shortest round
     trip kept (the first also waits for the shell to start)."""
     with ssh.converse(UPTIME_LOOP, timeout=timeout) as conv:
         return _fastest_uptime(conv, tries, who)
@@ -126,10 +121,8 @@ def status_and_clock(ssh: SshClient, memory: bool = True, efivars: Sequence[str]
         raise StateError(f"{who} {parts[0]!r} answered {lines!r} with status {rc} "
                          f"(expected {1 + memory} JSON object lines and 0)")  # fmt: skip
     for var, (rc, out) in zip(efivars, answers[1:], strict=True):
-        try:
-            found[var] = bytes.fromhex(str(out[0]["data"])) if rc == 0 else None
-        except (IndexError, KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"{who} agent efivar get {var} answered {out!r}") from exc
+        answer = None if rc != 0 else out[-1] if out else {}  # no answer line: malformed
+        found[var] = efivar_data(answer, f"{who} agent efivar get {var}")
     return StatusAndClock(lines[0], lines[1] if memory else {}, found, clock)
 
 
@@ -293,9 +286,17 @@ def write_efivar(vm: Machine, name: str, data: bytes, guid: str = HARNESS_GUID, 
 def read_efivar(vm: Machine, name: str, guid: str = HARNESS_GUID) -> bytes | None:
     """An EFI variable as the guest sees it (None when absent)."""
     res = vm.ssh.run(f"agent efivar get {shlex.quote(name + '-' + guid)}", timeout=60)
-    if res.rc != 0:
+    return efivar_data(res.json() if res.rc == 0 else None, res.command)
+
+
+def efivar_data(answer: Any, what: str) -> bytes | None:
+    """The data of an ``agent efivar get`` answer (None: the command failed, no variable)."""
+    if answer is None:
         return None
-    return bytes.fromhex(str(res.json()["data"]))
+    try:
+        return bytes.fromhex(str(answer["data"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"{what} answered {answer!r}") from exc
 
 
 def efivar_problem(name: str, guid: str, expected: bytes, got: bytes | None, where: str) -> str | None:

@@ -48,20 +48,13 @@ class CommandResult:
 
     def json(self) -> Any:
         """stdout parsed as JSON (the guest agent's answers); the last JSON line wins."""
-        lines = [line for line in self.stdout.strip().splitlines() if _looks_json(line)]
-        if lines:
-            return self._parse(lines[-1], "stdout is not JSON")
-        raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
-
-    def _parse(self, line: str, what: str) -> Any:
+        lines = [line for line in self.stdout.strip().splitlines() if line.strip().startswith(("{", "["))]
+        if not lines:
+            raise GuestCommandError(self.command, self.rc, self.stdout, "stdout is not JSON")
         try:
-            return json.loads(line)
+            return json.loads(lines[-1])
         except (ValueError, RecursionError) as exc:  # untrusted: deep nesting too
-            raise GuestCommandError(self.command, self.rc, self.stdout, f"{what}: {exc}") from None
-
-
-def _looks_json(line: str) -> bool:
-    return line.strip().startswith(("{", "["))
+            raise GuestCommandError(self.command, self.rc, self.stdout, f"stdout is not JSON: {exc}") from None
 
 
 def parse_host_key(line: str) -> paramiko.PKey:

@@ -136,9 +136,6 @@ class L2:
 
     # -- state --------------------------------------------------------------------------------
 
-    def clock_sample(self, tries: int = 3) -> state.ClockSample:
-        return state.clock_sample_over(self.ssh, tries, timeout=60.0, who=f"{self.name}:")
-
     def snapshot(self, memory: bool = True, efivars: Sequence[str] = ()) -> state.GuestState:
         """L2's state now (the same record as :func:`harness.state.snapshot` of L1), with
         the EFI variables ``efivars`` (``NAME-GUID``) read in the same SSH command."""
@@ -147,12 +144,6 @@ class L2:
 
     def write_efivar(self, name: str, data: bytes, guid: str = state.HARNESS_GUID, attrs: int = 7) -> None:
         self.agent("efivar", "set", f"{name}-{guid}", data.hex(), str(attrs))
-
-    def read_efivar(self, name: str, guid: str = state.HARNESS_GUID) -> bytes | None:
-        res = self.ssh.run(f"agent efivar get {shlex.quote(name + '-' + guid)}", timeout=60)
-        if res.rc != 0:
-            return None
-        return bytes.fromhex(str(res.json()["data"]))
 
     def varstore_bytes(self) -> bytes:
         """L2's varstore file as L2's QEMU wrote it inside L1."""

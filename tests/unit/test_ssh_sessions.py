@@ -237,38 +237,32 @@ def test_conversation_says_what_ended_and_what_timed_out() -> None:
         Conversation(silent, "loop", "fake", 5.0).ask()  # type: ignore[arg-type]
 
 
-def test_clock_sample_keeps_the_shortest_round_trip_of_one_channel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness import state
-    from harness.guest.ssh import Conversation
-
-    chan = LineChannel([b"100.00 50.0\n", b"100.50 50.0\n", b"101.00 50.0\n"])
-    ticks = iter([0.0, 0.4, 1.0, 1.01, 2.0, 2.2])  # round trips 0.4, 0.01, 0.2
-    monkeypatch.setattr(time, "monotonic", lambda: next(ticks))
-
-    class Ssh:
-        started: list[str] = []
-
-        def converse(self, command: str, timeout: float = 30.0) -> Conversation:
-            self.started.append(command)
-            return Conversation(chan, command, "fake", timeout)  # type: ignore[arg-type]
-
-    ssh = Ssh()
-    sample = state.clock_sample_over(ssh, 3)  # type: ignore[arg-type]
-    assert ssh.started == [state.UPTIME_LOOP] and len(chan.sent) == 3 and chan.closed
-    assert (sample.guest, sample.host, round(sample.rtt, 3)) == (100.5, 1.005, 0.01)
-
-
-def _status_ssh(chan: LineChannel) -> Any:
+def _conversing_ssh(chan: LineChannel) -> Any:
+    """An SSH client whose every ``converse`` talks to ``chan`` (and records the command)."""
     from harness.guest.ssh import Conversation
 
     class Ssh:
-        started: list[str] = []
+        def __init__(self) -> None:
+            self.started: list[str] = []
 
         def converse(self, command: str, timeout: float = 30.0) -> Conversation:
             self.started.append(command)
             return Conversation(chan, command, "fake", timeout)  # type: ignore[arg-type]
 
     return Ssh()
+
+
+def test_clock_sample_keeps_the_shortest_round_trip_of_one_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import state
+
+    chan = LineChannel([b"100.00 50.0\n", b"100.50 50.0\n", b"101.00 50.0\n"])
+    ticks = iter([0.0, 0.4, 1.0, 1.01, 2.0, 2.2])  # round trips 0.4, 0.01, 0.2
+    monkeypatch.setattr(time, "monotonic", lambda: next(ticks))
+
+    ssh = _conversing_ssh(chan)
+    sample = state.clock_sample_over(ssh, 3)
+    assert ssh.started == [state.UPTIME_LOOP] and len(chan.sent) == 3 and chan.closed
+    assert (sample.guest, sample.host, round(sample.rtt, 3)) == (100.5, 1.005, 0.01)
 
 
 def test_status_memory_variables_and_clock_come_over_one_channel() -> None:
@@ -282,7 +276,7 @@ def test_status_memory_variables_and_clock_come_over_one_channel() -> None:
     chan.pending = "".join([json.dumps(status), "\n", json.dumps(mem), "\nHARNESS-PART-END 0\n",
                             json.dumps({"data": b"hi".hex()}), "\nHARNESS-PART-END 0\n",
                             '{"error": "no such variable"}\nHARNESS-PART-END 1\n']).encode()  # fmt: skip
-    ssh = _status_ssh(chan)
+    ssh = _conversing_ssh(chan)
     got = state.status_and_clock(ssh, True, ["A-1", "B-2"])
     assert (got.status, got.mem, got.efivars) == (status, mem, {"A-1": b"hi", "B-2": None})
     assert got.clock.guest in (100.0, 100.5, 101.0) and len(chan.sent) == 3 and chan.closed
@@ -306,4 +300,4 @@ def test_status_and_clock_refuses_a_failed_or_malformed_answer(preamble: str, me
     chan = LineChannel([b"100.00 50.0\n"] * 3)
     chan.pending = preamble.encode()
     with pytest.raises(StateError, match=message):
-        state.status_and_clock(_status_ssh(chan), True, who="fake")
+        state.status_and_clock(_conversing_ssh(chan), True, who="fake")
