@@ -78,7 +78,7 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
         plan = hops(qbuilds, wanted)
         last_status = "completed"
         for i, (op, dest) in enumerate(plan, 1):
-            rec = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch, booted_on)
+            rec, after = _hop(vm, i, op, dest, before, incompat, machine, firmware, arch, booted_on)
             if tpm_note:
                 rec["tpm"] = tpm_note
             report.add(rec, opts)
@@ -87,6 +87,11 @@ def run_secure_boot(opts: ScenarioOptions) -> ScenarioReport:
             last_status = rec["status"]
             if rec["status"] != "completed":
                 break
+            if after is not None and not rec["problems"]:
+                # the next hop starts from what this one's checks saw (the authenticated
+                # round after them writes only its own variable: no key, lock or PCR)
+                before = after
+                continue
             if rec["problems"]:
                 # the next hop must not inherit this one's damage (a lost SMRAM lock
                 # cannot be lost again): a warm reboot, where the firmware locks anew
@@ -156,10 +161,10 @@ def _firmware_upgrade(vm: Any, index: int, new_fw: str, initial: secureboot.SbVi
                         dest_firmware=new_fw, arch=arch)  # fmt: skip
 
 
-def _tpm_problems(vm: Any, before: tpm.TpmView, where: str, *, same_boot: bool = True) -> list[str]:
+def _tpm_problems(vm: Any, before: tpm.TpmView, now: tpm.TpmView, where: str, *,
+                  same_boot: bool = True) -> list[str]:
     """The vTPM's differences (:func:`tpm.problems`), and when the guest sees no TPM at all,
     what its kernel said about the device at boot."""
-    now = tpm.observe(vm)
     out = tpm.problems(before, now, where, same_boot=same_boot)
     if out and not now.pcrs:
         out += tpm.driver_problems(vm, where)
@@ -179,7 +184,7 @@ def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firm
         problems += secureboot.problems(initial, after, where)
         problems += secureboot.auth_round(vm, where)
         if initial.tpm is not None:
-            problems += _tpm_problems(vm, initial.tpm, where, same_boot=False)
+            problems += _tpm_problems(vm, initial.tpm, tpm.observe(vm), where, same_boot=False)
     except HarnessError as exc:
         problems.append(f"{where}: {exc}")
     return _step_record(vm, index, "restart", problems, machine=machine, firmware=firmware, arch=arch)
@@ -187,20 +192,25 @@ def _restart(vm: Any, index: int, initial: secureboot.SbView, machine: str, firm
 
 def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbView,
          incompat: matrix.Incompatibilities, machine: str, firmware: str, arch: str,
-         booted_on: QemuBuild) -> dict[str, Any]:
+         booted_on: QemuBuild) -> tuple[dict[str, Any], secureboot.SbView | None]:
+    """One hop and its record, with what the checks after it observed (None when the hop
+    or its checks did not get that far)."""
     source = vm.build
     res = migration.operation(op)(vm, to=dest, check=False)
     problems = list(res.problems) if not res.ok else []
+    after = None
     if res.ok:
         try:
             after = secureboot.observe(vm)
             where = f"after {op} {source.label} -> {dest.label}"
             problems += secureboot.problems(before, after, where)
             if before.tpm is not None:
-                problems += _tpm_problems(vm, before.tpm, where)
+                after.tpm = tpm.observe(vm)
+                problems += _tpm_problems(vm, before.tpm, after.tpm, where)
             problems += secureboot.auth_round(vm, f"after {op}")
         except HarnessError as exc:
             problems.append(f"checking after the hop: {exc}")
+            after = None
     signature = res.signature
     if problems and not signature:
         from harness import signatures
@@ -217,4 +227,4 @@ def _hop(vm: Any, index: int, op: str, dest: QemuBuild, before: secureboot.SbVie
     expected = incompat.lookup(source.version, dest.version, op, machine, boot=booted_on.version, arch=arch,
                                scenario="secure-boot", signature=signature if failed else None)  # fmt: skip
     rec["booted_on"] = booted_on.label
-    return matrix.record_verdict(rec, matrix.judge(failed, signature, expected), expected)
+    return matrix.record_verdict(rec, matrix.judge(failed, signature, expected), expected), after
