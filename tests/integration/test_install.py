@@ -3,9 +3,11 @@ fresh virtualenv, used from a directory outside the checkout.
 
 Before ``harness install-qemu-machine`` (qemu.machine is not on PyPI) pytest on an unrelated
 test file passes and ``harness doctor`` says in one line what is missing; after it, doctor
-passes, a user's test using ``vm`` boots a real guest, and the nightly runs from the test
-module shipped in the package (no checkout's tests/ at hand).  Builds and images come from
-the shared cache, as on any machine that ran ``make setup``."""
+passes, a user's test using ``vm`` gets a real guest (``--fast-start``: restored from the
+shared cache's saved boot, which the package's own keys must find), and the nightly runs
+from the test module shipped in the package (no checkout's tests/ at hand), its boot row
+booting cold.  Builds and images come from the shared cache, as on any machine that ran
+``make setup``."""
 
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def test_installed_package_before_and_after_qemu_machine(venv: Path, tmp_path: P
     doctor = _run(venv, "harness", "doctor", "--json", cwd=user)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert json.loads(doctor.stdout)["missing"] == []
-    guest = _run(venv, "pytest", "-v", "-p", "no:cacheprovider", "test_guest.py", cwd=user)
+    guest = _run(venv, "pytest", "-v", "-p", "no:cacheprovider", "--fast-start", "test_guest.py", cwd=user)
     assert guest.returncode == 0, guest.stdout[-3000:] + guest.stderr[-3000:]
     assert "test_guest_runs_linux[qemu10.0.2-ovmf2022.11] PASSED" in guest.stdout
     assert sorted(p.name for p in user.iterdir()) == sorted(USER_TESTS), "a passing run leaves nothing"
