@@ -71,6 +71,6 @@ def test_vm_fixture_boots_the_arch_asked_for(
             assert vm.spec.arch == guest_arch == "aarch64"
             assert vm.ssh.run("uname -m").stdout.strip() == "aarch64"
     """)
-    res = pytester.runpytest("-v", "--arch", "aarch64")
+    res = pytester.runpytest("-v", "--arch", "aarch64", "--fast-start")  # the arch is the check, not the boot
     res.assert_outcomes(passed=1)
     assert find_qemu(str(harness_rundir)) == []
