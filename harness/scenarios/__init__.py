@@ -3,12 +3,17 @@
 A scenario is a function ``(ScenarioOptions) -> ScenarioReport`` registered under a name
 with :func:`scenario`.  The CLI's ``harness repro NAME``, the nightly matrix, the pytest
 tests and the avocado wrappers all call the same functions.  Each module in this package
-registers its scenarios on import; :func:`get` imports them all.
+registers its scenarios on import.  Listing them (:func:`names`, every ``harness``
+command's parser) reads the ``@scenario(...)`` lines from the modules' source instead of
+importing them (the modules import the whole harness, paramiko included: most of a second
+for each ``harness`` command); :func:`get` imports only the module that declares the name.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import importlib
 import pkgutil
 import time
@@ -147,14 +152,65 @@ def _load() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
 
 
+@functools.cache
+def declared() -> dict[str, tuple[str, str]] | None:
+    """Every ``@scenario(NAME, HELP)`` of this package's modules, read from their source:
+    name -> (module, one-line help); None when a module's source is not at hand or a
+    declaration is not made of literals (module-level string constants count), and then
+    the callers import every module instead."""
+    out: dict[str, tuple[str, str]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        path = Path(__path__[0]) / f"{info.name}.py"
+        try:
+            tree = ast.parse(path.read_text(), filename=str(path))
+        except (OSError, SyntaxError, ValueError):
+            return None
+        consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                  for t in n.targets if isinstance(t, ast.Name)}  # fmt: skip
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for dec in node.decorator_list:
+                if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Name) and dec.func.id == "scenario"):
+                    continue
+                args = list(dec.args) + [k.value for k in dec.keywords if k.arg in ("name", "help")]
+                values = [_literal(a, consts) for a in args]
+                if not values or len(dec.keywords) > 2:
+                    return None
+                strings = [v for v in values if v is not None]
+                if len(strings) != len(values):
+                    return None
+                help_text = strings[1] if len(strings) > 1 and strings[1] else (ast.get_docstring(node) or "").strip()
+                out[strings[0]] = (f"{__name__}.{info.name}", help_text.splitlines()[0] if help_text else "")
+    return out
+
+
+def _literal(node: ast.expr, consts: dict[str, str]) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name):
+        return consts.get(node.id)
+    return None
+
+
 def names() -> dict[str, str]:
     """Every scenario name with its one-line help."""
-    _load()
-    return dict(sorted(_HELP.items()))
+    found = declared()
+    if found is None:
+        _load()
+        return dict(sorted(_HELP.items()))
+    return dict(sorted({**{n: h for n, (_, h) in found.items()}, **_HELP}.items()))
 
 
 def get(name: str) -> ScenarioFn:
-    _load()
+    """The scenario ``name``, importing only the module that declares it."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown scenario {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        found = declared()
+        if found is not None and name in found:
+            importlib.import_module(found[name][0])
+        else:
+            _load()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown scenario {name!r}; known: {', '.join(names())}")
     return _REGISTRY[name]
