@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -353,3 +354,18 @@ def test_mem_region_checksum_matches_layout() -> None:
     assert len(pages) == 1 << 20
     assert mem_region_checksum(1, "s") == hashlib.md5(pages).hexdigest()
     assert mem_region_checksum(1, "t") != mem_region_checksum(1, "s")
+
+
+def test_the_image_carries_the_checksums_of_the_default_regions() -> None:
+    # the spec's defaults and the L2 config `agent l2 start` writes: their regions are
+    # not hashed in the guest at boot (the image's /etc/harness/mem.md5 says their MD5)
+    from harness.images.builder import KNOWN_REGIONS
+    from harness.spec import VmSpec
+
+    spec = VmSpec()
+    assert (spec.guest_mem_mb, spec.seed) in KNOWN_REGIONS
+    agent = (images.AGENT_DIR / "agent").read_text()
+    l2 = re.search(r"printf 'mem_mb=(\d+)\\nseed=([\w.-]+)\\n", agent)
+    assert l2 is not None, "the L2 config line of `agent l2 start` moved"
+    assert (int(l2.group(1)), l2.group(2)) in KNOWN_REGIONS
+    assert 'done </etc/harness/mem.md5' in agent  # where mem-fill reads them
