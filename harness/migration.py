@@ -1216,7 +1216,7 @@ def back_to_back(
         kw["verify_ram"] = True
     results: list[MigrationResult] = []
     has_vars = vm.spec.firmware is not None and vm.spec.firmware_mode == "split"
-    var = f"{CYCLE_VAR}-{state.HARNESS_GUID}"
+    var = state.efivar_id(CYCLE_VAR)
     for i in range(1, cycles + 1):
         dest = builds[(i - 1) % len(builds)] if builds else None
         before = None

@@ -278,14 +278,19 @@ EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 HARNESS_GUID = "4a1c2d3e-5b6f-4708-9a1b-2c3d4e5f6071"
 
 
+def efivar_id(name: str, guid: str = HARNESS_GUID) -> str:
+    """``NAME-GUID``: how the agent (and efivarfs) names a variable."""
+    return f"{name}-{guid}"
+
+
 def write_efivar(vm: Machine, name: str, data: bytes, guid: str = HARNESS_GUID, attrs: int = 7) -> None:
     """Write an EFI variable from inside the guest (non-volatile by default)."""
-    vm.agent("efivar", "set", f"{name}-{guid}", data.hex(), str(attrs))
+    vm.agent("efivar", "set", efivar_id(name, guid), data.hex(), str(attrs))
 
 
 def read_efivar(vm: Machine, name: str, guid: str = HARNESS_GUID) -> bytes | None:
     """An EFI variable as the guest sees it (None when absent)."""
-    res = vm.ssh.run(f"agent efivar get {shlex.quote(name + '-' + guid)}", timeout=60)
+    res = vm.ssh.run(f"agent efivar get {shlex.quote(efivar_id(name, guid))}", timeout=60)
     return efivar_data(res.json() if res.rc == 0 else None, res.command)
 
 

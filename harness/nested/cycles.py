@@ -159,7 +159,7 @@ def _check_pair(l1: Machine, l2: L2, op: str, befores: tuple[state.GuestState, s
     """L1's and L2's survival after a cycle (or after a refused one): into ``res``/``cyc``."""
     l1_before, l2_before = befores
     v1, v2 = values
-    l1_var, l2_var = f"{L1_CYCLE_VAR}-{state.HARNESS_GUID}", f"{L2_CYCLE_VAR}-{state.HARNESS_GUID}"
+    l1_var, l2_var = state.efivar_id(L1_CYCLE_VAR), state.efivar_id(L2_CYCLE_VAR)
     try:
         with_var = _l1_has_cycle_var(l1, op)
         l1_after = state.snapshot(l1, efivars=[l1_var] if with_var else [])
@@ -241,8 +241,9 @@ def run_cycles(
     times in all (default: as many as there are cycles; it hit 3 of 18 cpr-transfer
     attempts here, and four cpr-reboot attempts in a row on a loaded CI machine), and
     after ``quiesce_after`` refusals of one cycle with L2's vCPUs paused for the cut
-    (``extra["l2_quiesced"]``; L2's pause then includes it).  With a TCG L1, cpr-reboot and save-restore keep the old QEMU until the new one runs
-    (``keep_source_until_loaded``) so that such a refusal can be resumed too."""
+    (``extra["l2_quiesced"]``; L2's pause then includes it).  With a TCG L1, cpr-reboot
+    and save-restore keep the old QEMU until the new one runs (``keep_source_until_loaded``)
+    so that such a refusal can be resumed too."""
     from harness import migration
 
     plan_accel = l1.accel

@@ -143,7 +143,7 @@ class L2:
         return state.guest_state(got, who=self.name)
 
     def write_efivar(self, name: str, data: bytes, guid: str = state.HARNESS_GUID, attrs: int = 7) -> None:
-        self.agent("efivar", "set", f"{name}-{guid}", data.hex(), str(attrs))
+        self.agent("efivar", "set", state.efivar_id(name, guid), data.hex(), str(attrs))
 
     def varstore_bytes(self) -> bytes:
         """L2's varstore file as L2's QEMU wrote it inside L1."""

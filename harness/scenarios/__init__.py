@@ -174,12 +174,13 @@ def declared() -> dict[str, tuple[str, str]] | None:
             for dec in node.decorator_list:
                 if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Name) and dec.func.id == "scenario"):
                     continue
-                args = list(dec.args) + [k.value for k in dec.keywords if k.arg in ("name", "help")]
-                values = [_literal(a, consts) for a in args]
-                if not values or len(dec.keywords) > 2:
+                if any(k.arg not in ("name", "help") for k in dec.keywords):
                     return None
+                given = {str(k.arg): k.value for k in dec.keywords}
+                args = [*dec.args, *(given[n] for n in ("name", "help")[len(dec.args):] if n in given)]
+                values = [_literal(a, consts) for a in args]
                 strings = [v for v in values if v is not None]
-                if len(strings) != len(values):
+                if not strings or len(strings) != len(values):
                     return None
                 help_text = strings[1] if len(strings) > 1 and strings[1] else (ast.get_docstring(node) or "").strip()
                 out[strings[0]] = (f"{__name__}.{info.name}", help_text.splitlines()[0] if help_text else "")
