@@ -842,6 +842,7 @@ def _load_into_new_qemu(
         _dest_failure(vm, dest, result, why)
         return _check(result, check)
     vm.adopt(dest)
+    _clear_settings(dest, caps)  # the next operation on this process starts clean
     result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)

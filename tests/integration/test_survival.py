@@ -82,12 +82,17 @@ def test_live_save_restore_and_cpr_transfer_keep_the_varstore(vm_factory: Machin
     _poweroff_and_check(vm, planted)
 
 
-@pytest.mark.requires(mode="cpr-reboot")
-def test_cpr_reboot_keeps_the_varstore(vm_factory: MachineFactory) -> None:
-    vm = vm_factory(name="surv-file", fast=True, **migration.spec_fields_for("cpr-reboot"))
+@pytest.mark.requires(mode="cpr-transfer")
+def test_cpr_reboot_and_cpr_transfer_in_turn_keep_the_varstore(vm_factory: MachineFactory) -> None:
+    """Guest RAM in a shared file: cpr-reboot keeps it in place (``x-ignore-shared``),
+    cpr-transfer hands its descriptor to the new QEMU, in turn on one guest.  Each hop
+    must start from plain settings: a cpr-reboot's new QEMU kept the capability on, and
+    the next cpr-transfer's destination refused the stream ("Capability x-ignore-shared
+    is off, but received capability is on")."""
+    vm = vm_factory(name="surv-file", fast=True, **{**migration.spec_fields_for("cpr-reboot"), "aux_ram_share": True})
     planted = survival.plant(vm)
-    for _cycle in range(2):
-        _move(vm, "cpr-reboot", planted)
+    for op in ("cpr-reboot", "cpr-transfer", "cpr-reboot"):
+        _move(vm, op, planted)
     _poweroff_and_check(vm, planted)
 
 
