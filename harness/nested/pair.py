@@ -99,11 +99,15 @@ def restore_pair(l1: Machine, snap: Snapshot, *, timeout: float = 300.0) -> tupl
         if meta.get("l2_paused"):
             set_l2_running(l2, True)  # paused for the save (see ensure_pair_snapshot)
         l2.ssh.connect(timeout=timeout)
-        first = l2.agent("heartbeat")
+        # one command for the boot id and the first heartbeat: an L2 pays about a second
+        # for any command (its fork and exec, many exits to L1's KVM)
         status = l2.agent("status")
         if status.get("boot_id") != l2.started.boot_id:
             raise StateError(f"restored L2 has boot id {status.get('boot_id')}, the saved L2 had "
                              f"{l2.started.boot_id}")  # fmt: skip
+        first = status.get("heartbeat")
+        if not isinstance(first, dict) or "count" not in first:
+            raise StateError(f"restored L2 reports no heartbeat: {status}")
         deadline = time.monotonic() + 60
         while int(l2.agent("heartbeat")["count"]) <= int(first["count"]):
             if time.monotonic() > deadline:
