@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import (
+    ConfigError,
     HostError,
     UnsupportedError,
 )
@@ -84,16 +85,25 @@ def l1_plan(
                   "no KVM nested state exists on a TCG L0")  # fmt: skip
 
 
-def pair_fields(qemu_builds: Sequence[QemuBuild]) -> dict[str, Any]:
+def pair_fields(qemu_builds: Sequence[QemuBuild], ram: str = "memfd") -> dict[str, Any]:
     """Spec fields one L1 needs to go through every operation the builds share: shared
-    memfd RAM (cpr-transfer's, and what lets a stream probe skip RAM), plus
-    ``aux_ram_share`` when every build offers cpr-transfer.  One set of fields for all
-    modes means one saved pair serves them all."""
+    RAM, plus ``aux_ram_share`` when every build offers cpr-transfer.  One set of fields
+    for the modes means one saved pair serves them.
+
+    ``ram`` ``memfd``: a live hop copies L1's RAM to the destination, as between hosts;
+    a cpr-reboot copies all of it to its state file too (2 GiB: 8-9 s of pause here).
+    ``file`` (a file in a private tmpfs directory): cpr-reboot keeps L1's RAM in place
+    (``x-ignore-shared``, as QEMU's CPR documentation has it) and cpr-transfer hands the
+    file over; a live hop copies no RAM (one host: source and destination map the same
+    file).  save-restore writes all RAM either way."""
+    if ram not in ("memfd", "file"):
+        raise ConfigError(f"nested L1 RAM {ram!r}; expected 'memfd' or 'file'")
+    if not all(b.capabilities.has_capability("x-ignore-shared") for b in qemu_builds):
+        return {}  # plain RAM: no build here keeps shared RAM out of a stream
+    fields: dict[str, Any] = {"memory_backend": ram}
     if all(b.capabilities.has_mode("cpr-transfer") for b in qemu_builds):
-        return {"memory_backend": "memfd", "aux_ram_share": True}
-    if all(b.capabilities.has_capability("x-ignore-shared") for b in qemu_builds):
-        return {"memory_backend": "memfd"}
-    return {}
+        fields["aux_ram_share"] = True
+    return fields
 
 
 def l1_spec(kvm: KvmInfo | None = None, **kw: Any) -> VmSpec:

@@ -117,8 +117,10 @@ def nested_evidence(sections: dict[str, list[str]] | None, *, source: str, l0_ac
 def probe_sections(vm: Machine, path: Path | None = None) -> dict[str, list[str]]:
     """The vmstate sections of ``vm``'s stream now: a save that resumes the guest at once.
 
-    With shared guest RAM (file or memfd backend) the save skips RAM (``x-ignore-shared``,
-    switched off again afterwards), so the guest pauses for a fraction of a second."""
+    The save asks for ``x-ignore-shared`` on shared guest RAM (switched off again
+    afterwards): RAM in a shared file stays out of it, and the guest pauses for a fraction
+    of a second.  QEMU 10.0.2 still writes memfd RAM whole (a 1 GiB guest's save: 146 MB
+    in 1.1 s, 4.4 MB in 0.03 s with its RAM in a file; an L1 with an L2: 3.3 s)."""
     from harness import migration
 
     path = path or vm.workdir / f"probe-{time.monotonic_ns()}.state"

@@ -40,7 +40,8 @@ def run_nested(opts: ScenarioOptions) -> ScenarioReport:
     for other in qbuilds[1:]:
         machine = builds.newest_common_machine(qbuilds[0].capabilities, other.capabilities)
     dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
-    fields: dict[str, Any] = nested.pair_fields(qbuilds)
+    # a live hop copies L1's RAM (memfd); the other modes keep it in a file, in place
+    fields: dict[str, Any] = nested.pair_fields(qbuilds, "memfd" if mode == "live" else "file")
     if mode in ("cpr-reboot", "cpr-transfer") and not all(b.capabilities.has_mode(mode) for b in qbuilds):
         raise UnsupportedError(f"migration mode {mode}", "QEMU " + ", ".join(b.label for b in qbuilds))
     if opts.ovmf:

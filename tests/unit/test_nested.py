@@ -6,13 +6,16 @@ stream's description."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from harness import nested
-from harness.errors import HostError, MachineError, StateError, UnsupportedError
+from harness.errors import ConfigError, HostError, MachineError, StateError, UnsupportedError
 from harness.inventory import host
+from harness.inventory.builds import Capabilities, QemuBuild
 from harness.spec import Resolved, VmSpec, qemu_args
 
 DATA = Path(__file__).parent / "data" / "nested"
@@ -106,6 +109,27 @@ def test_l1_plan_json_round_trips_the_spec(tmp_path: Path) -> None:
     data = json.loads(json.dumps(plan.to_json()))
     assert data["spec"]["cpu"] == "max" and data["accel"] == "tcg"
     assert VmSpec(**{**data["spec"], "extra_args": tuple(data["spec"]["extra_args"])}) == plan.spec
+
+
+@dataclass
+class _Build:
+    capabilities: Capabilities
+
+
+def _build(modes: tuple[str, ...], caps: tuple[str, ...]) -> QemuBuild:
+    return cast(QemuBuild, _Build(Capabilities("10.0.2", "", (), ("normal", *modes), caps, (), True, True, ())))
+
+
+def test_pair_fields_put_l1_ram_where_the_modes_want_it() -> None:
+    cpr = _build(("cpr-reboot", "cpr-transfer"), ("x-ignore-shared",))
+    older = _build(("cpr-reboot",), ("x-ignore-shared",))
+    bare = _build((), ())
+    assert nested.pair_fields([cpr]) == {"memory_backend": "memfd", "aux_ram_share": True}
+    assert nested.pair_fields([cpr], "file") == {"memory_backend": "file", "aux_ram_share": True}
+    assert nested.pair_fields([cpr, older], "file") == {"memory_backend": "file"}
+    assert nested.pair_fields([cpr, bare], "file") == {} == nested.pair_fields([bare])
+    with pytest.raises(ConfigError, match="nested L1 RAM 'hugetlb'; expected 'memfd' or 'file'"):
+        nested.pair_fields([cpr], "hugetlb")
 
 
 # --- the destination L2 of a migration inside L1 -----------------------------------------------
