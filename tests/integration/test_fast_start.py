@@ -88,3 +88,37 @@ def test_restored_guests_are_fast_independent_and_fresh(tmp_path: Path) -> None:
     finally:
         for m in made:
             m.stop()
+
+
+@pytest.mark.requires(mode="cpr-transfer")
+def test_a_shared_ram_snapshot_is_a_mapped_ram_stream(tmp_path: Path) -> None:
+    """A guest whose RAM is shared (memfd) has no RAM image: its snapshot's state holds
+    the RAM, as a mapped-ram stream where the build offers it, and a restore reads only the
+    pages that are not zero - the restored guest holds a fraction of its RAM."""
+    spec = VmSpec(name="mapped", **migration.spec_fields_for("cpr-transfer"))
+    made: list[Machine] = []
+
+    def fresh(tag: str) -> Machine:
+        m = Machine(spec, tmp_path / tag)
+        made.append(m)
+        return m
+
+    try:
+        vm = snapshots.start_fast(fresh("a"), make_template=lambda: fresh("tmpl"))
+        assert vm.ready is not None
+        snap = snapshots.valid(snapshots.snapshots_dir() / vm.ready.info["restored_from"])
+        assert snap is not None and snap.ram is None
+        assert snap.meta["stream_caps"] == ["mapped-ram"] == snapshots.stream_caps(vm), snap.meta
+        st = snap.state.stat()
+        assert st.st_size > spec.memory_mb << 20 > 2 * st.st_blocks * 512, st  # RAM at its offsets, sparse
+        shmem_kb = next(int(line.split()[1]) for line in Path(f"/proc/{vm.process.pid}/status").read_text().splitlines()
+                        if line.startswith("RssShmem:"))  # fmt: skip
+        assert shmem_kb * 1024 < (spec.memory_mb << 20) // 2, f"the restored guest holds {shmem_kb} kB of shared RAM"
+        after = state.snapshot(vm)  # the region the template wrote is whole
+        assert after.mem_expected is not None and after.mem_checksum == after.mem_expected, after
+        assert vm.qmp("query-migrate-capabilities") and not any(
+            c["state"] for c in vm.qmp("query-migrate-capabilities") if c["capability"] == "mapped-ram")
+        assert migration.cpr_transfer(vm).ok  # and it goes on like any other guest
+    finally:
+        for m in made:
+            m.stop()
