@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,7 +55,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.inventory.catalog import DEFAULT_FIRMWARE
 from harness.matrix import BootIncompatibility
 from harness.paths import NIGHTLY_SUITE_DIR, PACKAGE_DIR, checkout
-from harness.scenarios import ScenarioOptions, ScenarioReport
+from harness.scenarios import ScenarioOptions, ScenarioReport, setting_value
 
 MATRIX_ENV = "HARNESS_NIGHTLY_MATRIX"
 MATRIX_FILE = "matrix.json"
@@ -574,7 +574,7 @@ def _run_scenario(entry: Entry, artifacts: Path | None, workdir: Path | None,
                            mode=entry.mode, workdir=workdir, artifacts=artifacts, on_record=on_record)  # fmt: skip
     if entry.arch != "x86_64":
         opts.extra["arch"] = entry.arch
-    opts.extra.update(dict(entry.settings))
+    opts.extra.update({k: setting_value(v) for k, v in entry.settings})
     target = entry.target or entry.scenario
     if target not in scenarios.names():
         return EntryOutcome(entry, ScenarioReport(entry.scenario),
@@ -686,6 +686,7 @@ class NightlyOptions:
     full: bool = False
     rotation: int | None = None  # None: DEFAULT_ROTATION for the default matrix, else 1
     night: str | None = None  # YYYY-MM-DD the rotation is computed for (default today)
+    settings: list[tuple[str, str]] = field(default_factory=list)  # --set, for every scenario row
 
     def rotation_nights(self) -> int:
         """The rotation asked for; unset, the default matrix (no --scenario, --qemu,
@@ -695,6 +696,25 @@ class NightlyOptions:
             return self.rotation
         narrowed = self.scenarios or self.qemu or self.ovmf or self.full or self.inject_failure
         return 1 if narrowed or self.shard else DEFAULT_ROTATION
+
+
+def parse_settings(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``--set KEY=VALUE`` options as (key, value) pairs, in order."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_settings(m: Matrix, settings: Sequence[tuple[str, str]]) -> None:
+    """``--set`` settings for every scenario row, after the row's own (the command line's
+    win).  The boot rows and the pytest rows take none: a boot row checks a cold boot."""
+    if settings:
+        m.entries = [replace(e, settings=(*e.settings, *settings)) if e.runner == "scenario" else e
+                     for e in m.entries]  # fmt: skip
 
 
 def timestamp(t: float | None = None) -> str:
@@ -726,6 +746,7 @@ def plan(opts: NightlyOptions) -> Matrix:
                      registered=list(scenarios.names()), full=opts.full,
                      arch_builds={"aarch64": aarch64_labels([b.label for b in qemu])},
                      checkout=checkout() is not None)  # fmt: skip
+    apply_settings(m, opts.settings)
     newest = max(qemu, key=lambda b: (b.version, b.label))
     nights = opts.rotation_nights()
     if nights != 1 or opts.night is not None:

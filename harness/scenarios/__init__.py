@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from harness.factory import MachineFactory
 
 
+def setting_value(text: str) -> str | list[str]:
+    """The value of a ``--set KEY=VALUE`` option: a comma makes a list."""
+    return [v for v in text.split(",") if v] if "," in text else text
+
+
 @dataclass
 class ScenarioOptions:
     """What the user asked for (``harness repro`` options)."""

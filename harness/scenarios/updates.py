@@ -50,7 +50,9 @@ def run_updates(op: str, opts: ScenarioOptions) -> ScenarioReport:
     dests = qbuilds[1:] + qbuilds[:1] if len(qbuilds) > 1 else []
     with MachineFactory(spec, base=opts.workdir) as factory, keeping_artifacts(report, opts, factory, op) as run:
         vm = factory(fast=opts.flag("fast"))
-        report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}")
+        restored = vm.ready.info.get("restored_from") if vm.ready else None
+        report.notes.append(f"guest ready in {vm.ready.seconds if vm.ready else 0:.1f} s on QEMU {qbuilds[0].label}"
+                            + (f", restored from saved boot {restored}" if restored else ", booted cold"))  # fmt: skip
 
         def record(res: migration.MigrationResult) -> None:
             data: dict[str, Any] = res.to_json()

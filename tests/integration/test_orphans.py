@@ -190,7 +190,7 @@ def test_sigint_to_harness_nightly_leaves_no_qemu(
     if not _nightly_exists():
         pytest.skip("harness nightly is not available in this checkout")
     cmd = [*CLI, "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
-           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results")]  # fmt: skip
+           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results"), "--set", "fast=1"]  # fmt: skip
     child = Child(cmd, rundir, tmp_path / "nightly.out")
     child_factory.append(child)
     _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "a nightly guest started", child)
@@ -361,7 +361,7 @@ def test_sigkill_to_harness_nightly_takes_pytest_its_workers_and_guests(
     rundir: Path, tmp_path: Path, child_factory: list[Child],
 ) -> None:
     cmd = [*CLI, "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
-           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results")]  # fmt: skip
+           "--cycles", "50", "--jobs", "1", "--results", str(tmp_path / "results"), "--set", "fast=1"]  # fmt: skip
     child = Child(cmd, rundir, tmp_path / "nightly.out")
     child_factory.append(child)
     _wait_for(lambda: bool(faults.find_qemu(rundir)), BOOT_WAIT, "a nightly guest started", child)

@@ -524,6 +524,24 @@ def test_rows_of_another_architecture_and_settings_reach_their_entries() -> None
     assert any("storm-aarch64: no selected QEMU build has an aarch64 build" in s for s in none.not_applicable)
 
 
+def test_command_line_settings_reach_every_scenario_row_and_no_boot_row() -> None:
+    assert nightly.parse_settings(["fast=1", "ops=live,reboot", "x="]) == [
+        ("fast", "1"), ("ops", "live,reboot"), ("x", "")]
+    for bad in ("fast", "=1", " =1"):
+        with pytest.raises(ConfigError, match=f"--set '{bad}': expected KEY=VALUE"):
+            nightly.parse_settings([bad])
+    m = matrix()
+    nightly.apply_settings(m, [("fast", "1"), ("restart", "1")])
+    by_id = {e.id: e for e in m.entries}
+    scenario_rows = [e for e in m.entries if e.runner == "scenario"]
+    assert scenario_rows and all(("fast", "1") in e.settings for e in scenario_rows)
+    boot_rows = [e for e in m.entries if e.runner == "boot"]
+    assert boot_rows and all(not e.settings for e in boot_rows)  # a boot row checks a cold boot
+    chain = by_id["secure-boot-chains"]  # its own settings first: the command line's win
+    assert dict(chain.settings) == {"ops": "live", "restart": "1", "fast": "1"}
+    assert nightly.Matrix.from_json(m.to_json()).entries == m.entries
+
+
 # --- merge: every input validated first, the output atomic ----------------------------------
 
 

@@ -56,6 +56,10 @@ def _parser(sub: Any) -> None:
                    help="register an OVMF package as a build (distro validation)")
     p.add_argument("--qemu-dir", action="append", default=[], metavar="DIR",
                    help="register a QEMU build directory or unpacked packages")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a setting for every scenario row, as `harness repro --set` takes it (fast=1: "
+                        "guests restored from a saved boot instead of booting cold; the boot rows "
+                        "always boot cold)")
     p.add_argument("--pytest-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for pytest (repeatable)")
     p.add_argument("--list", action="store_true",
@@ -74,13 +78,14 @@ def _nightly(args: argparse.Namespace) -> int:
         print(f"registered: QEMU {', '.join(reg.qemu) or '-'}; OVMF {', '.join(reg.firmware) or '-'}"
               f" ({reg.path})", flush=True)  # fmt: skip
     scenarios = [s.strip() for v in args.scenario for s in v.split(",") if s.strip()]
+    settings = nightly.parse_settings(args.settings)
     opts = nightly.NightlyOptions(
         results_root=args.results_root, results_dir=args.results, qemu=args.qemu,
         ovmf=args.ovmf, scenarios=scenarios, shard=args.shard, jobs=args.jobs,
         cycles=args.cycles, inject_failure=args.inject_failure, timeout_s=args.timeout,
         registrations={k: list(getattr(args, k)) for k in nightly.REGISTRATION_OPTIONS},
         argv=sys.argv[1:], pytest_args=args.pytest_arg, full=args.full,
-        rotation=args.rotation, night=args.night,
+        rotation=args.rotation, night=args.night, settings=settings,
     )  # fmt: skip
 
     def echo(line: str) -> None:

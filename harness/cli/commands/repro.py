@@ -42,13 +42,14 @@ def _parser(sub: Any) -> None:
 def parse_settings(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` options (a comma makes a list)."""
     from harness.errors import ConfigError
+    from harness.scenarios import setting_value
 
     extra: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        extra[key] = [v for v in value.split(",") if v] if "," in value else value
+        extra[key] = setting_value(value)
     return extra
 
 
