@@ -7,6 +7,7 @@ colours (and the colour check must fail on a report without a failure)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from harness.nightly import report
 from harness.nightly.results import junit_key
@@ -35,14 +37,29 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    root = tmp_path_factory.mktemp("results")
-    proc = subprocess.run(
-        [str(HARNESS), "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
-         "--cycles", "2", "--jobs", "2", "--inject-failure", "--results-root", str(root)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, check=False,
-    )  # fmt: skip
-    dirs = [d for d in root.iterdir() if d.is_dir()]
-    assert len(dirs) == 1, f"expected one results directory in {root}: {dirs}\n{proc.stdout}\n{proc.stderr}"
+    """One ``harness nightly`` run for the module's tests, shared by the xdist workers that
+    run them (a worker's base temp is in the session's, whose first worker runs it under a
+    lock and leaves its output there): each worker used to run its own."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nightly-run"
+    with FileLock(f"{shared}.lock", timeout=2400):
+        done = shared / "proc.json"
+        if done.exists():
+            data = json.loads(done.read_text())
+            proc = subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"])
+        else:
+            root = shared / "results"
+            root.mkdir(parents=True)
+            proc = subprocess.run(
+                [str(HARNESS), "nightly", "--scenario", "cpr-reboot", "--qemu", "10.0.2", "--ovmf", "2022.11",
+                 "--cycles", "2", "--jobs", "2", "--inject-failure", "--results-root", str(root),
+                 "--set", "fast=1"],  # the machinery is what is checked here, not a cold boot
+                cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, check=False,
+            )  # fmt: skip
+            done.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                        "stdout": proc.stdout, "stderr": proc.stderr}))  # fmt: skip
+    dirs = [d for d in (shared / "results").iterdir() if d.is_dir()]
+    assert len(dirs) == 1, f"expected one results directory in {shared}: {dirs}\n{proc.stdout}\n{proc.stderr}"
     return Run(proc, dirs[0])
 
 
@@ -74,6 +91,8 @@ def test_results_json_and_junit_agree(run: Run) -> None:
 
     cpr = records[CPR]
     assert cpr["outcome"] == "passed" and cpr["scenario"] == "cpr-reboot"
+    entries = {e["id"]: e for e in json.loads((run.dir / "matrix.json").read_text())["entries"]}
+    assert entries[CPR.split("[")[1].rstrip("]")]["settings"] == [["fast", "1"]]  # --set reached the row
     assert cpr["qemu"] == ["10.0.2"] and cpr["firmware"] == "2022.11"
     assert cpr["machine"].startswith("pc-q35-10.")
     assert [s["cycle"] for s in cpr["steps"]] == [1, 2] and all(s["ok"] for s in cpr["steps"])
