@@ -91,8 +91,9 @@ def snapshot_key(machine: Machine) -> str:
         "template": _file_id(machine.varstore_template),
         "image": machine.image.inputs_hash,
     }
-    if stream_caps(machine):  # a stream written another way is another snapshot
-        inputs["stream"] = stream_caps(machine)
+    stream = stream_caps(machine)
+    if stream:  # a stream written another way is another snapshot
+        inputs["stream"] = stream
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

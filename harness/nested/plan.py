@@ -91,7 +91,7 @@ def pair_fields(qemu_builds: Sequence[QemuBuild], ram: str = "memfd") -> dict[st
     for the modes means one saved pair serves them.
 
     ``ram`` ``memfd``: a live hop copies L1's RAM to the destination, as between hosts;
-    a cpr-reboot copies all of it to its state file too (2 GiB: 8-9 s of pause here).
+    a cpr-reboot copies all of it to its state file too (2 GiB: 6.5-9.7 s of pause here).
     ``file`` (a file in a private tmpfs directory): cpr-reboot keeps L1's RAM in place
     (``x-ignore-shared``, as QEMU's CPR documentation has it) and cpr-transfer hands the
     file over; a live hop copies no RAM (one host: source and destination map the same

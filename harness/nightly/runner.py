@@ -698,17 +698,6 @@ class NightlyOptions:
         return 1 if narrowed or self.shard else DEFAULT_ROTATION
 
 
-def parse_settings(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``--set KEY=VALUE`` options as (key, value) pairs, in order."""
-    out: list[tuple[str, str]] = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        out.append((key.strip(), value))
-    return out
-
-
 def apply_settings(m: Matrix, settings: Sequence[tuple[str, str]]) -> None:
     """``--set`` settings for every scenario row, after the row's own (the command line's
     win).  The boot rows and the pytest rows take none: a boot row checks a cold boot."""

@@ -17,7 +17,7 @@ import functools
 import importlib
 import pkgutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,18 @@ from harness.errors import ConfigError, HarnessError
 
 if TYPE_CHECKING:
     from harness.factory import MachineFactory
+
+
+def parse_settings(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``--set KEY=VALUE`` options (``harness repro``, ``hunt``, ``nightly``) as (key,
+    value) pairs, in order."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out.append((key.strip(), value))
+    return out
 
 
 def setting_value(text: str) -> str | list[str]:

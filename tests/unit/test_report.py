@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness import cli
+from harness import cli, scenarios
 from harness.errors import CatalogError, ConfigError, HarnessError
 from harness.inventory.catalog import Version
 from harness.matrix import load_incompatibilities, parse_incompatibilities
@@ -525,11 +525,11 @@ def test_rows_of_another_architecture_and_settings_reach_their_entries() -> None
 
 
 def test_command_line_settings_reach_every_scenario_row_and_no_boot_row() -> None:
-    assert nightly.parse_settings(["fast=1", "ops=live,reboot", "x="]) == [
+    assert scenarios.parse_settings(["fast=1", "ops=live,reboot", "x="]) == [
         ("fast", "1"), ("ops", "live,reboot"), ("x", "")]
     for bad in ("fast", "=1", " =1"):
         with pytest.raises(ConfigError, match=f"--set '{bad}': expected KEY=VALUE"):
-            nightly.parse_settings([bad])
+            scenarios.parse_settings([bad])
     m = matrix()
     nightly.apply_settings(m, [("fast", "1"), ("restart", "1")])
     by_id = {e.id: e for e in m.entries}

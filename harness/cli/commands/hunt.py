@@ -39,13 +39,13 @@ def _parser(sub: Any) -> None:
 @command("hunt")
 def _hunt(args: argparse.Namespace) -> int:
     from harness import scenarios, signatures
-    from harness.cli.commands.repro import parse_settings
+    from harness.cli.commands.repro import scenario_extra
     from harness.nightly import hunt
 
     for name in args.signature:
         signatures.by_name(name)  # an unknown name is a ConfigError naming the known ones
     opts = scenarios.ScenarioOptions(qemu=args.qemu, ovmf=args.ovmf, cycles=args.cycles,
-                                     mode=args.mode, extra=parse_settings(args.settings))  # fmt: skip
+                                     mode=args.mode, extra=scenario_extra(args.settings))  # fmt: skip
 
     def progress(n: int, report: scenarios.ScenarioReport) -> None:
         bad = sum(1 for r in report.records if not r.get("ok"))

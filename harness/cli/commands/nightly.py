@@ -72,13 +72,14 @@ def _parser(sub: Any) -> None:
 def _nightly(args: argparse.Namespace) -> int:
     from harness.nightly import report
     from harness.nightly import runner as nightly
+    from harness.scenarios import parse_settings
 
     reg = nightly.register_from_options(args)
     if reg is not None:
         print(f"registered: QEMU {', '.join(reg.qemu) or '-'}; OVMF {', '.join(reg.firmware) or '-'}"
               f" ({reg.path})", flush=True)  # fmt: skip
     scenarios = [s.strip() for v in args.scenario for s in v.split(",") if s.strip()]
-    settings = nightly.parse_settings(args.settings)
+    settings = parse_settings(args.settings)
     opts = nightly.NightlyOptions(
         results_root=args.results_root, results_dir=args.results, qemu=args.qemu,
         ovmf=args.ovmf, scenarios=scenarios, shard=args.shard, jobs=args.jobs,

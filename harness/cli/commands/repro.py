@@ -39,18 +39,12 @@ def _parser(sub: Any) -> None:
                    help="where logs are kept when a cycle fails")
 
 
-def parse_settings(items: list[str]) -> dict[str, Any]:
+def scenario_extra(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` options (a comma makes a list)."""
-    from harness.errors import ConfigError
+    from harness.scenarios import parse_settings as pairs
     from harness.scenarios import setting_value
 
-    extra: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        extra[key] = setting_value(value)
-    return extra
+    return {key: setting_value(value) for key, value in pairs(items)}
 
 
 @command("repro")
@@ -83,7 +77,7 @@ def _repro(args: argparse.Namespace) -> int:
         print("  ".join(p for p in parts if p), flush=True,
               file=sys.stderr if args.json else sys.stdout)
 
-    extra = parse_settings(args.settings)
+    extra = scenario_extra(args.settings)
     opts = scenarios.ScenarioOptions(
         qemu=args.qemu, ovmf=args.ovmf, cycles=args.cycles, until_fail=args.until_fail,
         mode=args.mode, artifacts=args.artifacts, on_record=show, extra=extra,
