@@ -6,6 +6,7 @@ L1_IMAGE = "nested-l1"
 L1_MEMORY_MB = 2048  # L1's kernel and agent, L2's 512 MiB, and room for a second L2 (migrate_l2)
 L2_RUN = "/run/l2"
 L2_PORT = 2222
+L2_HEARTBEAT_S = 0.5  # the heartbeat_s L1's agent writes into L2's config (`agent l2 start`)
 L2_DATA = "/data"
 L2_VARS_TEMPLATE = f"{L2_DATA}/ovmf/OVMF_VARS_4M.fd"
 L2_MODULE_DIR = f"{L2_DATA}/qemu/lib/qemu"

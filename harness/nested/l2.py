@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from harness.machine import Machine
     from harness.migration import MigrationResult
     from harness.varstore import VarstoreModel
-from harness.nested.common import L2_MODULE_DIR, L2_PORT, L2_RUN, L2_VARS_TEMPLATE
+from harness.nested.common import L2_HEARTBEAT_S, L2_MODULE_DIR, L2_PORT, L2_RUN, L2_VARS_TEMPLATE
 from harness.nested.l1 import L1Qmp
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class L2:
         """L2's state now (the same record as :func:`harness.state.snapshot` of L1), with
         the EFI variables ``efivars`` (``NAME-GUID``) read in the same SSH command."""
         got = state.status_and_clock(self.ssh, memory, efivars, timeout=120.0, who=f"{self.name}:")
-        return state.guest_state(got, who=self.name)
+        return state.guest_state(got, who=self.name, heartbeat_s=L2_HEARTBEAT_S)
 
     def write_efivar(self, name: str, data: bytes, guid: str = state.HARNESS_GUID, attrs: int = 7) -> None:
         self.agent("efivar", "set", state.efivar_id(name, guid), data.hex(), str(attrs))

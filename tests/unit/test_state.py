@@ -17,6 +17,9 @@ import pytest
 from harness import state, survival, varstore
 from harness.errors import StateError
 from harness.guest.ssh import CommandResult
+from harness.nested.common import L2_HEARTBEAT_S
+from harness.paths import REPO_ROOT
+from harness.spec import VmSpec
 from harness.state import ClockSample, GuestState
 
 pytestmark = pytest.mark.unit
@@ -88,6 +91,31 @@ def test_stuck_heartbeat_says_ticks_and_time() -> None:
     assert len(problems) == 1
     assert "heartbeat did not advance: 1000 -> 1000 (+0 ticks" in problems[0]
     assert "guest time advanced 3.00 s" in problems[0]
+
+
+def test_a_heartbeat_is_stuck_only_after_two_periods_of_guest_time() -> None:
+    b = gs(heartbeat_s=0.1)
+    # 0.08 s of guest time: a 0.1 s heartbeat need not tick (a failed migration's before/after)
+    assert state.survival_problems(b, later(b, seconds=0.4, pause=0.32, heartbeat=1000)) == []
+    assert state.survival_problems(b, later(b, seconds=0.39, heartbeat=1000)) == []
+    stuck = state.survival_problems(b, later(b, seconds=0.4, heartbeat=1000))
+    assert stuck and "+0 ticks while guest time advanced 0.40 s" in stuck[0], stuck
+    back = state.survival_problems(b, later(b, seconds=0.1, heartbeat=999))  # never allowed
+    assert back and "heartbeat did not advance: 1000 -> 999 (-1 ticks" in back[0], back
+    slow = gs(heartbeat_s=0.5)  # an L2's
+    assert state.survival_problems(slow, later(slow, seconds=1.1, heartbeat=1000)) == []
+    assert state.survival_problems(slow, later(slow, seconds=1.2, heartbeat=1000))
+
+
+def test_the_heartbeat_period_comes_from_the_guest_config() -> None:
+    assert state.heartbeat_period(VmSpec(name="hb")) == state.DEFAULT_HEARTBEAT_S
+    assert state.heartbeat_period(VmSpec(name="hb", guest_config={"heartbeat_s": "0.25"})) == 0.25
+    bad = VmSpec(name="hb", guest_config={"heartbeat_s": "soon"})  # the agent's default, as the agent
+    assert state.heartbeat_period(bad) == state.DEFAULT_HEARTBEAT_S
+    agent = (REPO_ROOT / "guests/agent/agent").read_text()
+    assert f"heartbeat_s={L2_HEARTBEAT_S}\\n" in agent  # the L2 config line L2.snapshot relies on
+    init = (REPO_ROOT / "guests/agent/init").read_text()
+    assert f"hb=$(cfg heartbeat_s {state.DEFAULT_HEARTBEAT_S})" in init
 
 
 def test_memory_checksum_change_and_mismatch_with_what_was_written() -> None:
