@@ -659,8 +659,18 @@ def live(
         recover_source(src, result, was_running=was_running, reset_caps=caps)
         _restore_bandwidth(src, old_cap)
         return _check(result, check)
+    return _completed(vm, dest, result, check, caps)
+
+
+def _completed(vm: Machine, dest: Incarnation, result: MigrationResult, check: bool,
+               caps: Sequence[str] | None = None) -> MigrationResult:
+    """The guest runs on ``dest`` now: ``vm`` adopts it, the hop is completed.  ``caps``:
+    the settings the hop gave ``dest`` (:func:`_set_up`), put back to plain so that the
+    next operation on this process starts clean (a cpr-reboot's ``x-ignore-shared`` left
+    on made the next cpr-transfer's destination refuse the stream)."""
     vm.adopt(dest)
-    _clear_settings(dest, caps)  # the next operation on this process starts clean
+    if caps is not None:
+        _clear_settings(dest, caps)
     result.status = Status.COMPLETED
     _incomplete_load(dest, result)
     return _check(result, check)
@@ -841,11 +851,7 @@ def _load_into_new_qemu(
     if why:
         _dest_failure(vm, dest, result, why)
         return _check(result, check)
-    vm.adopt(dest)
-    _clear_settings(dest, caps)  # the next operation on this process starts clean
-    result.status = Status.COMPLETED
-    _incomplete_load(dest, result)
-    return _check(result, check)
+    return _completed(vm, dest, result, check, caps)
 
 
 def save_restore(
@@ -1013,10 +1019,7 @@ def cpr_transfer(
         _dest_failure(vm, dest, result, why)
         recover_source(src, result, was_running=was_running, reset_caps=[])
         return _check(result, check)
-    vm.adopt(dest)
-    result.status = Status.COMPLETED
-    _incomplete_load(dest, result)
-    return _check(result, check)
+    return _completed(vm, dest, result, check)
 
 
 def cpr_exec(vm: Machine, *, to: QemuBuild | None = None, timeout: float = DEFAULT_TIMEOUT,
