@@ -498,6 +498,19 @@ def fill_stats(result: MigrationResult, info: dict[str, Any]) -> None:
     result.transferred_bytes = ram.get("transferred")
 
 
+def _settled(src: Incarnation, info: dict[str, Any], result: MigrationResult, hooks: Hooks | None) -> None:
+    """A watched hop's end: its final ``query-migrate`` in the result (and, when hooks
+    watch, in ``extra["final"]``), the source settled before ``on_settled`` sees it."""
+    if hooks is not None:
+        result.extra["final"] = info
+        if hooks.on_settled is not None:
+            if info.get("status") == "completed":
+                with contextlib.suppress(HarnessError):  # a dead source: the hook sees that
+                    settled_runstate(src.process)
+            hooks.on_settled(info)
+    fill_stats(result, info)
+
+
 def guest_running(inc: Incarnation) -> bool:
     """True when this QEMU process is alive and its guest runs (not paused)."""
     return guest_runs(inc.process)
@@ -624,14 +637,7 @@ def live(
         info = watch(src.process, timeout, on_status=on_status, stuck_after=h.stuck_after)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    if hooks is not None:
-        result.extra["final"] = info
-    if h.on_settled is not None:
-        if info.get("status") == "completed":
-            with contextlib.suppress(HarnessError):  # a dead source: the hook sees that
-                settled_runstate(src.process)
-        h.on_settled(info)
-    fill_stats(result, info)
+    _settled(src, info, result, hooks)
     status = str(info.get("status"))
     if verify_ram and dest is not None and status == "completed":
         problem = _verify_ram(src, dest, result)
@@ -995,14 +1001,7 @@ def cpr_transfer(
         info = watch(src.process, timeout, on_status=h.on_status, stuck_after=h.stuck_after)
     except HarnessError as exc:
         info = {"status": "failed", "error-desc": str(exc)}
-    if hooks is not None:
-        result.extra["final"] = info
-    if h.on_settled is not None:
-        if info.get("status") == "completed":
-            with contextlib.suppress(HarnessError):  # a dead source: the hook sees that
-                settled_runstate(src.process)
-        h.on_settled(info)
-    fill_stats(result, info)
+    _settled(src, info, result, hooks)
     if info.get("status") != "completed":
         _dest_failure(vm, dest, result, str(info.get("error-desc") or "cpr-transfer failed"),
                       status=Status.CANCELLED if info.get("status") == Status.CANCELLED else Status.FAILED)
