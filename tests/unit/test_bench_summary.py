@@ -3,9 +3,17 @@ speed index (pure logic over a results dict like the one ``python -m bench`` wri
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
-from bench.__main__ import summary
+# bench/ is a directory of the checkout, not a package pytest's path reaches: load it by path
+_spec = importlib.util.spec_from_file_location(
+    "bench_main", Path(__file__).resolve().parents[2] / "bench" / "__main__.py")
+assert _spec is not None and _spec.loader is not None
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+summary = _bench.summary
 
 
 def _results(**overhead: dict[str, Any]) -> dict[str, Any]:
