@@ -774,6 +774,22 @@ def is_blank(path: Path) -> bool:
     return True
 
 
+def template_is_blank(path: Path) -> bool:
+    """:func:`is_blank` of a firmware's varstore template, read once per file version (size
+    and mtime in the key): a template is a build's read-only file, and every private copy of
+    it asks (half a millisecond of reading each time, in every hop that makes a copy)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise VarstoreError(path, f"cannot read: {exc.strerror}") from exc
+    return _template_is_blank(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_is_blank(path: str, size: int, mtime_ns: int) -> bool:
+    return is_blank(Path(path))
+
+
 def check_flash_pair(code: Path, vars: Path, build: FirmwareBuild | None = None) -> int:
     """Refuse, before launch, a vars file that does not fit the code image.
 

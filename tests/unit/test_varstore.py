@@ -309,3 +309,13 @@ def test_private_copy_is_removed_on_exit(tmp_path: Path, kept_templates: dict[st
     with private_copy(tmpl, tmp_path / "v.fd") as path:
         assert path.exists()
     assert not path.exists()
+
+
+def test_a_scratch_copy_is_the_same_atomic_private_copy(tmp_path: Path, kept_templates: dict[str, Path]) -> None:
+    tmpl = kept_templates["template-2022.11-4m-ms.fd"]
+    dest = instantiate(tmpl, tmp_path / "scratch_VARS.fd", durable=False)
+    assert dest.read_bytes() == tmpl.read_bytes()
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["scratch_VARS.fd"]
+    with pytest.raises(VarstoreError, match="already exists"):
+        instantiate(tmpl, dest, durable=False)
