@@ -98,8 +98,22 @@ class MigrationResult:
             down = f", downtime {self.downtime_ms:.0f} ms" if self.downtime_ms is not None else ""
             return f"{self.op} {self.source} -> {self.destination} ok in {self.wall_s:.2f} s{down}{pause}"
         sig = f" [{self.signature}]" if self.signature else ""
-        why = "; ".join(self.problems) or self.error.strip().splitlines()[-1:] or [self.status]
-        return f"{self.op} {self.source} -> {self.destination} {self.status}{sig}: {why if isinstance(why, str) else why[0]}"
+        why = "; ".join(self.problems) or _error_line(self.error) or str(self.status)
+        return f"{self.op} {self.source} -> {self.destination} {self.status}{sig}: {why}"
+
+
+def _error_line(error: str) -> str:
+    """An error's one line for a summary: its last line, or - for an error that ends in the
+    QEMU output :func:`_tail` appends - the harness's reason before it, with QEMU's last line
+    that is not a warning (a QEMU that died silently ends its output with its start-up
+    warnings, which said nothing of the failure)."""
+    lines = error.strip().splitlines()
+    if _QEMU_OUTPUT not in lines:
+        return lines[-1] if lines else ""
+    at = lines.index(_QEMU_OUTPUT)
+    why = " ".join(x.strip() for x in lines[:at] if x.strip())
+    said = next((x for x in reversed(lines[at + 1:]) if x.strip() and "warning:" not in x), None)
+    return f"{why} (QEMU: {said.strip()})" if said else why
 
 
 def _check(result: MigrationResult, check: bool) -> MigrationResult:
@@ -1154,9 +1168,12 @@ def _quiet_qmp_library() -> Iterator[None]:
         logger.setLevel(level)
 
 
+_QEMU_OUTPUT = "QEMU output:"
+
+
 def _tail(output: str, n: int = 4000) -> str:
     out = output.strip()
-    return f"\nQEMU output:\n{out[-n:]}" if out else ""
+    return f"\n{_QEMU_OUTPUT}\n{out[-n:]}" if out else ""
 
 
 # --- dispatch and back-to-back ------------------------------------------------------------

@@ -295,3 +295,16 @@ def test_a_saved_source_resumes_only_once_the_migration_is_finalized() -> None:
     stuck = EventfulQemu(["finish-migrate"])
     assert "stayed in finish-migrate" in (migration.resume_saved(stuck, 0.0) or "")
     assert "cont" not in stuck.commands
+
+
+def test_a_summary_names_the_harness_reason_and_what_qemu_said_not_its_last_warning() -> None:
+    warn = "qemu-system-x86_64: -mon chardev=mon,mode=control: warning: '-mon' is deprecated"
+    result = _result()
+    result.error = "QEMU exited during cpr-exec (code -11)" + migration._tail(f"{warn}\n{warn}\n")
+    assert result.summary() == "live a -> b failed: QEMU exited during cpr-exec (code -11)"
+    result.error = "the new QEMU image exited (code 1)" + migration._tail(f"{warn}\nqemu: cannot bind socket\n")
+    assert result.summary() == "live a -> b failed: the new QEMU image exited (code 1) (QEMU: qemu: cannot bind socket)"
+    result.error = "Unable to write to socket: Broken pipe\nmigration failed"  # no QEMU output: the last line
+    assert result.summary() == "live a -> b failed: migration failed"
+    result.error = ""
+    assert result.summary() == "live a -> b failed: failed"
