@@ -113,7 +113,9 @@ def _error_line(error: str) -> str:
     at = lines.index(_QEMU_OUTPUT)
     why = " ".join(x.strip() for x in lines[:at] if x.strip())
     said = next((x for x in reversed(lines[at + 1:]) if x.strip() and "warning:" not in x), None)
-    return f"{why} (QEMU: {said.strip()})" if said else why
+    if said is None:
+        return why
+    return f"{why} (QEMU: {said.strip()})" if why else said.strip()
 
 
 def _check(result: MigrationResult, check: bool) -> MigrationResult:

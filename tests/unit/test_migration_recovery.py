@@ -306,5 +306,7 @@ def test_a_summary_names_the_harness_reason_and_what_qemu_said_not_its_last_warn
     assert result.summary() == "live a -> b failed: the new QEMU image exited (code 1) (QEMU: qemu: cannot bind socket)"
     result.error = "Unable to write to socket: Broken pipe\nmigration failed"  # no QEMU output: the last line
     assert result.summary() == "live a -> b failed: migration failed"
+    result.error = migration._tail(f"{warn}\nqemu: cannot bind socket")  # QEMU's words alone
+    assert result.summary() == "live a -> b failed: qemu: cannot bind socket"
     result.error = ""
     assert result.summary() == "live a -> b failed: failed"
