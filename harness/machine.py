@@ -278,14 +278,10 @@ class Machine:
 
         if self._template is None:
             raise VarstoreError(name, "this guest has no persistent varstore")
-        from harness.inventory import firmware
-
         dest = self.workdir / name
-        # AAVMF's template may be blank (formatted on first boot): nothing to validate.  No
-        # fsync: QEMU's own writes to the copy are not synced either (the guest's flash is
+        # No fsync: QEMU's own writes to the copy are not synced either (the guest's flash is
         # as durable as the page cache), and the copy goes with the work directory
-        varstore.instantiate(self._template, dest, validate=not firmware.template_is_blank(self._template),
-                             durable=False)  # fmt: skip
+        varstore.instantiate(self._template, dest, durable=False)
         return dest
 
     def _resolve(self, gen: int, varstore: Path | None, incoming: Sequence[str],
@@ -542,7 +538,7 @@ class Machine:
                 # QEMU and OVMF see it (OVMF would silently reformat or misbehave); a
                 # blank one is as good as a blank template (AAVMF before 2025.02)
                 assert self._template is not None
-                if not (firmware.template_is_blank(self._template) and firmware.is_blank(varstore)):
+                if not (firmware.is_blank(self._template) and firmware.is_blank(varstore)):
                     vs.read_varstore(varstore)
         t0 = time.monotonic()
         inc = self.spawn(varstore=varstore, ram_image=ram_image)

@@ -43,6 +43,9 @@ from harness.errors import (
 )
 from harness.inventory import catalog
 from harness.paths import file_stamp, read_registry, registered_records, registry_path
+from harness.varstore import (
+    is_blank as is_blank,  # a blank template is valid (AAVMF before 2025.02)
+)
 
 log = logging.getLogger(__name__)
 
@@ -759,35 +762,6 @@ def _fmt_layout(code: int, vars_: int) -> str:
     total = code + vars_
     size = f"{total // MiB} MiB" if total % MiB == 0 else f"{total} bytes"
     return f"code {code} + vars {vars_} = {size}"
-
-
-def is_blank(path: Path) -> bool:
-    """True for an all-zero file: Debian's AAVMF_VARS.fd before 2025.02 is one (AAVMF
-    formats the store on first boot), so it is a valid template that no parser reads."""
-    try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                if chunk.count(0) != len(chunk):
-                    return False
-    except OSError as exc:
-        raise VarstoreError(path, f"cannot read: {exc.strerror}") from exc
-    return True
-
-
-def template_is_blank(path: Path) -> bool:
-    """:func:`is_blank` of a firmware's varstore template, read once per file version (size
-    and mtime in the key): a template is a build's read-only file, and every private copy of
-    it asks (half a millisecond of reading each time, in every hop that makes a copy)."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise VarstoreError(path, f"cannot read: {exc.strerror}") from exc
-    return _template_is_blank(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _template_is_blank(path: str, size: int, mtime_ns: int) -> bool:
-    return is_blank(Path(path))
 
 
 def check_flash_pair(code: Path, vars: Path, build: FirmwareBuild | None = None) -> int:

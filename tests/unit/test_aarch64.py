@@ -13,7 +13,7 @@ import pytest
 from harness import images
 from harness.errors import CatalogError, ConfigError, SpecError, VarstoreError
 from harness.inventory import catalog
-from harness.inventory.firmware import MiB, is_blank, load_build, template_is_blank
+from harness.inventory.firmware import MiB, is_blank, load_build
 from harness.spec import Resolved, VmSpec, from_dict, qemu_args
 
 # --- catalogue ---------------------------------------------------------------------------
@@ -220,12 +220,3 @@ def test_arch_variant_hashes_apart(tmp_path: Path) -> None:
     arm = images.Builder(images.recipe_for("minimal", "aarch64")).inputs_hash(debs)
     assert x86 != arm
 
-
-def test_template_is_blank_reads_a_template_again_once_it_changed(tmp_path: Path) -> None:
-    tmpl = tmp_path / "AAVMF_VARS.fd"
-    tmpl.write_bytes(bytes(4096))
-    assert template_is_blank(tmpl) and template_is_blank(tmpl)
-    tmpl.write_bytes(b"\x01" + bytes(8191))  # another version of the file: another size
-    assert not template_is_blank(tmpl)
-    with pytest.raises(VarstoreError, match="cannot read"):
-        template_is_blank(tmp_path / "absent.fd")

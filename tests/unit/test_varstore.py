@@ -319,3 +319,13 @@ def test_a_scratch_copy_is_the_same_atomic_private_copy(tmp_path: Path, kept_tem
     assert [p.name for p in tmp_path.iterdir()] == ["scratch_VARS.fd"]
     with pytest.raises(VarstoreError, match="already exists"):
         instantiate(tmpl, dest, durable=False)
+
+
+def test_a_blank_template_is_valid_and_read_again_once_it_changed(tmp_path: Path) -> None:
+    tmpl = tmp_path / "AAVMF_VARS.fd"  # AAVMF before 2025.02: all zeros, formatted on first boot
+    tmpl.write_bytes(bytes(4096))
+    instantiate(tmpl, tmp_path / "a.fd", durable=False)
+    instantiate(tmpl, tmp_path / "b.fd", durable=False)  # remembered: the same file version
+    tmpl.write_bytes(b"\x01" + bytes(8191))  # another version of the file: junk now
+    with pytest.raises(VarstoreError, match="AAVMF_VARS.fd"):
+        instantiate(tmpl, tmp_path / "c.fd", durable=False)
